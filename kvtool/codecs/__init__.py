@@ -1,0 +1,148 @@
+"""KV-cache codecs: the registry and the one spec parser.
+
+A spec is ``name`` or ``name:key=value,key=value``; ``+`` composes stages (``snapkv:keep=0.5+kivi:bits=4``,
+a token selector then a codec for the kept rows). Values are coerced to the codec dataclass's field types.
+
+Adding a codec: write ``kvtool/codecs/<module>.py`` with a ``@register``-decorated dataclass subclass of
+:class:`Codec`, add the module name to ``_MODULES`` below, and add a row to the table in
+``tests/test_codec_contract.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+import typing
+from dataclasses import fields
+
+from kvtool.codecs.base import (
+    REGISTRY,
+    Codec,
+    Composed,
+    Encoded,
+    LayerContext,
+    Selector,
+    format_value,
+    register,
+)
+from kvtool.errors import CodecError
+
+__all__ = [
+    "REGISTRY",
+    "Codec",
+    "Composed",
+    "Encoded",
+    "LayerContext",
+    "Selector",
+    "codec_parameters",
+    "format_value",
+    "parse_pair",
+    "parse_spec",
+    "register",
+]
+
+#: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
+_MODULES = ["fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant"]
+
+
+def _load_modules() -> None:
+    for module in _MODULES:
+        qualified = f"{__name__}.{module}"
+        try:
+            importlib.import_module(qualified)
+        except ModuleNotFoundError as exc:
+            if exc.name != qualified:  # a missing dependency inside an existing module is a real error
+                raise
+
+
+_load_modules()
+
+
+def _field_types(cls: type[Codec]) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}  # type: ignore[arg-type]
+
+
+def _type_name(tp: object) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def codec_parameters(cls: type[Codec]) -> dict[str, tuple[str, object]]:
+    """``{parameter: (type name, default)}`` of a codec class, in field order (for ``kvtool codecs``)."""
+    defaults = {f.name: f.default for f in fields(cls) if f.init}  # type: ignore[arg-type]
+    return {k: (_type_name(tp), defaults[k]) for k, tp in _field_types(cls).items()}
+
+
+def _coerce(key: str, text: str, tp: object) -> object:
+    if typing.get_origin(tp) is typing.Literal:
+        allowed = typing.get_args(tp)
+        if text not in allowed:
+            raise CodecError(f"{key} must be one of {', '.join(map(str, allowed))}, got {text}")
+        return text
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise CodecError(f"{key} must be one of true, false, got {text}")
+        return text.lower() in ("true", "1", "yes")
+    try:
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+    except ValueError:
+        kind = "an integer" if tp is int else "a number"
+        raise CodecError(f"{key} must be {kind}, got {text}") from None
+    return text
+
+
+def _parse_stage(text: str) -> Codec:
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY)) or "none"
+        raise CodecError(f"unknown codec {name!r}; registered codecs: {known}")
+    cls = REGISTRY[name]
+    types_ = _field_types(cls)
+    values: dict[str, object] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if key not in types_:
+            allowed = ", ".join(types_) or "none"
+            raise CodecError(f"codec {name!r} has no parameter {key!r}; its parameters: {allowed}")
+        if not eq or not value:
+            raise CodecError(f"parameter {key!r} of {name!r} needs a value: {key}=VALUE")
+        if key in values:
+            raise CodecError(f"parameter {key!r} of {name!r} is given twice")
+        values[key] = _coerce(key, value, types_[key])
+    return cls(**values)
+
+
+def parse_spec(spec: str) -> Codec:
+    """Parse ``name:key=value,...`` (stages joined by ``+``) into a fresh codec instance.
+
+    Raises CodecError for an unknown codec or parameter, or a value the codec cannot honour.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise CodecError("empty codec spec; expected name:key=value,... e.g. uniform:bits=4")
+    stages = [_parse_stage(part) for part in spec.split("+")]
+    codec = stages[-1]
+    for stage in reversed(stages[:-1]):
+        codec = Composed(stage, codec)
+    return codec
+
+
+def parse_pair(
+    method: str | None = None, keys: str | None = None, values: str | None = None
+) -> tuple[Codec, Codec]:
+    """Codecs for (keys, values): ``method`` for both, or ``keys``/``values`` each (overriding ``method``).
+
+    Each is configured for its role (KIVI quantizes keys per channel and values per token).
+    """
+    keys, values = keys or method, values or method
+    if not keys or not values:
+        raise CodecError("give --method SPEC for both keys and values, or both --keys SPEC and --values SPEC")
+    return parse_spec(keys).for_role("keys"), parse_spec(values).for_role("values")
+
