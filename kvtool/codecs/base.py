@@ -135,7 +135,8 @@ class Codec(ABC):
         """Raise CodecError (naming the allowed values) if the parameters are invalid.
 
         Called with ``head_dim=None`` on construction (parameter ranges only) and by :meth:`fit` with the
-        real head_dim (e.g. a group size that must divide it). The default accepts everything.
+        real head_dim (e.g. a group size that must divide it). The default accepts everything: it is for
+        codecs without parameters.
         """
         return None
 
