@@ -1,0 +1,37 @@
+"""Small helpers shared by several commands."""
+
+from __future__ import annotations
+
+from kvtool.errors import InputError
+
+
+def _index(text: str, spec: str, num_layers: int) -> int:
+    try:
+        i = int(text)
+    except ValueError:
+        raise InputError(f"--layers {spec!r}: {text.strip()!r} is not a layer index "
+                         f"(use e.g. '0-5,29')") from None
+    if not 0 <= i < num_layers:
+        raise InputError(f"--layers {spec!r}: layer {i} out of range: the file holds 0..{num_layers - 1}")
+    return i
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """Layer indices from a spec such as ``"0-5,29"`` (ranges inclusive), sorted, without repeats.
+
+    ``"all"`` or an empty spec selects every layer. Raises InputError naming the valid range.
+    """
+    text = spec.strip()
+    if text in ("", "all"):
+        return list(range(num_layers))
+    chosen: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        if not part.strip():
+            raise InputError(f"--layers {spec!r}: empty item (use e.g. '0-5,29')")
+        a = _index(lo, spec, num_layers)
+        b = _index(hi, spec, num_layers) if sep else a
+        if b < a:
+            raise InputError(f"--layers {spec!r}: range {a}-{b} runs backwards")
+        chosen.update(range(a, b + 1))
+    return sorted(chosen)
