@@ -1,0 +1,330 @@
+"""Run a model over text and record its KV cache (and queries) into a kvtool store.
+
+Keys and values are read from the model's own cache object after one forward pass, so they are
+exactly what the cache holds (post-RoPE; only the window for sliding-window layers). Queries never
+reach the cache, so they are recorded through transformers' public ``AttentionInterface``: kvtool
+registers an attention function that notes the post-RoPE query and then calls the real attention
+implementation. No model code is forked or patched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtool.errors import InputError, KvtoolError
+from kvtool.models import LoadedModel
+from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
+
+ATTN_PREFIX = "kvtool_capture_"
+FALLBACK_ATTENTION = "sdpa"
+
+#: A callback ``(stage, done, total)``; stage is "forward" or "write".
+ProgressFn = Callable[[str, int, int], None]
+#: Test/research hook called for every attention call:
+#: ``(layer, query, key, value, attention_output)`` with the tensors the model used.
+AttentionHook = Callable[[int, Any, Any, Any, Any], None]
+
+
+@dataclass(frozen=True)
+class QueryPolicy:
+    """Which query positions to keep: ``mode`` is "none", "all" or "last" (the last ``count``)."""
+
+    mode: str
+    count: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> QueryPolicy:
+        spec = spec.strip().lower()
+        if spec in ("none", "all"):
+            return cls(spec)
+        m = re.fullmatch(r"last:(\d+)", spec)
+        if not m or int(m.group(1)) < 1:
+            raise InputError(f"--queries must be 'none', 'all' or 'last:N' with N >= 1, got {spec!r}")
+        return cls("last", int(m.group(1)))
+
+    def window(self, num_tokens: int) -> int:
+        """How many of the last positions to record for a sequence of ``num_tokens``."""
+        return {"none": 0, "all": num_tokens}.get(self.mode, min(self.count, num_tokens))
+
+
+@dataclass
+class TextInput:
+    """One text to run: ``source`` names it in the file (a file name or "prompt")."""
+
+    source: str
+    text: str
+
+
+@dataclass
+class SequenceSummary:
+    source: str
+    num_tokens: int
+    truncated_from: int | None
+    num_queries: int
+
+
+@dataclass
+class CaptureResult:
+    path: Path
+    model: str
+    architecture: str
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: list[str]
+    sequences: list[SequenceSummary] = field(default_factory=list)
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ reading text
+
+
+def read_text(path: Path | str) -> TextInput:
+    """Read a UTF-8 text file, with one-line errors for every way it can be unusable."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such text file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a text file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    if not text.strip():
+        raise InputError(f"{p}: the text is empty")
+    return TextInput(source=p.name, text=text)
+
+
+def prompt_text(prompt: str) -> TextInput:
+    if not prompt.strip():
+        raise InputError("--prompt is empty")
+    return TextInput(source="prompt", text=prompt)
+
+
+# ----------------------------------------------------------------------------------- model inspection
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    sliding_window: int
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Attention geometry of a decoder config (the text config of a multimodal one)."""
+    c = config.get_text_config()
+    n_layers = int(c.num_hidden_layers)
+    n_q = int(c.num_attention_heads)
+    n_kv = int(getattr(c, "num_key_value_heads", None) or n_q)
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // n_q)
+    window = int(getattr(c, "sliding_window", None) or 0)
+    raw_types = getattr(c, "layer_types", None) or ["full_attention"] * n_layers
+    types = tuple(LAYER_SLIDING if "sliding" in str(t) and window else LAYER_FULL for t in raw_types)
+    if len(types) != n_layers:
+        types = (LAYER_FULL,) * n_layers
+    return ModelShape(n_layers, n_q, n_kv, head_dim, types, window)
+
+
+# --------------------------------------------------------------------------------- attention recording
+
+
+class _Recorder:
+    """Collects queries (and calls an optional hook) while one forward pass runs."""
+
+    def __init__(self, base: Callable[..., Any], num_layers: int, keep_last: int,
+                 progress: ProgressFn | None, hook: AttentionHook | None) -> None:
+        self.base = base
+        self.num_layers = num_layers
+        self.keep_last = keep_last
+        self.progress = progress
+        self.hook = hook
+        self.queries: dict[int, Any] = {}
+        self.scaling: dict[int, float] = {}
+
+    def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                 **kwargs: Any) -> Any:
+        out = self.base(module, query, key, value, attention_mask, **kwargs)
+        layer = int(module.layer_idx)
+        if self.keep_last:
+            # query: (batch=1, q_heads, T, head_dim), post-RoPE
+            self.queries[layer] = query[0, :, -self.keep_last:, :].detach().to("cpu", copy=True)
+        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+        self.scaling[layer] = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
+        if self.hook is not None:
+            self.hook(layer, query, key, value, out[0])
+        if self.progress is not None:
+            self.progress("forward", layer + 1, self.num_layers)
+        return out
+
+
+_ACTIVE: dict[str, _Recorder] = {}
+
+
+def _install(model: Any) -> tuple[str, str]:
+    """Register kvtool's recording attention for ``model``; return (previous, new) implementation names."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = model.config._attn_implementation or FALLBACK_ATTENTION
+    base = previous if previous in ALL_ATTENTION_FUNCTIONS else FALLBACK_ATTENTION
+    name = ATTN_PREFIX + re.sub(r"\W", "_", base)
+
+    def recording_attention(module: Any, *args: Any, **kwargs: Any) -> Any:
+        return _ACTIVE[name](module, *args, **kwargs)
+
+    AttentionInterface.register(name, recording_attention)
+    # A custom attention name without a mask function would get no mask at all (transformers skips
+    # mask creation for unknown names), which breaks sliding-window layers: reuse the base's masks.
+    mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else FALLBACK_ATTENTION
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
+    return previous, name
+
+
+def _base_attention(name: str) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[name[len(ATTN_PREFIX):]]
+
+
+def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
+                   progress: ProgressFn | None = None, hook: AttentionHook | None = None
+                   ) -> tuple[Any, _Recorder]:
+    """One forward pass with recording attention; returns (the model's cache, the recorder).
+
+    ``input_ids``: (1, T) long tensor on the model's device.
+    """
+    import torch
+
+    model = loaded.model
+    shape = model_shape(model.config)
+    previous, name = _install(model)
+    recorder = _Recorder(_base_attention(name), shape.num_layers, keep_last, progress, hook)
+    _ACTIVE[name] = recorder
+    model.set_attn_implementation(name)
+    try:
+        with torch.inference_mode():
+            # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
+            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+        _ACTIVE.pop(name, None)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise KvtoolError(f"{loaded.architecture} returned no cache; kvtool needs a decoder with a KV cache")
+    return cache, recorder
+
+
+def cache_layer(cache: Any, layer: int) -> tuple[Any, Any]:
+    """(keys, values) of one layer from a transformers Cache, each (kv_heads, T_i, head_dim)."""
+    entry = cache.layers[layer]
+    return entry.keys[0], entry.values[0]
+
+
+# ------------------------------------------------------------------------------------------- capture
+
+
+def tokenize(loaded: LoadedModel, text: TextInput, max_tokens: int | None) -> tuple[np.ndarray, int | None]:
+    """Token ids (T,) and, if truncated by --max-tokens, the original length."""
+    ids = loaded.tokenizer(text.text, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise InputError(f"{text.source}: the text has no tokens")
+    context = loaded.max_context
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+        if context and max_tokens > context:
+            raise InputError(f"--max-tokens {max_tokens} exceeds the model's context of {context} tokens")
+        if len(ids) > max_tokens:
+            return np.asarray(ids[:max_tokens], dtype=np.int64), len(ids)
+    elif context and len(ids) > context:
+        raise InputError(f"{text.source}: {len(ids)} tokens exceed the model's context of {context}; "
+                         f"pass --max-tokens {context} to truncate")
+    return np.asarray(ids, dtype=np.int64), None
+
+
+def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str, *,
+            max_tokens: int | None = None, queries: QueryPolicy | str = "last:128", dtype: str = "float16",
+            force: bool = False, progress: ProgressFn | None = None,
+            on_sequence: Callable[[int, int], None] | None = None) -> CaptureResult:
+    """Capture the KV cache of ``loaded`` over each text into one kvtool file at ``output``.
+
+    One forward pass per text; each becomes a sequence of the file. The file appears only when
+    every sequence is written (an interruption leaves nothing behind).
+    """
+    import time
+
+    import torch
+
+    if not texts:
+        raise InputError("no text given: use --text FILE (repeatable) or --prompt STR")
+    policy = QueryPolicy.parse(queries) if isinstance(queries, str) else queries
+    check_output_path(output, force)
+    tokenized = [tokenize(loaded, t, max_tokens) for t in texts]  # fail on bad input before any work
+    shape = model_shape(loaded.config)
+    header = StoreHeader(
+        model=loaded.spec, model_architecture=loaded.architecture, model_source=loaded.source,
+        num_layers=shape.num_layers, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, attn_scaling=shape.head_dim ** -0.5, dtype=dtype,
+    )
+    result = CaptureResult(path=Path(output), model=loaded.spec, architecture=loaded.architecture,
+                           num_layers=shape.num_layers, num_q_heads=shape.num_q_heads,
+                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                           layer_types=list(shape.layer_types))
+    start = time.perf_counter()
+    storage = getattr(torch, dtype)
+    with CacheWriter(output, header, force=force) as writer:
+        for j, (text, (ids, truncated_from)) in enumerate(zip(texts, tokenized, strict=True)):
+            if on_sequence is not None:
+                on_sequence(j, len(texts))
+            keep = policy.window(len(ids))
+            input_ids = torch.as_tensor(ids, device=loaded.device).unsqueeze(0)
+            cache, rec = run_and_record(loaded, input_ids, keep_last=keep, progress=progress)
+            seq = writer.add_sequence(ids, source=text.source, text=text.text)
+            if j == 0 and rec.scaling:
+                writer.set_attr("attn_scaling", rec.scaling[0])
+            _write_sequence(writer, seq, cache, rec, shape, len(ids), keep, storage, progress)
+            del cache, rec
+            result.sequences.append(SequenceSummary(text.source, len(ids), truncated_from, keep))
+    result.seconds = time.perf_counter() - start
+    result.file_bytes = Path(output).stat().st_size
+    return result
+
+
+def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, shape: ModelShape,
+                    num_tokens: int, keep: int, storage: Any, progress: ProgressFn | None) -> None:
+    qpos = np.arange(num_tokens - keep, num_tokens, dtype=np.int32)
+    for i in range(shape.num_layers):
+        keys, values = cache_layer(cache, i)
+        t_i = int(keys.shape[1])
+        q = rec.queries.get(i)
+        writer.write_layer(
+            seq, i,
+            keys.to(storage).cpu().numpy(),
+            values.to(storage).cpu().numpy(),
+            queries=q.to(storage).numpy() if q is not None else None,
+            query_positions=qpos if q is not None else None,
+            layer_type=shape.layer_types[i],
+            sliding_window=shape.sliding_window if shape.layer_types[i] == LAYER_SLIDING else 0,
+            key_start=num_tokens - t_i,
+        )
+        if progress is not None:
+            progress("write", i + 1, shape.num_layers)

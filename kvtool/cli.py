@@ -1,0 +1,229 @@
+"""The kvtool command line: parse options, call one library function, render the result.
+
+Errors meant for users (:class:`kvtool.errors.KvtoolError`) become one red line on stderr and exit
+code 2 (1 for a failed gate); Ctrl-C exits 2 and leaves no output file. A traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvtool.errors import KvtoolError
+
+app = typer.Typer(
+    name="kvtool",
+    help="Capture, analyse and compress the KV cache of causal language models, offline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+T = TypeVar("T")
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Call ``fn``; turn user errors and Ctrl-C into one line on stderr and an exit code."""
+    try:
+        return fn()
+    except KvtoolError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/] stopped by the user; no output file was written")
+        raise typer.Exit(2) from None
+
+
+def write_json(data: Any, target: Path | None) -> None:
+    """JSON to a file, or to stdout when ``target`` is "-"."""
+    text = json.dumps(data, indent=2, allow_nan=False)
+    if target is None:
+        return
+    if str(target) == "-":
+        sys.stdout.write(text + "\n")
+        return
+    from kvtool.errors import InputError
+
+    try:
+        target.write_text(text + "\n")
+    except OSError as exc:
+        raise InputError(f"{target}: cannot write JSON ({exc.strerror or exc})") from None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------- capture
+
+
+@app.command()
+def capture(
+    text: Annotated[list[Path] | None, typer.Option("--text", "-t", help="UTF-8 text file; repeat for "
+                                                     "several sequences in one file.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text given inline instead of a file.")]
+    = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
+                                       "file, a Hugging Face model folder, or a hub id.")] = "default",
+    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path("cache.h5"),
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Keep only the first N tokens "
+                                                   "of each text (also how to truncate past the model's "
+                                                   "context).")] = None,
+    queries: Annotated[str, typer.Option("--queries", "-q", help="Post-RoPE queries to record: 'last:N', "
+                                         "'all' or 'none'.")] = "last:128",
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of keys/values/queries: float16 or "
+                                       "float32.")] = "float16",
+    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
+                                             "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
+                                             "bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
+                                                    "Python code to run (off unless you pass it).")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")]
+    = False,
+) -> None:
+    """Run a model over text and store its keys, values and queries in HDF5.
+
+    One forward pass per text; keys and values are read from the model's own cache afterwards, queries
+    through transformers' AttentionInterface. The file appears only once complete.
+    """
+
+    def work() -> None:
+        from kvtool import capture as cap
+        from kvtool.errors import InputError
+        from kvtool.store import STORAGE_DTYPES, check_output_path
+
+        if dtype not in STORAGE_DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+        if bool(text) == (prompt is not None):
+            raise InputError("give either --text FILE (repeatable) or --prompt STR")
+        policy = cap.QueryPolicy.parse(queries)
+        check_output_path(output, force)  # before the slow model load
+        texts = [cap.read_text(p) for p in text] if text else [cap.prompt_text(prompt or "")]
+        result = _capture_with_progress(cap, texts, policy, as_json)
+        _render_capture(result, as_json)
+
+    def _capture_with_progress(cap: Any, texts: list[Any], policy: Any, quiet: bool) -> Any:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from kvtool.models import load_model
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=err_console, transient=True, disable=quiet) as bar:
+            load = bar.add_task(f"loading model {model}", total=None)
+            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code)
+            bar.update(load, total=1, completed=1, visible=False)
+            tasks: dict[str, int] = {}
+
+            def on_sequence(j: int, n: int) -> None:
+                for t in tasks.values():
+                    bar.update(t, visible=False)
+                tasks.clear()
+                label = f"[{j + 1}/{n}] {texts[j].source}"
+                tasks["forward"] = bar.add_task(f"{label}: forward, layer", total=None)
+                tasks["write"] = bar.add_task(f"{label}: writing, layer", total=None)
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(tasks[stage], completed=done, total=total)
+
+            return cap.capture(loaded, texts, output, max_tokens=max_tokens, queries=policy, dtype=dtype,
+                               force=force, progress=progress, on_sequence=on_sequence)
+
+    run_guarded(work)
+
+
+def _render_capture(result: Any, as_json: bool) -> None:
+    if as_json:
+        from dataclasses import asdict
+
+        data = asdict(result)
+        data["path"] = str(result.path)
+        write_json(data, Path("-"))
+        return
+    table = Table(title=f"captured {result.architecture} ({result.model}) → {result.path}")
+    for col in ("sequence", "source", "tokens", "queries", "note"):
+        table.add_column(col, justify="right" if col in ("tokens", "queries") else "left")
+    for j, s in enumerate(result.sequences):
+        note = f"truncated from {s.truncated_from}" if s.truncated_from else ""
+        table.add_row(str(j), s.source, str(s.num_tokens), str(s.num_queries), note)
+    console.print(table)
+    sliding = sum(t == "sliding" for t in result.layer_types)
+    console.print(
+        f"{result.num_layers} layers ({sliding} sliding-window), {result.num_q_heads} query heads, "
+        f"{result.num_kv_heads} kv heads, head_dim {result.head_dim}; "
+        f"{human_bytes(result.file_bytes)} written in {result.seconds:.1f} s"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A kvtool HDF5 file (cache or compressed).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
+) -> None:
+    """Show what a kvtool file holds: model, texts, per-layer shapes, dtype, bytes on disk vs in memory."""
+
+    def work() -> None:
+        from kvtool.info import describe
+
+        data = describe(path)
+        if as_json:
+            write_json(data, Path("-"))
+        else:
+            _render_inspect(data)
+
+    run_guarded(work)
+
+
+def _render_inspect(d: dict[str, Any]) -> None:
+    console.print(f"[bold]{d['path']}[/]  kind={d['kind']}  schema={d['schema']}  dtype={d['dtype']}")
+    console.print(f"model {d['model']} ({d['model_architecture']}) {d['model_source']}")
+    console.print(f"{d['num_layers']} layers, {d['num_q_heads']} query heads, {d['num_kv_heads']} kv heads, "
+                  f"head_dim {d['head_dim']}; created {d['created']} by kvtool {d['kvtool_version']}")
+    if d.get("codec_keys"):
+        console.print(f"codecs: keys {d['codec_keys']}, values {d['codec_values']}")
+    seqs = Table(title="sequences")
+    for col in ("#", "source", "tokens", "text sha256"):
+        seqs.add_column(col)
+    for s in d["sequences"]:
+        seqs.add_row(str(s["index"]), s["source"], str(s["num_tokens"]), s["text_sha256"][:16])
+    console.print(seqs)
+    layers = Table(title="layers (sequence 0)")
+    for col in ("layer", "type", "keys/values", "queries", "on disk", "in memory"):
+        layers.add_column(col, justify="left" if col in ("type",) else "right")
+    for layer in d["layers"]:
+        shape = f"{d['num_kv_heads']}×{layer['num_tokens'][0]}×{d['head_dim']}"
+        window = f" (window {layer['sliding_window']})" if layer["layer_type"] == "sliding" else ""
+        q = f"{d['num_q_heads']}×{layer['num_queries'][0]}" if layer["num_queries"][0] else "—"
+        layers.add_row(str(layer["index"]), layer["layer_type"] + window, shape, q,
+                       human_bytes(layer["bytes_on_disk"]), human_bytes(layer["bytes_in_memory"]))
+    console.print(layers)
+    t = d["total"]
+    console.print(f"total: {human_bytes(t['bytes_on_disk'])} on disk (keys+values+queries), "
+                  f"{human_bytes(t['bytes_in_memory'])} in memory; file {human_bytes(d['file_bytes'])}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
