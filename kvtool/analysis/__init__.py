@@ -1,0 +1,159 @@
+"""Where the redundancy in a captured cache is, per layer and head, and what compression it points to.
+
+One module per question: :mod:`~kvtool.analysis.spectrum` (low rank), :mod:`~kvtool.analysis.outliers`
+(quantization axis, rotation), :mod:`~kvtool.analysis.attention` (sinks, locality, eviction budget),
+:mod:`~kvtool.analysis.similarity` (heads, adjacent layers). :func:`analyze` streams the file one layer
+at a time; only the previous layer is kept, for the adjacent-layer comparison.
+
+>>> from kvtool.analysis import analyze
+>>> result = analyze("cache.h5", layers=[0, 1, 2])
+>>> result["layers"][0]["recommendation"]["text"]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtool.analysis.attention import analyze_attention
+from kvtool.analysis.outliers import DEFAULT_SEED, analyze_outliers
+from kvtool.analysis.recommend import recommend_layer, summarize
+from kvtool.analysis.similarity import AdjacentLayers, LayerState, analyze_heads
+from kvtool.analysis.spectrum import KEYS_PREROPE, analyze_spectrum
+from kvtool.errors import InputError
+from kvtool.store import KIND_CACHE, CacheReader, StoreInfo
+
+__all__ = ["analyze", "analyze_layer", "json_safe"]
+
+Progress = Callable[[int, int], None]  # (layers done, layers total)
+
+
+def analyze(path: Path | str, layers: Sequence[int] | str | None = None,
+            plots_dir: Path | str | None = None, progress: Progress | None = None, *,
+            sequence: int = 0, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Analyse a kvtool cache file; returns a JSON-safe dict (no NaN, plain Python types).
+
+    ``layers``: indices, a spec such as ``"0-5,29"``, or None for all. ``plots_dir``: write PNG figures
+    there (checked before any work). Peak memory is about two layers of (kv_heads, T, head_dim) arrays.
+    """
+    plots = _prepare_plots_dir(plots_dir) if plots_dir is not None else None
+    with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
+        reader.check_layer(0, sequence)
+        chosen = _select_layers(layers, reader.info.num_layers, reader)
+        result = _header(reader.info, chosen, sequence)
+        adjacent = AdjacentLayers()
+        for n, i in enumerate(chosen):
+            result["layers"].append(analyze_layer(reader, i, sequence, adjacent, seed))
+            if progress is not None:
+                progress(n + 1, len(chosen))
+    result["summary"] = summarize(result["layers"])
+    result = json_safe(result)
+    if plots is not None:
+        from kvtool.analysis.plots import write_plots  # matplotlib loads only when plots are asked for
+
+        result["plots"] = [str(p) for p in write_plots(result, plots)]
+    return result
+
+
+def analyze_layer(reader: CacheReader, layer: int, sequence: int = 0, adjacent: AdjacentLayers | None = None,
+                  seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """All sections for one layer. ``adjacent`` carries the previous layer between calls."""
+    data = reader.layer(layer, sequence)
+    keys, values = torch.from_numpy(data.keys), torch.from_numpy(data.values)  # (kv_heads, T, d)
+    entry: dict[str, Any] = {
+        "layer": layer,
+        "layer_type": data.layer_type,
+        "sliding_window": data.sliding_window,
+        "tokens": int(keys.shape[1]),
+        "spectrum": analyze_spectrum(keys, values, reader.layer_group(layer, sequence)),
+        "outliers": analyze_outliers(keys, values, seed),
+        "attention": None,
+    }
+    profile = None
+    if data.queries is not None and data.query_positions is not None:
+        entry["attention"], profile = analyze_attention(
+            torch.from_numpy(data.queries), keys, data.query_positions, data.key_positions,
+            data.scaling, data.sliding_window if data.layer_type == "sliding" else 0)
+    state = LayerState(layer, keys, values, data.key_positions, profile)
+    entry["similarity"] = {"heads": analyze_heads(keys, values, profile),
+                           "previous": (adjacent or AdjacentLayers()).step(state)}
+    entry["recommendation"] = recommend_layer(entry, keys.shape[-1])
+    return entry
+
+
+def _select_layers(layers: Sequence[int] | str | None, num_layers: int, reader: CacheReader) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        from kvtool.util import parse_layers
+
+        return parse_layers(layers, num_layers)
+    chosen = [int(i) for i in layers]
+    for i in chosen:
+        reader.check_layer(i)
+    if not chosen:
+        raise InputError("no layers selected")
+    return chosen
+
+
+def _header(info: StoreInfo, chosen: list[int], sequence: int) -> dict[str, Any]:
+    notes = []
+    if not info.has_queries:
+        notes.append("the file holds no queries: attention sections skipped "
+                     "(capture with queries to get sinks, locality and eviction budgets)")
+    if len(info.sequences) > 1:
+        notes.append(f"the file holds {len(info.sequences)} sequences; sequence {sequence} analysed")
+    notes.append(f"keys are post-RoPE; pre- vs post-RoPE ranks compared only where a layer holds "
+                 f"'{KEYS_PREROPE}'")
+    return {
+        "file": str(info.path),
+        "model": info.model,
+        "model_architecture": info.model_architecture,
+        "num_layers": info.num_layers,
+        "num_q_heads": info.num_q_heads,
+        "num_kv_heads": info.num_kv_heads,
+        "head_dim": info.head_dim,
+        "sequence": sequence,
+        "num_tokens": info.sequences[sequence].num_tokens,
+        "has_queries": info.has_queries,
+        "layers_analysed": chosen,
+        "notes": notes,
+        "layers": [],
+    }
+
+
+def _prepare_plots_dir(plots_dir: Path | str) -> Path:
+    """Create the plots directory and prove it writable before any analysis runs."""
+    p = Path(plots_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".kvtool-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{p}: plots directory is not writable ({exc.strerror or exc})") from None
+    return p
+
+
+def json_safe(obj: Any, digits: int = 6) -> Any:
+    """Plain-Python copy of ``obj`` for json.dump: numpy/torch scalars and arrays become numbers and lists,
+    non-finite floats become None, floats keep ``digits`` significant digits."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, digits) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return json_safe(obj.tolist(), digits)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+    return obj

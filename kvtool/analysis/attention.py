@@ -1,0 +1,179 @@
+"""Attention structure: which keys the captured queries actually read, and what eviction that allows.
+
+Per query head, averaged over the captured queries (the last Tq positions — the observation window
+SnapKV, arXiv 2404.14469 §4, selects keys from):
+
+* entropy of the attention distribution (nats) and the same divided by log(visible keys);
+* sink mass: mass on the first k positions. StreamingLLM (arXiv 2309.17453, §3) found that the first
+  few tokens absorb much of the attention whatever their content, and keeps 4 of them;
+* locality: mass on the keys within the last w positions (a recent window);
+* old mass: what is neither sink nor recent — what a sink + window cache throws away;
+* heavy-hitter concentration: the fraction of visible keys that holds ``COVER`` of the mass. H2O
+  (arXiv 2306.14048, §3) observed that a small set of heavy hitters carries most of it; this fraction
+  is the eviction budget a per-query oracle would need.
+
+Attention is computed like the model does: post-RoPE queries and keys, the file's scaling, a causal
+mask on absolute positions (plus the sliding window of sliding layers), GQA query head h reading kv
+head h // (q_heads // kv_heads). float32 in chunks of queries, so memory is (q_heads, chunk, T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+SINK_COUNTS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+RECENT_WINDOWS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
+SINKS = 4  # StreamingLLM's choice; the sink_mass / old_mass figures use it
+RECENT = 64
+COVER = 0.9  # "holds most of the mass": sink + recent and heavy-hitter figures aim at 90 %
+SINK_MIN = 0.05  # below this mass on the first 16 tokens a layer has no sink worth keeping
+QUERY_CHUNK = 64
+
+
+def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal (and sliding-window) visibility on absolute positions: (c,), (T,) → (c, T) bool."""
+    dist = qpos[:, None] - kpos[None, :]  # (c, T)
+    vis = dist >= 0
+    return vis & (dist < window) if window > 0 else vis
+
+
+def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                     scaling: float, window: int = 0, chunk: int = QUERY_CHUNK
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (probs (q_heads, c, T), qpos (c,), visible (c, T)) for successive chunks of queries.
+
+    q: (q_heads, Tq, d), k: (kv_heads, T, d). Query heads are grouped onto their kv head without
+    copying the keys: heads kv·g .. kv·g + g-1 share kv head kv.
+    """
+    hq, tq, d = q.shape
+    hkv, t = k.shape[0], k.shape[1]
+    group = hq // hkv
+    kt = k.transpose(1, 2)  # (kv_heads, d, T)
+    for s in range(0, tq, chunk):
+        qc = q[:, s:s + chunk]  # (q_heads, c, d)
+        c = qc.shape[1]
+        logits = torch.bmm(qc.reshape(hkv, group * c, d), kt).reshape(hq, c, t) * scaling
+        vis = visible(qpos[s:s + chunk], kpos, window)
+        logits = logits.masked_fill(~vis, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no visible key → zeros
+        yield probs, qpos[s:s + chunk], vis
+
+
+@dataclass
+class _Sums:
+    """Running sums over queries, per query head; finalized into means."""
+
+    heads: int
+    tokens: int
+    n: int = 0
+    entropy: torch.Tensor = field(init=False)
+    norm_entropy: torch.Tensor = field(init=False)
+    heavy: torch.Tensor = field(init=False)
+    sink: torch.Tensor = field(init=False)  # (heads, sinks): mass on the first s positions
+    cover: torch.Tensor = field(init=False)  # (heads, sinks, windows): mass on sinks ∪ recent
+    profile: torch.Tensor = field(init=False)  # (heads, T): attention each key receives (H2O's score)
+
+    def __post_init__(self) -> None:
+        h = self.heads
+        self.entropy = torch.zeros(h, dtype=torch.float64)
+        self.norm_entropy = torch.zeros(h, dtype=torch.float64)
+        self.heavy = torch.zeros(h, dtype=torch.float64)
+        self.sink = torch.zeros(h, len(SINK_COUNTS), dtype=torch.float64)
+        self.cover = torch.zeros(h, len(SINK_COUNTS), len(RECENT_WINDOWS), dtype=torch.float64)
+        self.profile = torch.zeros(h, self.tokens, dtype=torch.float64)
+
+
+def _sink_masks(kpos: torch.Tensor) -> torch.Tensor:
+    """(sinks, T) bool: the key's absolute position is among the first s."""
+    return torch.stack([kpos < s for s in SINK_COUNTS])
+
+
+def _cover_masks(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """(sinks, windows, c, T) float: key is a sink (position < s) or within the recent window w."""
+    dist = qpos[:, None] - kpos[None, :]  # (c, T)
+    recent = torch.stack([dist < w for w in RECENT_WINDOWS])  # (W, c, T)
+    return (_sink_masks(kpos)[:, None, None, :] | recent[None]).float()
+
+
+def _accumulate(sums: _Sums, probs: torch.Tensor, qpos: torch.Tensor, vis: torch.Tensor,
+                kpos: torch.Tensor) -> None:
+    """Add one chunk. probs: (q_heads, c, T); vis: (c, T)."""
+    n_vis = vis.sum(dim=-1).to(torch.float64)  # (c,)
+    ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).double()  # (heads, c)
+    log_n = torch.log(n_vis.clamp_min(1.0))
+    sums.entropy += ent.sum(dim=1)
+    sums.norm_entropy += torch.where(log_n > 0, ent / log_n.clamp_min(1e-30), torch.zeros_like(ent)).sum(1)
+    cum = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (heads, c, T)
+    need = ((cum < COVER).sum(dim=-1) + 1).double()  # keys to reach COVER, per query
+    sums.heavy += (need / n_vis.clamp_min(1.0)).sum(dim=1)
+    sums.sink += torch.einsum("hct,st->hs", probs, _sink_masks(kpos).float()).double()
+    sums.cover += torch.einsum("hct,swct->hsw", probs, _cover_masks(qpos, kpos)).double()
+    sums.profile += probs.sum(dim=1).double()
+    sums.n += probs.shape[1]
+
+
+def _sink_recommendation(sink_mass: np.ndarray) -> int:
+    """Smallest sink count holding 90 % of what the first 16 tokens get; 0 when that is negligible.
+
+    sink_mass: (len(SINK_COUNTS),) mean over heads of the mass on the first s tokens (no recent).
+    """
+    top = sink_mass[-1]
+    if top < SINK_MIN:
+        return 0
+    return next(s for s, m in zip(SINK_COUNTS, sink_mass, strict=True) if m >= COVER * top)
+
+
+def _recommend(sink: np.ndarray, cover: np.ndarray, heavy: np.ndarray, tokens: int) -> dict[str, Any]:
+    """Eviction recommendation from sink (heads, S), cover (heads, S, W), heavy-hitter fractions (heads,)."""
+    sinks = _sink_recommendation(sink.mean(axis=0))
+    row = cover.mean(axis=0)[SINK_COUNTS.index(sinks)]  # (W,)
+    recent = next((w for w, m in zip(RECENT_WINDOWS, row, strict=True) if m >= COVER and w < tokens), None)
+    covered = float(row[RECENT_WINDOWS.index(recent)]) if recent else None
+    return {
+        "sinks": sinks,
+        "recent": recent,  # None: no sink + window cache holds COVER; heavy hitters must be kept
+        "sink_recent_mass": covered,
+        # a uniform per-head budget must satisfy the most spread-out head
+        "keep_fraction": float(heavy.max()),
+        "keep_fraction_mean": float(heavy.mean()),
+    }
+
+
+def analyze_attention(queries: torch.Tensor, keys: torch.Tensor, qpos: np.ndarray, kpos: np.ndarray,
+                      scaling: float, window: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+    """Attention section of one layer and the per-head key-importance profile.
+
+    queries: (q_heads, Tq, d), keys: (kv_heads, T, d), qpos (Tq,), kpos (T,) absolute positions.
+    Returns (section, profile (q_heads, T) float64 summing to 1 per head).
+    """
+    qp, kp = torch.from_numpy(np.asarray(qpos, np.int64)), torch.from_numpy(np.asarray(kpos, np.int64))
+    sums = _Sums(heads=queries.shape[0], tokens=keys.shape[1])
+    for probs, qc, vis in attention_chunks(queries, keys, qp, kp, scaling, window):
+        _accumulate(sums, probs, qc, vis, kp)
+    n = max(sums.n, 1)
+    cover = (sums.cover / n).numpy()  # (heads, S, W)
+    sink = (sums.sink / n).numpy()  # (heads, S)
+    heavy = (sums.heavy / n).numpy()
+    s4, r64 = SINK_COUNTS.index(SINKS), RECENT_WINDOWS.index(RECENT)
+    section = {
+        "num_queries": sums.n,
+        "entropy": (sums.entropy / n).tolist(),
+        "entropy_normalized": (sums.norm_entropy / n).tolist(),
+        "sink_tokens": SINKS,
+        "sink_mass": sink[:, s4].tolist(),
+        "sink_mass_by_count": {str(s): sink[:, i].tolist() for i, s in enumerate(SINK_COUNTS)},
+        "recent_window": RECENT,
+        "local_mass": cover[:, 0, r64].tolist(),
+        "old_mass": (1.0 - cover[:, s4, r64]).tolist(),
+        "heavy_hitter_fraction": heavy.tolist(),
+        "cover": {"sinks": list(SINK_COUNTS), "windows": list(RECENT_WINDOWS), "mass": cover.tolist()},
+        "recommendation": _recommend(sink, cover, heavy, keys.shape[1]),
+    }
+    profile = sums.profile / sums.profile.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    return section, profile
+

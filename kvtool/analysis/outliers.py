@@ -1,0 +1,142 @@
+"""Outliers and scale: along which axis should a uniform quantizer group, and does rotation help?
+
+KIVI (arXiv 2402.02750, §3) observed that keys have a few *channels* of large magnitude while values
+do not, so keys quantize best with statistics per channel (a group of tokens shares a scale per
+channel) and values per token. This module measures that observation on the captured cache instead
+of assuming it:
+
+* per-channel magnitude: the max |x| of every channel over the tokens; a channel whose max exceeds
+  ``OUTLIER_FACTOR`` × the median channel's max is an outlier channel;
+* per-token vs per-channel variance: how much the mean energy varies across channels vs across
+  tokens (a dispersion, 0 for perfectly even scale);
+* the decision itself: a simulated ``SIM_BITS``-bit min-max quantizer grouped per token (one token's
+  ``head_dim`` channels share a scale) vs per channel (``head_dim`` consecutive tokens of one channel
+  share a scale) — same number of scales, so the lower relative error names the better axis;
+* kurtosis of the entries (Gaussian = 3) before and after a seeded random orthogonal rotation of the
+  channels. A rotation spreads an outlier channel's energy over all channels, leaving near-Gaussian
+  coordinates (the premise of TurboQuant, arXiv 2504.19874, §3, and of QJL/QuaRot): when kurtosis
+  drops a lot, rotate-then-quantize per token is the cheaper alternative to per-channel grouping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+OUTLIER_FACTOR = 4.0  # a channel max ≥ 4× the median channel max; Gaussian channels stay within ~1.3×
+SIM_BITS = 4  # KIVI's and most evaluations' default width
+AXIS_MARGIN = 1.2  # one axis must beat the other by 20 % to be recommended over the default
+HEAVY_TAILED = 4.0  # kurtosis above this is heavy-tailed (Gaussian 3)
+ROTATION_GAIN = 0.75  # rotation "helps" when it cuts kurtosis to ≤ 75 % of the original
+DEFAULT_SEED = 0
+
+
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Max |x| of every channel over the tokens: (heads, tokens, d) → (heads, d)."""
+    return x.abs().amax(dim=1)
+
+
+def outlier_channels(absmax: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[list[int]]:
+    """Indices of outlier channels per head, from absmax (heads, d)."""
+    med = absmax.median(dim=1, keepdim=True).values  # (heads, 1)
+    return [torch.nonzero(row > factor * m).flatten().tolist() for row, m in zip(absmax, med, strict=True)]
+
+
+def kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Pearson kurtosis of all entries of each head: (heads, tokens, d) → (heads,). Gaussian = 3."""
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    c = flat - flat.mean(dim=1, keepdim=True)
+    m2 = (c ** 2).mean(dim=1)
+    m4 = (c ** 4).mean(dim=1)
+    return torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2, torch.zeros_like(m2))
+
+
+def random_rotation(d: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
+    """A Haar-random orthogonal (d, d) matrix from a seeded generator (QR with the sign fix)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).to(torch.float32)
+
+
+def scale_dispersion(x: torch.Tensor) -> dict[str, float]:
+    """Variance of the mean energy across channels and across tokens, relative to its mean².
+
+    x: (heads, tokens, d). Outlier channels raise ``per_channel``; tokens of very different norm
+    (attention sinks, punctuation) raise ``per_token``.
+    """
+    e = x.to(torch.float64) ** 2  # (heads, T, d)
+    mu2 = e.mean().clamp_min(1e-300) ** 2
+    return {"per_channel": float(e.mean(dim=1).var(dim=1, unbiased=False).mean() / mu2),
+            "per_token": float(e.mean(dim=2).var(dim=1, unbiased=False).mean() / mu2)}
+
+
+def fake_quant_lastdim(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Asymmetric min-max quantize-dequantize in groups of ``group`` along the last axis.
+
+    x: (..., n) → (..., n). The last group is padded with its own last element, which leaves its
+    min and max unchanged.
+    """
+    n = x.shape[-1]
+    pad = (-n) % group
+    xp = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1) if pad else x
+    g = xp.reshape(*x.shape[:-1], -1, group)  # (..., n_groups, group)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    step = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
+    deq = torch.round((g - lo) / step) * step + lo
+    return deq.reshape(*x.shape[:-1], -1)[..., :n]
+
+
+def quant_rel_mse(x: torch.Tensor, axis: str, bits: int = SIM_BITS) -> float:
+    """Relative MSE of a simulated min-max quantizer grouped per token or per channel.
+
+    x: (heads, tokens, d). Per token: each token's d channels share a scale. Per channel: each run of
+    d consecutive tokens of one channel shares one (KIVI's grouping for keys), the same scale count.
+    """
+    d = x.shape[-1]
+    if axis == "per-token":
+        xq = fake_quant_lastdim(x, bits, d)
+    else:
+        xq = fake_quant_lastdim(x.transpose(1, 2), bits, d).transpose(1, 2)
+    energy = float((x.to(torch.float64) ** 2).sum())
+    return float(((x - xq).to(torch.float64) ** 2).sum()) / energy if energy > 0 else 0.0
+
+
+def recommend_axis(err_token: float, err_channel: float) -> str:
+    """Per channel only when it clearly wins: per-token needs no residual buffer when streaming."""
+    return "per-channel" if err_channel * AXIS_MARGIN < err_token else "per-token"
+
+
+def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
+    """Outlier figures of keys or values x: (heads, tokens, d); rotation: (d, d) orthogonal."""
+    absmax = channel_absmax(x)  # (heads, d)
+    med = absmax.median(dim=1).values
+    kurt = kurtosis(x)
+    rotated = x @ rotation  # (heads, tokens, d): rotates channels, keeps every token's norm
+    kurt_rot = kurtosis(rotated)
+    err_tok, err_ch = quant_rel_mse(x, "per-token"), quant_rel_mse(x, "per-channel")
+    return {
+        "channel_absmax": absmax.tolist(),  # (heads, d): the magnitude profile the plots draw
+        "max_over_median": (absmax.amax(dim=1) / med.clamp_min(1e-30)).tolist(),
+        "outlier_channels": outlier_channels(absmax),
+        "kurtosis": kurt.tolist(),
+        "kurtosis_rotated": kurt_rot.tolist(),
+        "scale_dispersion": scale_dispersion(x),
+        "quant_rel_mse": {"bits": SIM_BITS, "per-token": err_tok, "per-channel": err_ch,
+                          "per-token-rotated": quant_rel_mse(rotated, "per-token")},
+        "recommended_axis": recommend_axis(err_tok, err_ch),
+        "rotation_helps": _rotation_helps(kurt, kurt_rot),
+    }
+
+
+def _rotation_helps(kurt: torch.Tensor, kurt_rot: torch.Tensor) -> bool:
+    """Heavy-tailed on average, and the rotation brings kurtosis down by at least 1 - ROTATION_GAIN."""
+    before, after = float(kurt.mean()), float(kurt_rot.mean())
+    return before > HEAVY_TAILED and after <= ROTATION_GAIN * before
+
+
+def analyze_outliers(keys: torch.Tensor, values: torch.Tensor, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Outlier section of one layer. keys, values: (kv_heads, tokens, d) float32."""
+    rotation = random_rotation(keys.shape[-1], seed)
+    return {"seed": seed, "keys": tensor_outliers(keys, rotation),
+            "values": tensor_outliers(values, rotation)}

@@ -1,0 +1,92 @@
+"""Turning a layer's figures into the compression approach they point to, and a file-level summary.
+
+Every rule reads figures already in the layer entry; the thresholds live with the module that defines
+the figure (spectrum.LOW_RANK_WORTH, outliers.AXIS_MARGIN / ROTATION_GAIN, attention.COVER,
+similarity.SHARE_COSINE), so a reader can trace a recommendation back to a number in the JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _quant(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    o = entry["outliers"][name]
+    return {"axis": o["recommended_axis"], "rotate": o["rotation_helps"]}
+
+
+def _low_rank(entry: dict[str, Any], name: str) -> int | None:
+    s = entry["spectrum"]
+    return int(s["recommended_rank"][name]) if s["low_rank_worth_it"][name] else None
+
+
+def _eviction(entry: dict[str, Any]) -> dict[str, Any] | None:
+    att = entry.get("attention")
+    return None if att is None else dict(att["recommendation"])
+
+
+def _share(entry: dict[str, Any]) -> int | None:
+    prev = entry["similarity"]["previous"]
+    return prev["previous_layer"] if prev and prev.get("sharing_candidate") else None
+
+
+def recommend_layer(entry: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Structured recommendation plus a one-line text for the summary table."""
+    rec = {
+        "low_rank": {"keys": _low_rank(entry, "keys"), "values": _low_rank(entry, "values"),
+                     "head_dim": head_dim},
+        "quantization": {"keys": _quant(entry, "keys"), "values": _quant(entry, "values")},
+        "eviction": _eviction(entry),
+        "share_with_layer": _share(entry),
+    }
+    rec["text"] = recommendation_text(rec)
+    return rec
+
+
+def _quant_text(tag: str, q: dict[str, Any]) -> str:
+    return f"{tag} {q['axis']}" + (" +rotate" if q["rotate"] else "")
+
+
+def recommendation_text(rec: dict[str, Any]) -> str:
+    """e.g. ``K per-channel +rotate, V per-token; rank K16; sinks 4 + recent 64; share L3``."""
+    q = rec["quantization"]
+    parts = [f"{_quant_text('K', q['keys'])}, {_quant_text('V', q['values'])}"]
+    ranks = [f"{t}{r}" for t, r in (("K", rec["low_rank"]["keys"]), ("V", rec["low_rank"]["values"]))
+             if r is not None]
+    if ranks:
+        parts.append("rank " + " ".join(ranks))
+    ev = rec["eviction"]
+    if ev is not None:
+        if ev["recent"] is not None:
+            parts.append(f"sinks {ev['sinks']} + recent {ev['recent']}")
+        else:
+            parts.append(f"keep {ev['keep_fraction']:.0%} heavy hitters")
+    if rec["share_with_layer"] is not None:
+        parts.append(f"share with L{rec['share_with_layer']}")
+    return "; ".join(parts)
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """File-level figures over the analysed layers (means, counts, the layers flagged for sharing)."""
+    att = [e["attention"] for e in layers if e.get("attention")]
+    rec = [e["recommendation"] for e in layers]
+    return {
+        "layers": len(layers),
+        "mean_rank95": {n: _mean([float(np.mean(e["spectrum"][n]["per_head"]["rank95"])) for e in layers])
+                        for n in ("keys", "values")},
+        "keys_per_channel_layers": sum(r["quantization"]["keys"]["axis"] == "per-channel" for r in rec),
+        "values_per_channel_layers": sum(r["quantization"]["values"]["axis"] == "per-channel" for r in rec),
+        "rotation_helps_layers": {n: sum(r["quantization"][n]["rotate"] for r in rec)
+                                  for n in ("keys", "values")},
+        "mean_sink_mass": _mean([float(np.mean(a["sink_mass"])) for a in att]),
+        "mean_local_mass": _mean([float(np.mean(a["local_mass"])) for a in att]),
+        "mean_keep_fraction": _mean([a["recommendation"]["keep_fraction"] for a in att]),
+        "sharing_candidates": [e["layer"] for e, r in zip(layers, rec, strict=True)
+                               if r["share_with_layer"] is not None],
+    }

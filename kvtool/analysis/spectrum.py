@@ -1,0 +1,115 @@
+"""Spectrum: how low-rank are the keys and values of a layer?
+
+Singular values of each head's (tokens, head_dim) matrix give the energy a rank-k projection keeps:
+``energy(k) = Σ_{i<k} s_i² / Σ s_i²``. The effective rank at p % energy is the smallest k with
+``energy(k) >= p``, so a rank-k codec (a per-head PCA basis, as in Palu or Loki) loses at most
+``1 - p`` of the squared norm. The same is done jointly across the heads of a layer, with the heads'
+channels side by side ``(tokens, heads * head_dim)``: when the joint rank is well below the sum of
+the per-head ranks, heads share directions and a group-head basis saves more than per-head ones.
+
+Keys in the store are post-RoPE (what the cache holds). RoPE rotates each channel pair by a
+position-dependent angle, which spreads a low-rank pre-RoPE subspace over more directions, so the
+pre- vs post-RoPE comparison needs pre-RoPE keys; it runs only when a layer group holds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtool import store
+
+ENERGIES: tuple[float, ...] = (0.90, 0.95, 0.99)
+RECOMMEND_ENERGY = 0.95  # the energy a recommended rank keeps: rel. MSE ≤ 5 % before any quantization
+LOW_RANK_WORTH = 0.5  # recommend low rank only when it at least halves head_dim
+# The store will own this name once capture records pre-RoPE keys; until then it is read if present.
+KEYS_PREROPE: str = getattr(store, "KEYS_PREROPE", "keys_prerope")
+
+
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values of each head, descending: (heads, tokens, d) → (heads, min(tokens, d)).
+
+    float64: the 99 % threshold needs the small trailing values accurately.
+    """
+    return torch.linalg.svdvals(x.to(torch.float64))
+
+
+def energy_fractions(s: torch.Tensor) -> torch.Tensor:
+    """Fraction of the total energy per component: (..., k) → (..., k), summing to 1 (0 for zero data)."""
+    e = s.to(torch.float64) ** 2
+    total = e.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+
+
+def effective_rank(s: torch.Tensor, energy: float) -> torch.Tensor:
+    """Smallest k keeping ``energy`` of the squared norm: (..., k) singular values → (...,) int64.
+
+    Zero data has rank 0. A 1e-6 slack keeps exact rank-r data at r despite float32 rounding.
+    """
+    frac = energy_fractions(s)
+    cum = frac.cumsum(dim=-1)
+    rank = (cum < energy - 1e-6).sum(dim=-1) + 1
+    return torch.where(frac.sum(dim=-1) > 0, rank, torch.zeros_like(rank))
+
+
+def _ranks(s: torch.Tensor) -> dict[str, list[int] | int]:
+    """Effective ranks at every energy in ENERGIES, keyed ``rank90`` etc."""
+    return {f"rank{round(p * 100)}": effective_rank(s, p).tolist() for p in ENERGIES}
+
+
+def tensor_spectrum(x: torch.Tensor) -> dict[str, Any]:
+    """Per-head and joint spectrum figures of keys or values x: (heads, tokens, d)."""
+    heads, tokens, d = x.shape
+    s = singular_values(x)  # (heads, min(tokens, d))
+    joint = singular_values(x.permute(1, 0, 2).reshape(1, tokens, heads * d))[0]  # (min(T, H·d),)
+    per_head = _ranks(s)
+    joint_ranks = _ranks(joint)
+    return {
+        "per_head": per_head,
+        "joint": joint_ranks,
+        # joint / Σ per-head at 95 %: < 1 means heads share directions (group-head low rank pays)
+        "joint_vs_sum_per_head": _ratio(joint_ranks["rank95"], sum(per_head["rank95"])),
+        "energy": energy_fractions(s).tolist(),  # (heads, k): the spectrum the plots draw
+    }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+def recommended_rank(spec: dict[str, Any]) -> int:
+    """One rank for every head of the layer: the largest per-head rank at RECOMMEND_ENERGY."""
+    return int(max(spec["per_head"][f"rank{round(RECOMMEND_ENERGY * 100)}"]))
+
+
+def prerope_comparison(group: Any, keys: torch.Tensor) -> dict[str, Any]:
+    """Effective ranks of pre- vs post-RoPE keys when the layer group holds ``keys_prerope``.
+
+    ``group`` is the h5py layer group; keys: (kv_heads, tokens, d) post-RoPE.
+    """
+    if group is None or KEYS_PREROPE not in group:
+        return {"available": False,
+                "note": f"no '{KEYS_PREROPE}' dataset in this layer: pre- vs post-RoPE comparison skipped"}
+    pre = torch.from_numpy(np.asarray(group[KEYS_PREROPE][()], dtype=np.float32))
+    if tuple(pre.shape) != tuple(keys.shape):
+        return {"available": False,
+                "note": f"'{KEYS_PREROPE}' has shape {tuple(pre.shape)}, keys {tuple(keys.shape)}: skipped"}
+    pre_ranks = _ranks(singular_values(pre))
+    post_ranks = _ranks(singular_values(keys))
+    return {"available": True, "prerope": pre_ranks, "postrope": post_ranks}
+
+
+def analyze_spectrum(keys: torch.Tensor, values: torch.Tensor, group: Any = None) -> dict[str, Any]:
+    """Spectrum section of one layer. keys, values: (kv_heads, tokens, d) float32."""
+    d = keys.shape[-1]
+    k_spec, v_spec = tensor_spectrum(keys), tensor_spectrum(values)
+    rank_k, rank_v = recommended_rank(k_spec), recommended_rank(v_spec)
+    return {
+        "keys": k_spec,
+        "values": v_spec,
+        "recommended_rank": {"keys": rank_k, "values": rank_v, "energy": RECOMMEND_ENERGY},
+        "low_rank_worth_it": {"keys": rank_k <= LOW_RANK_WORTH * d, "values": rank_v <= LOW_RANK_WORTH * d},
+        "prerope": prerope_comparison(group, keys),
+    }
