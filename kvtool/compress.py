@@ -1,0 +1,337 @@
+"""Compress a captured cache with a pair of codecs, measure what it costs, optionally write the result.
+
+:func:`compress` streams the cache one layer at a time: read keys/values (and queries), fit each codec,
+encode, decode, measure (:mod:`kvtool.metrics`) and, with ``output``, write the stored arrays to a
+``kind="compressed"`` file. :func:`decompress` turns such a file back into an ordinary cache file.
+
+Stored arrays of one tensor live in the group ``.../layers/<i>/keys`` (or ``values``) under the names the
+codec gave them; the group's attributes are ``codec`` (canonical spec), ``shape``, ``stored_bytes`` (sum
+of the codec's arrays), ``meta.<name>`` for each scalar of ``Encoded.meta`` and the codec's shared state as
+datasets ``shared.<name>`` (fixed overhead, reported separately from bits per element).
+
+Layers outside ``layers`` are written with the ``fp16`` codec so the file stays complete; the report
+covers only the selected layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtool import metrics
+from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
+from kvtool.errors import CodecError, InputError, StoreError
+from kvtool.store import (
+    KEYS,
+    KIND_CACHE,
+    KIND_COMPRESSED,
+    QUERIES,
+    QUERY_POSITIONS,
+    VALUES,
+    CacheReader,
+    CacheWriter,
+    LayerData,
+    StoreHeader,
+    StoreInfo,
+)
+
+SHARED = "shared."
+META = "meta."
+PASSTHROUGH = "fp16"
+Progress = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------------------- one tensor
+
+
+def encode_tensor(codec: Codec, x: np.ndarray, context: LayerContext) -> tuple[Encoded, np.ndarray]:
+    """Fit ``codec`` to ``x`` ``(kv_heads, T, head_dim)``, encode and decode: (stored, reconstruction)."""
+    codec.fit(x, context)
+    enc = codec.encode(x)
+    return enc, codec.decode(enc)
+
+
+def tensor_report(codec: Codec, x: np.ndarray, enc: Encoded, x_hat: np.ndarray) -> dict[str, Any]:
+    """Bits, bytes and reconstruction error of one tensor; ``heads`` holds per-head rel_mse/cosine."""
+    rec = metrics.reconstruction(x, x_hat)
+    before = x.size * 2  # the same elements in fp16
+    return {
+        "spec": codec.spec(),
+        "bits_per_element": enc.bits_per_element(),
+        "bytes_before": before,
+        "bytes_after": enc.nbytes,
+        "ratio": before / enc.nbytes if enc.nbytes else float("inf"),
+        "shared_state_bytes": int(sum(a.nbytes for a in codec.shared_state().values())),
+        **rec,
+    }
+
+
+def _context(data: LayerData, role: str) -> LayerContext:
+    return LayerContext(layer=data.layer, role=role, queries=data.queries,
+                        query_positions=data.query_positions, key_positions=data.key_positions,
+                        keys=data.keys, scaling=data.scaling, sliding_window=data.sliding_window)
+
+
+def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int) -> dict[str, Any]:
+    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total."""
+    (kc, ke, kx), (vc, ve, vx) = keys, values
+    k_rep, v_rep = tensor_report(kc, data.keys, ke, kx), tensor_report(vc, data.values, ve, vx)
+    heads = [{"head": h, "keys_rel_mse": kh["rel_mse"], "keys_cosine": kh["cosine"],
+              "values_rel_mse": vh["rel_mse"], "values_cosine": vh["cosine"]}
+             for h, (kh, vh) in enumerate(zip(k_rep.pop("heads"), v_rep.pop("heads"), strict=True))]
+    report: dict[str, Any] = {"layer": data.layer, "tokens": int(data.keys.shape[1]),
+                              "layer_type": data.layer_type, "keys": k_rep, "values": v_rep}
+    if data.queries is not None:
+        mask = _joint_mask(kc.token_mask(ke), vc.token_mask(ve))
+        att = metrics.attention(data.queries, data.keys, data.values, kx, vx, data.query_positions,
+                                data.key_positions, scaling=data.scaling, sliding_window=data.sliding_window,
+                                key_mask=mask, topk=topk)
+        for row, head_att in zip(heads, att.pop("heads"), strict=True):
+            row.update(head_att)
+        report.update(att)
+    report["heads"] = heads
+    return report
+
+
+def _joint_mask(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+# ------------------------------------------------------------------------------------------- the file
+
+
+def _header(info: StoreInfo, kind: str, extra: dict[str, Any]) -> StoreHeader:
+    return StoreHeader(model=info.model, model_architecture=info.model_architecture,
+                       num_layers=info.num_layers, num_q_heads=info.num_q_heads,
+                       num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+                       attn_scaling=info.attn_scaling, dtype=info.dtype, model_source=info.model_source,
+                       kind=kind, extra=extra)
+
+
+class _FixedDigest:
+    """Stands in for the writer's running text hash so a derived file keeps its source's text_sha256."""
+
+    def __init__(self, hexdigest: str) -> None:
+        self._hex = hexdigest
+
+    def update(self, data: bytes) -> None:
+        return None
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
+def _open_writer(output: Path, info: StoreInfo, kind: str, extra: dict[str, Any], force: bool,
+                 source: Path) -> CacheWriter:
+    if output.resolve() == source.resolve():
+        raise InputError(f"{output}: the output must not be the input file")
+    writer = CacheWriter(output, _header(info, kind, extra), force=force)
+    writer._texts = _FixedDigest(info.text_sha256)  # type: ignore[assignment]  # provenance, see class
+    return writer
+
+
+def _copy_sequence(writer: CacheWriter, reader: CacheReader, j: int) -> None:
+    seq = reader.info.sequences[j]
+    writer.add_sequence(reader.tokens(j), source=seq.source)
+    writer._h5[f"sequences/{j}"].attrs["text_sha256"] = seq.text_sha256  # the source text's hash
+
+
+def _write_tensor(writer: CacheWriter, j: int, data: LayerData, name: str, codec: Codec,
+                  enc: Encoded) -> None:
+    arrays = dict(enc.arrays)
+    arrays.update({SHARED + k: v for k, v in codec.shared_state().items()})
+    attrs: dict[str, Any] = {"codec": codec.spec(), "stored_bytes": enc.nbytes}
+    attrs.update({META + k: v for k, v in enc.meta.items()})
+    writer.write_encoded(j, data.layer, name, arrays, attrs, shape=enc.shape, layer_type=data.layer_type,
+                         sliding_window=data.sliding_window, key_start=int(data.key_positions[0])
+                         if data.key_positions.size else 0)
+
+
+def _write_layer(writer: CacheWriter, j: int, data: LayerData, keys: tuple, values: tuple) -> None:
+    _write_tensor(writer, j, data, KEYS, keys[0], keys[1])
+    _write_tensor(writer, j, data, VALUES, values[0], values[1])
+    if data.queries is not None:
+        writer.write_queries(j, data.layer, data.queries, data.query_positions)
+
+
+def _passthrough(writer: CacheWriter, j: int, data: LayerData) -> None:
+    codec = parse_spec(PASSTHROUGH)
+    _write_layer(writer, j, data, (codec, codec.encode(data.keys)), (codec, codec.encode(data.values)))
+
+
+# ------------------------------------------------------------------------------------------- totals
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([r[key] for r in rows])) if rows else 0.0
+
+
+def _tensor_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    before = sum(r["bytes_before"] for r in rows)
+    after = sum(r["bytes_after"] for r in rows)
+    return {"bits_per_element": 16.0 * after / before if before else 0.0, "bytes_before": before,
+            "bytes_after": after, "ratio": before / after if after else float("inf"),
+            "shared_state_bytes": sum(r["shared_state_bytes"] for r in rows),
+            "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
+
+
+def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes summed over layers; error metrics averaged over layers (``*_max``: the worst layer)."""
+    keys, values = _tensor_total([r["keys"] for r in layers]), _tensor_total([r["values"] for r in layers])
+    before, after = keys["bytes_before"] + values["bytes_before"], keys["bytes_after"] + values["bytes_after"]
+    total: dict[str, Any] = {"keys": keys, "values": values, "bytes_before": before, "bytes_after": after,
+                             "bits_per_element": 16.0 * after / before if before else 0.0,
+                             "ratio": before / after if after else float("inf"),
+                             "averaging": "mean over layers"}
+    with_att = [r for r in layers if "attention_output_rel_error" in r]
+    if with_att:
+        total.update({k: _mean(with_att, k) for k in metrics.ATTENTION_KEYS})
+        total["attention_output_rel_error_max"] = max(r["attention_output_rel_error"] for r in with_att)
+        total["attention_output_cosine_min"] = min(r["attention_output_cosine"] for r in with_att)
+    return total
+
+
+# ------------------------------------------------------------------------------------------- public API
+
+
+def compress(
+    path: Path | str,
+    keys_codec: Codec,
+    values_codec: Codec,
+    output: Path | str | None = None,
+    layers: list[int] | None = None,
+    progress: Progress | None = None,
+    *,
+    force: bool = False,
+    sequence: int = 0,
+    require_attention: bool = False,
+    topk: int = 8,
+) -> dict[str, Any]:
+    """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
+
+    Measures every layer in ``layers`` (default: all) of sequence ``sequence``; with ``output`` writes a
+    compressed file holding every sequence and layer (unselected layers as fp16). ``progress(done, total)``
+    is called after each layer. ``require_attention`` raises InputError when the cache has no queries.
+    Returns the report dict (see ``docs`` / the module docstring of :mod:`kvtool.compress`).
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
+        info = reader.info
+        reader.check_layer(0, sequence)
+        chosen = list(range(info.num_layers)) if layers is None else sorted(set(layers))
+        for i in chosen:
+            reader.check_layer(i, sequence)
+        for codec in (keys_codec, values_codec):
+            codec.validate(info.head_dim)
+        if require_attention and not info.has_queries:
+            raise InputError(f"{path}: the cache has no captured queries, so attention metrics cannot be "
+                             "computed; capture with --queries last:N")
+        writer = None
+        if output is not None:
+            extra = {"codec_keys": keys_codec.spec(), "codec_values": values_codec.spec()}
+            writer = _open_writer(Path(output), info, KIND_COMPRESSED, extra, force, path)
+        try:
+            rows = _run(reader, keys_codec, values_codec, chosen, sequence, writer, progress, topk)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.commit()
+    report: dict[str, Any] = {"source": str(path), "output": str(output) if output is not None else None,
+                              "keys_spec": keys_codec.spec(), "values_spec": values_codec.spec(),
+                              "sequence": sequence, "layers": rows, "total": totals(rows), "notes": []}
+    report["attention"] = any("attention_output_rel_error" in r for r in rows)
+    if not report["attention"]:
+        report["notes"].append("no captured queries: attention metrics skipped")
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _run(reader: CacheReader, keys_codec: Codec, values_codec: Codec, chosen: list[int], sequence: int,
+         writer: CacheWriter | None, progress: Progress | None, topk: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    selected = set(chosen)
+    sequences = range(len(reader.info.sequences)) if writer is not None else [sequence]
+    total, done = len(chosen), 0
+    for j in sequences:
+        if writer is not None:
+            _copy_sequence(writer, reader, j)
+        for i in range(reader.info.num_layers) if writer is not None else chosen:
+            data = reader.layer(i, j)
+            if i not in selected:
+                _passthrough(writer, j, data)  # type: ignore[arg-type]  # only reached with a writer
+                continue
+            keys = (keys_codec, *encode_tensor(keys_codec, data.keys, _context(data, "keys")))
+            values = (values_codec, *encode_tensor(values_codec, data.values, _context(data, "values")))
+            if writer is not None:
+                _write_layer(writer, j, data, keys, values)
+            if j == sequence:
+                rows.append(_layer_report(data, keys, values, topk))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return rows
+
+
+def decompress(path: Path | str, output: Path | str, *, force: bool = False,
+               progress: Progress | None = None) -> dict[str, Any]:
+    """Decode a compressed file into an ordinary cache file (float of the source dtype).
+
+    Returns ``{"source", "output", "layers", "sequences", "codec_keys", "codec_values", "seconds"}``.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    with CacheReader(path, kinds=(KIND_COMPRESSED,)) as reader:
+        info = reader.info
+        with _open_writer(Path(output), info, KIND_CACHE, {}, force, path) as writer:
+            total = len(info.sequences) * info.num_layers
+            for j in range(len(info.sequences)):
+                _copy_sequence(writer, reader, j)
+                for i in range(info.num_layers):
+                    _decompress_layer(reader, writer, j, i)
+                    if progress is not None:
+                        progress(j * info.num_layers + i + 1, total)
+    return {"source": str(path), "output": str(output), "sequences": len(info.sequences),
+            "layers": info.num_layers, "codec_keys": str(info.attrs.get("codec_keys", "")),
+            "codec_values": str(info.attrs.get("codec_values", "")),
+            "seconds": time.perf_counter() - started}
+
+
+def read_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0) -> np.ndarray:
+    """Decode the ``keys`` or ``values`` group of one layer of a compressed file: ``(kv_heads, T, d)``."""
+    arrays, attrs = reader.read_encoded(layer, name, sequence)
+    try:
+        codec = parse_spec(str(attrs["codec"]))
+    except (KeyError, CodecError) as exc:
+        raise StoreError(f"{reader.path}: layer {layer} {name}: cannot rebuild its codec ({exc})") from None
+    stored = {k: v for k, v in arrays.items() if not k.startswith(SHARED)}
+    shared = {k[len(SHARED):]: v for k, v in arrays.items() if k.startswith(SHARED)}
+    meta = {k[len(META):]: _scalar(v) for k, v in attrs.items() if k.startswith(META)}
+    shape = tuple(int(s) for s in attrs["shape"])
+    codec.load_shared_state(shared)
+    return codec.decode(Encoded(stored, shape, meta))  # type: ignore[arg-type]
+
+
+def _scalar(v: Any) -> int | float | str:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _decompress_layer(reader: CacheReader, writer: CacheWriter, j: int, i: int) -> None:
+    g = reader.layer_group(i, j)
+    layer_info = reader.info.sequences[j].layers[i]
+    queries = g[QUERIES][()] if QUERIES in g else None
+    qpos = g[QUERY_POSITIONS][()] if QUERIES in g else None
+    writer.write_layer(j, i, read_tensor(reader, i, KEYS, j), read_tensor(reader, i, VALUES, j),
+                       queries=queries, query_positions=qpos, layer_type=layer_info.layer_type,
+                       sliding_window=layer_info.sliding_window, key_start=layer_info.key_start)
+
