@@ -92,9 +92,11 @@ def test_planted_outlier_channel_is_found_and_keys_go_per_channel(tmp_path: Path
     assert keys["outlier_channels"] == [[7]] * KV_HEADS
     assert min(keys["max_over_median"]) > 10
     assert keys["recommended_axis"] == "per-channel"
+    assert keys["recommended_scheme"] == "per-channel"
     assert keys["scale_dispersion"]["per_channel"] > keys["scale_dispersion"]["per_token"]
     assert values["outlier_channels"] == [[]] * KV_HEADS
     assert values["recommended_axis"] == "per-token"
+    assert values["recommended_scheme"] == "per-token"
 
 
 def test_rotation_helps_outlier_keys_but_not_gaussian_values(tmp_path: Path) -> None:

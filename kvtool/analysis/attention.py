@@ -31,7 +31,7 @@ RECENT_WINDOWS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
 SINKS = 4  # StreamingLLM's choice; the sink_mass / old_mass figures use it
 RECENT = 64
 COVER = 0.9  # "holds most of the mass": sink + recent and heavy-hitter figures aim at 90 %
-SINK_MIN = 0.05  # below this mass on the first 16 tokens a layer has no sink worth keeping
+SINK_MIN = 0.05  # a sink token must draw at least this share of the mass on average
 QUERY_CHUNK = 64
 
 
@@ -118,14 +118,18 @@ def _accumulate(sums: _Sums, probs: torch.Tensor, qpos: torch.Tensor, vis: torch
 
 
 def _sink_recommendation(sink_mass: np.ndarray) -> int:
-    """Smallest sink count holding 90 % of what the first 16 tokens get; 0 when that is negligible.
+    """How many leading tokens to keep as sinks: 0 unless a few of them are over-attended.
 
-    sink_mass: (len(SINK_COUNTS),) mean over heads of the mass on the first s tokens (no recent).
+    sink_mass: (len(SINK_COUNTS),) mean over heads of the mass on the first s tokens. The smallest s
+    holding 90 % of what the first 16 get, provided each of those s tokens averages ≥ SINK_MIN of the
+    mass — a real sink (StreamingLLM) is a handful of tokens with a large share each, not a prefix
+    that merely gets its uniform share.
     """
     top = sink_mass[-1]
-    if top < SINK_MIN:
-        return 0
-    return next(s for s, m in zip(SINK_COUNTS, sink_mass, strict=True) if m >= COVER * top)
+    for s, m in zip(SINK_COUNTS, sink_mass, strict=True):
+        if s and m >= COVER * top and m >= SINK_MIN * s:
+            return s
+    return 0
 
 
 def _recommend(sink: np.ndarray, cover: np.ndarray, heavy: np.ndarray, tokens: int) -> dict[str, Any]:

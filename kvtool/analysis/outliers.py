@@ -11,7 +11,9 @@ of assuming it:
   tokens (a dispersion, 0 for perfectly even scale);
 * the decision itself: a simulated ``SIM_BITS``-bit min-max quantizer grouped per token (one token's
   ``head_dim`` channels share a scale) vs per channel (``head_dim`` consecutive tokens of one channel
-  share a scale) — same number of scales, so the lower relative error names the better axis;
+  share a scale) — same number of scales, so the lower relative error names the better axis. This is
+  reconstruction error only; KIVI also argues for per-token values from the attention output (errors
+  of one token stay in that token), which `kvtool compress` measures with queries;
 * kurtosis of the entries (Gaussian = 3) before and after a seeded random orthogonal rotation of the
   channels. A rotation spreads an outlier channel's energy over all channels, leaving near-Gaussian
   coordinates (the premise of TurboQuant, arXiv 2504.19874, §3, and of QJL/QuaRot): when kurtosis
@@ -107,6 +109,15 @@ def recommend_axis(err_token: float, err_channel: float) -> str:
     return "per-channel" if err_channel * AXIS_MARGIN < err_token else "per-token"
 
 
+def recommend_scheme(errors: dict[str, float]) -> str:
+    """The quantizer layout to use: plain per-token unless per-channel or rotate-then-per-token beats it
+    by AXIS_MARGIN; between those two, the lower error. ``errors`` is the ``quant_rel_mse`` dict."""
+    plain = errors["per-token"]
+    options = {"per-channel": errors["per-channel"], "rotate+per-token": errors["per-token-rotated"]}
+    better = {k: v for k, v in options.items() if v * AXIS_MARGIN < plain}
+    return min(better, key=better.__getitem__) if better else "per-token"
+
+
 def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
     """Outlier figures of keys or values x: (heads, tokens, d); rotation: (d, d) orthogonal."""
     absmax = channel_absmax(x)  # (heads, d)
@@ -115,6 +126,8 @@ def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
     rotated = x @ rotation  # (heads, tokens, d): rotates channels, keeps every token's norm
     kurt_rot = kurtosis(rotated)
     err_tok, err_ch = quant_rel_mse(x, "per-token"), quant_rel_mse(x, "per-channel")
+    errors = {"per-token": err_tok, "per-channel": err_ch,
+              "per-token-rotated": quant_rel_mse(rotated, "per-token")}
     return {
         "channel_absmax": absmax.tolist(),  # (heads, d): the magnitude profile the plots draw
         "max_over_median": (absmax.amax(dim=1) / med.clamp_min(1e-30)).tolist(),
@@ -122,9 +135,9 @@ def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
         "kurtosis": kurt.tolist(),
         "kurtosis_rotated": kurt_rot.tolist(),
         "scale_dispersion": scale_dispersion(x),
-        "quant_rel_mse": {"bits": SIM_BITS, "per-token": err_tok, "per-channel": err_ch,
-                          "per-token-rotated": quant_rel_mse(rotated, "per-token")},
+        "quant_rel_mse": {"bits": SIM_BITS, **errors},
         "recommended_axis": recommend_axis(err_tok, err_ch),
+        "recommended_scheme": recommend_scheme(errors),
         "rotation_helps": _rotation_helps(kurt, kurt_rot),
     }
 

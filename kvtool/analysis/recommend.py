@@ -7,6 +7,7 @@ similarity.SHARE_COSINE), so a reader can trace a recommendation back to a numbe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,8 @@ import numpy as np
 
 def _quant(entry: dict[str, Any], name: str) -> dict[str, Any]:
     o = entry["outliers"][name]
-    return {"axis": o["recommended_axis"], "rotate": o["rotation_helps"]}
+    return {"scheme": o["recommended_scheme"], "axis": o["recommended_axis"],
+            "rotation_helps": o["rotation_helps"]}
 
 
 def _low_rank(entry: dict[str, Any], name: str) -> int | None:
@@ -46,11 +48,11 @@ def recommend_layer(entry: dict[str, Any], head_dim: int) -> dict[str, Any]:
 
 
 def _quant_text(tag: str, q: dict[str, Any]) -> str:
-    return f"{tag} {q['axis']}" + (" +rotate" if q["rotate"] else "")
+    return f"{tag} {q['scheme']}"
 
 
 def recommendation_text(rec: dict[str, Any]) -> str:
-    """e.g. ``K per-channel +rotate, V per-token; rank K16; sinks 4 + recent 64; share L3``."""
+    """e.g. ``K per-channel, V rotate+per-token; rank K16; sinks 4 + recent 64; share with L3``."""
     q = rec["quantization"]
     parts = [f"{_quant_text('K', q['keys'])}, {_quant_text('V', q['values'])}"]
     ranks = [f"{t}{r}" for t, r in (("K", rec["low_rank"]["keys"]), ("V", rec["low_rank"]["values"]))
@@ -68,6 +70,13 @@ def recommendation_text(rec: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _counts(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -82,8 +91,9 @@ def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
                         for n in ("keys", "values")},
         "keys_per_channel_layers": sum(r["quantization"]["keys"]["axis"] == "per-channel" for r in rec),
         "values_per_channel_layers": sum(r["quantization"]["values"]["axis"] == "per-channel" for r in rec),
-        "rotation_helps_layers": {n: sum(r["quantization"][n]["rotate"] for r in rec)
+        "rotation_helps_layers": {n: sum(r["quantization"][n]["rotation_helps"] for r in rec)
                                   for n in ("keys", "values")},
+        "schemes": {n: _counts(r["quantization"][n]["scheme"] for r in rec) for n in ("keys", "values")},
         "mean_sink_mass": _mean([float(np.mean(a["sink_mass"])) for a in att]),
         "mean_local_mass": _mean([float(np.mean(a["local_mass"])) for a in att]),
         "mean_keep_fraction": _mean([a["recommendation"]["keep_fraction"] for a in att]),
