@@ -112,6 +112,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = 
     """Load the model named by ``spec`` (see the module docstring) in eval mode."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    _quiet_transformers()
     if spec == DEFAULT_MODEL:
         loaded = _load_gguf(bundled_model_path(), torch_dtype, spec)
     else:
@@ -226,17 +227,23 @@ def _load_hub(spec: str, torch_dtype: Any, trust_remote_code: bool) -> LoadedMod
     if not _looks_like_hub_id(spec):
         raise ModelError(f"unknown model {spec!r}: not a file, not a folder, and not a hub id "
                          "(use 'default', a .gguf file, a model folder, or org/name)")
-    try:
+    with contextlib.suppress(Exception):
         return _from_folder(spec, torch_dtype, spec, trust_remote_code, local_files_only=True)
-    except Exception as exc:
-        cached_error = exc
     if not _hub_reachable():
-        raise ModelError(f"unknown model {spec!r}: no such path, not in the local Hugging Face cache, and the "
-                         "hub is unreachable") from None
+        raise ModelError(f"unknown model {spec!r}: no such path, not in the local Hugging Face cache, "
+                         "and the hub is unreachable") from None
     try:
         return _from_folder(spec, torch_dtype, spec, trust_remote_code)
     except Exception as exc:
-        raise ModelError(f"unknown model {spec!r}: {_short(exc or cached_error)}") from None
+        raise ModelError(f"unknown model {spec!r}: {_short(exc)}") from None
+
+
+def _quiet_transformers() -> None:
+    """kvtool draws its own progress; transformers' tqdm bars and info logs would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _architecture(model: Any) -> str:

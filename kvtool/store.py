@@ -450,6 +450,8 @@ def check_output_path(path: Path | str, force: bool) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         raise StoreError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise StoreError(f"{parent}: is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StoreError(f"{parent}: output directory is not writable")
     return p
@@ -472,8 +474,12 @@ class CacheWriter:
         self.path = check_output_path(path, force)
         self.header = header
         self._np_dtype = np.dtype(header.dtype)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"{self.path.parent}: output directory is not writable "
+                             f"({exc.strerror or exc})") from None
         self._tmp = Path(tmp)
         self._h5 = h5py.File(self._tmp, "w")
         self._texts = hashlib.sha256()
@@ -586,6 +592,10 @@ class CacheWriter:
             return self.path
         self._h5.attrs["text_sha256"] = self._texts.hexdigest()
         self._h5.close()
+        # mkstemp creates 0600; give the finished file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)
         os.replace(self._tmp, self.path)
         self._done = True
         return self.path

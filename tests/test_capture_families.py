@@ -1,0 +1,75 @@
+"""Random-initialised tiny models of other families capture with the right shapes and layer types."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvtool.capture import TextInput, capture
+from kvtool.models import load_model
+from kvtool.store import CacheReader
+
+VOCAB = 49152  # the bundled tokenizer's vocabulary, shared by every tiny model here
+TEXT = TextInput("t", "Keys and values of every token stay in the cache of every layer. " * 4)
+
+
+def _configs():
+    from transformers import GPTBigCodeConfig, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
+    return {
+        # name: (config, q heads, kv heads, head_dim, expected layer types)
+        "llama-gqa": (LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **small),
+                      4, 2, 16, ["full"] * 3),
+        "llama-mqa": (LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, **small),
+                      4, 1, 16, ["full"] * 2),
+        "qwen2": (Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **small),
+                  4, 2, 16, ["full"] * 2),
+        "gemma3-sliding": (
+            Gemma3TextConfig(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             sliding_window=8, query_pre_attn_scalar=16,
+                             layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                          "full_attention"], **small),
+            4, 2, 16, ["sliding", "sliding", "sliding", "full"]),
+        "gpt-bigcode-mqa": (
+            GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, multi_query=True,
+                             n_positions=256),
+            4, 1, 16, ["full"] * 2),
+    }
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_family_captures(name, tiny_model_factory, tmp_path):
+    config, n_q, n_kv, d, types = _configs()[name]
+    folder = tiny_model_factory(config, name)
+    loaded = load_model(str(folder))
+    result = capture(loaded, [TEXT], tmp_path / "c.h5", queries="all", dtype="float32")
+    assert result.layer_types == types
+    with CacheReader(result.path) as r:
+        info = r.info
+        assert (info.num_q_heads, info.num_kv_heads, info.head_dim) == (n_q, n_kv, d)
+        assert info.num_layers == len(types)
+        n_tok = info.sequences[0].num_tokens
+        for i, layer_type in enumerate(types):
+            data = r.layer(i)
+            assert data.layer_type == layer_type
+            assert data.queries.shape == (n_q, n_tok, d)
+            if layer_type == "sliding":
+                # the sliding cache keeps only the last window-1 tokens; their positions are recorded
+                assert data.sliding_window == 8
+                assert data.keys.shape == (n_kv, 7, d)
+                np.testing.assert_array_equal(data.key_positions, np.arange(n_tok - 7, n_tok))
+            else:
+                assert data.keys.shape == (n_kv, n_tok, d)
+                assert data.key_positions[0] == 0
+            assert np.isfinite(data.keys).all() and np.isfinite(data.values).all()
+
+
+def test_gemma3_records_its_own_attention_scaling(tiny_model_factory, tmp_path):
+    config, *_ = _configs()["gemma3-sliding"]
+    config.query_pre_attn_scalar = 32  # Gemma scales by query_pre_attn_scalar**-0.5, not head_dim**-0.5
+    loaded = load_model(str(tiny_model_factory(config, "gemma-scale")))
+    result = capture(loaded, [TEXT], tmp_path / "c.h5", queries="none")
+    with CacheReader(result.path) as r:
+        assert r.info.attn_scaling == pytest.approx(32 ** -0.5)
+        assert not r.info.has_queries
