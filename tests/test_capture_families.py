@@ -14,7 +14,7 @@ TEXT = TextInput("t", "Keys and values of every token stay in the cache of every
 
 
 def _configs():
-    from transformers import GPTBigCodeConfig, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, GPTBigCodeConfig, LlamaConfig, Qwen2Config
 
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
     return {

@@ -10,6 +10,7 @@ import kvtool
 from kvtool.capture import TextInput, capture, run_and_record
 from kvtool.store import CacheReader
 
+
 def _text() -> str:
     from pathlib import Path
 
@@ -28,9 +29,9 @@ def captured(smollm, tmp_path_factory):
 
 def _plain_cache(model, ids: np.ndarray):
     """An independent forward pass with the model's default attention and a fresh DynamicCache."""
-    from transformers import DynamicCache
-
     import inspect
+
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     # transformers 5.x renamed the argument from past_key_values to cache

@@ -115,7 +115,8 @@ def test_path_that_is_not_a_model(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all")
     r = run("capture", "--model", str(tmp_path / "fake.gguf"), "--prompt", "hi", "-o", str(tmp_path / "c.h5"))
     assert_one_line_error(r, "cannot load as a GGUF model")
-    r = run("capture", "--model", str(SAMPLES / "cc0-1.0.txt"), "--prompt", "hi", "-o", str(tmp_path / "c.h5"))
+    not_model = str(SAMPLES / "cc0-1.0.txt")
+    r = run("capture", "--model", not_model, "--prompt", "hi", "-o", str(tmp_path / "c.h5"))
     assert_one_line_error(r, "is a file but not a .gguf model")
 
 
@@ -163,7 +164,8 @@ def test_output_directory_not_writable(tiny_llama, tmp_path):
 def test_bad_options(tiny_llama, tmp_path):
     out = str(tmp_path / "c.h5")
     assert_one_line_error(run("capture", "--model", str(tiny_llama), "-o", out), "give either --text")
-    assert_one_line_error(run("capture", "--prompt", "x", "--queries", "some", "-o", out), "--queries must be")
+    r = run("capture", "--prompt", "x", "--queries", "some", "-o", out)
+    assert_one_line_error(r, "--queries must be")
     assert_one_line_error(run("capture", "--prompt", "x", "--dtype", "int8", "-o", out), "--dtype must be")
     assert_one_line_error(run("capture", "--prompt", "x", "--device", "tpu", "-o", out), "device must be")
 
