@@ -1,0 +1,288 @@
+"""``turboquant``: random rotation + Lloyd-Max scalar codebooks (Zandieh et al., arXiv 2504.19874).
+
+TurboQuant_mse (Alg. 1): rotate each vector by a seeded Haar-random orthogonal ``Π`` (only the seed is
+stored), split it into its norm (fp16) and direction, and quantize every coordinate of the rotated unit
+direction with the ``b``-bit Lloyd-Max codebook for the exact coordinate marginal (see
+:mod:`kvtool.codecs.lloydmax`). Codes are packed densely. Decoding looks the codes up, rotates back and
+rescales by the norm. Stored bits per element: ``b + 16/d``, e.g. 3.25 at ``b = 3, d = 64``.
+
+TurboQuant_prod (Alg. 2, ``variant=prod``): the ``(b-1)``-bit mse stage, then a 1-bit QJL sketch
+``sign(S r)`` of the residual ``r`` of the unit direction plus ``‖r‖`` in fp16; the decoded vector
+``x̃_mse + sqrt(π/2)/d · ‖r‖ · Sᵀ sign(S r)`` (times the norm) gives unbiased inner products. Stored bits:
+``b + 32/d`` (``1 + 16/d`` at ``b = 1``, where there is no mse stage and ``‖r‖ = 1``). The sketch is taken
+in the rotated frame: ``S Π`` is again an i.i.d. Gaussian matrix, so this is the paper's estimator with
+one matrix product fewer.
+
+Fractional budgets (§4.3, "outlier treatment"): ``bits = B`` with ``B`` a quarter step between integers
+splits the ``d`` channels of each head into ``(B - ⌊B⌋)·d`` outlier channels coded with ``⌈B⌉`` bits and
+the rest with ``⌊B⌋`` bits, each set by its own TurboQuant instance (own rotation, own norm), so the code
+bits average exactly ``B`` (the paper's 2.5-bit example, 32 channels at 3 bits and 96 at 2 of 128,
+averages 2.25; we size the outlier set from the budget instead). The outlier channels of each head are
+the ones with the largest mean square in the data given to ``fit``; they are shared state (a fixed
+``(heads, n_outlier)`` index table, reported beside the bits). Stored bits: ``B + 32/d`` (mse).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from kvtool.codecs import bitpack
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
+from kvtool.codecs.lloydmax import sphere_codebook
+from kvtool.codecs.qjl import fp16_norms, sign_sketch, sign_unsketch
+from kvtool.codecs.rotation import gaussian_projection, random_rotation
+from kvtool.errors import CodecError
+
+#: Vectors per block: a block's rotated rows, codes and packed bytes stay in cache (multiple of 8).
+CHUNK = 16384
+#: Up to this many bits, codes are counted with one SIMD comparison per threshold (numpy), which beats a
+#: binary search (torch.bucketize) about 8x at b = 3; above it the 2**b - 1 passes cost more.
+COMPARE_MAX_BITS = 5
+#: Prefix of the arrays of the outlier channel set in a fractional-bit encoding.
+OUTLIER = "outlier_"
+ALLOWED_BITS = "1..8 or a quarter step between them (1.25, 1.5, 1.75, 2, ..., 7.75)"
+
+
+def quantize(u: torch.Tensor, boundaries: np.ndarray) -> np.ndarray:
+    """Codes ``(n, d)`` uint8: how many ``boundaries`` (ascending, float32) lie strictly below each ``u``."""
+    if len(boundaries) < 2**COMPARE_MAX_BITS:
+        a = u.numpy()
+        codes = np.greater(a, boundaries[0]).view(np.uint8)
+        for t in boundaries[1:]:
+            codes += np.greater(a, t).view(np.uint8)
+        return codes
+    return torch.bucketize(u, torch.from_numpy(boundaries), out_int32=True).to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One TurboQuant instance: ``dim`` channels, integer ``bits``, on rows ``(n, dim)``.
+
+    Arrays (names prefixed by ``prefix``): ``codes`` packed mse codes, ``norms`` fp16 ``(n,)``; for prod also
+    ``qjl`` packed residual signs and ``residual_norms`` fp16 (not at ``bits = 1``).
+    """
+
+    dim: int
+    bits: int
+    prod: bool
+    seed: int
+    part: int
+    prefix: str = ""
+
+    @property
+    def mse_bits(self) -> int:
+        return self.bits - 1 if self.prod else self.bits
+
+    def _tables(self) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """Rotation ``(dim, dim)``, boundaries (float32), centroids (float32 tensor)."""
+        rot = random_rotation(self.dim, self.seed, self.part)
+        if not self.mse_bits:
+            return rot, np.zeros(0, np.float32), torch.zeros(1)
+        cb = sphere_codebook(self.dim, self.mse_bits)
+        return rot, cb.boundaries.astype(np.float32), torch.from_numpy(cb.centroids.astype(np.float32))
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays for rows ``x`` ``(n, dim)`` float32."""
+        rot, bounds, centroids = self._tables()
+        proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
+        rows = torch.from_numpy(np.ascontiguousarray(x))
+        n = rows.shape[0]
+        norms = torch.empty(n)
+        rnorms = torch.empty(n)
+        codes: list[np.ndarray] = []
+        signs: list[np.ndarray] = []
+        for s in range(0, n, CHUNK):
+            y = rows[s : s + CHUNK] @ rot.T  # (c, dim) rotated; ‖y‖ = ‖x‖
+            nrm = torch.linalg.vector_norm(y, dim=1)
+            norms[s : s + CHUNK] = nrm
+            y.div_(nrm.clamp_min(1e-30)[:, None])  # unit directions (zero rows stay zero)
+            if self.mse_bits:
+                c = quantize(y, bounds)  # (c, dim) uint8
+                codes.append(bitpack.pack(c, self.mse_bits))
+            if self.prod:
+                if self.mse_bits:
+                    y.sub_(centroids[torch.from_numpy(c).long()])  # residual r of the unit direction
+                    rnorms[s : s + CHUNK] = torch.linalg.vector_norm(y, dim=1)
+                signs.append(sign_sketch(y, proj))
+        out = {"norms": fp16_norms(norms)}
+        if self.mse_bits:
+            out["codes"] = _join(codes)
+        if self.prod:
+            out["qjl"] = _join(signs)
+            if self.mse_bits:
+                out["residual_norms"] = fp16_norms(rnorms)
+        return {self.prefix + k: v for k, v in out.items()}
+
+    def decode(self, arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """Rows ``(n, dim)`` float32 from this stage's arrays."""
+        rot, _, centroids = self._tables()
+        proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
+        a = {k[len(self.prefix) :]: v for k, v in arrays.items() if k.startswith(self.prefix)}
+        norms = torch.from_numpy(a["norms"].astype(np.float32).reshape(-1))
+        rnorms = (
+            torch.from_numpy(a["residual_norms"].astype(np.float32).reshape(-1))
+            if "residual_norms" in a
+            else None
+        )
+        out = torch.empty(n, self.dim)
+        code_bytes = CHUNK * self.dim * self.mse_bits // 8  # bytes per full block
+        sign_bytes = CHUNK * self.dim // 8
+        for i, s in enumerate(range(0, n, CHUNK)):
+            k = min(CHUNK, n - s)
+            if self.mse_bits:
+                block = a["codes"][i * code_bytes : (i + 1) * code_bytes]
+                c = torch.from_numpy(bitpack.unpack(block, self.mse_bits, k * self.dim))
+                y = torch.index_select(centroids, 0, c.int()).view(k, self.dim)
+            else:
+                y = torch.zeros(k, self.dim)
+            if self.prod:
+                scale = rnorms[s : s + k] if rnorms is not None else torch.ones(k)
+                y += sign_unsketch(a["qjl"][i * sign_bytes : (i + 1) * sign_bytes], k, proj, scale)
+            torch.mm(y, rot, out=out[s : s + k])
+            out[s : s + k] *= norms[s : s + k, None]
+        return out.numpy()
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+@register
+@dataclass
+class TurboQuant(Codec):
+    """``turboquant:bits=3,seed=0,variant=mse`` — rotation + Lloyd-Max codes, fp16 norm per vector.
+
+    ``bits``: 1..8, or a quarter step between (2.5, 3.25, ...) for the §4.3 outlier-channel split, which
+    needs ``bits·head_dim`` to be a whole number. ``variant=prod`` spends one of the bits on a QJL sketch of
+    the residual for unbiased inner products. ``seed`` picks the rotation (and QJL projection).
+    """
+
+    bits: float = 3
+    seed: int = 0
+    variant: Literal["mse", "prod"] = "mse"
+    name: ClassVar[str] = "turboquant"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._outliers: np.ndarray | None = None  # (heads, n_outlier) channel indices, from fit
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def validate(self, head_dim: int | None = None) -> None:
+        bits = float(self.bits)
+        if not (1 <= bits <= 8 and (4 * bits).is_integer()):
+            raise CodecError(f"bits must be one of {ALLOWED_BITS}, got {self.bits:g}")
+        if self.variant not in ("mse", "prod"):
+            raise CodecError(f"variant must be one of mse, prod, got {self.variant}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
+        if head_dim is not None and not (bits * head_dim).is_integer():
+            raise CodecError(
+                f"bits must be one of {self._allowed_at(head_dim)} at head_dim {head_dim}, "
+                f"got {self.bits:g}: a fractional budget needs a whole number of outlier channels"
+            )
+
+    @staticmethod
+    def _allowed_at(head_dim: int) -> str:
+        steps = [q / 4 for q in range(4, 33) if (q * head_dim) % 4 == 0]
+        return ", ".join(f"{b:g}" for b in steps)
+
+    @property
+    def fractional(self) -> bool:
+        return not float(self.bits).is_integer()
+
+    def _split(self, head_dim: int) -> tuple[int, int, int]:
+        """``(n_outlier, high bits, low bits)`` for this budget at ``head_dim``."""
+        low = math.floor(self.bits)
+        n_out = round((self.bits - low) * head_dim)
+        return n_out, low + 1, low
+
+    def _stage(self, dim: int, bits: int, part: int, prefix: str = "") -> _Stage:
+        return _Stage(dim, bits, self.variant == "prod", self.seed, part, prefix)
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def fit(self, x: np.ndarray, context: LayerContext | None = None) -> TurboQuant:
+        """Validate against ``x`` ``(heads, tokens, head_dim)``; with fractional bits, pick each head's
+        outlier channels: the ``n_outlier`` with the largest mean square over tokens."""
+        x = check_input(x)
+        self.validate(x.shape[-1])
+        if self.fractional:
+            n_out = self._split(x.shape[-1])[0]
+            energy = np.einsum("htd,htd->hd", x, x)  # (heads, head_dim)
+            top = np.argpartition(-energy, n_out - 1, axis=1)[:, :n_out]
+            self._outliers = np.sort(top, axis=1).astype(np.uint16)
+        return self
+
+    def shared_state(self) -> dict[str, np.ndarray]:
+        return {} if self._outliers is None else {"outlier_channels": self._outliers}
+
+    def load_shared_state(self, state: dict[str, np.ndarray]) -> TurboQuant:
+        unknown = set(state) - {"outlier_channels"}
+        if unknown:
+            raise CodecError(f"turboquant has no shared state {sorted(unknown)}; it stores outlier_channels")
+        self._outliers = np.asarray(state["outlier_channels"], dtype=np.uint16) if state else None
+        return self
+
+    # -- coding -------------------------------------------------------------------------------------
+    def encode(self, x: np.ndarray) -> Encoded:
+        """Encode ``x`` ``(heads, tokens, head_dim)``; fractional bits use the fitted channels (or fit x)."""
+        x = check_input(x)
+        heads, tokens, d = x.shape
+        self.validate(d)
+        meta = {"seed": self.seed}
+        if not self.fractional:
+            return Encoded(self._stage(d, int(self.bits), 0).encode(x.reshape(-1, d)), x.shape, meta)
+        if self._outliers is None:
+            self.fit(x)
+        hi, lo = self._channel_sets(heads, d)
+        n_out, b_hi, b_lo = self._split(d)
+        x_hi = np.take_along_axis(x, hi[:, None, :], axis=2).reshape(-1, n_out)  # (heads*tokens, n_out)
+        x_lo = np.take_along_axis(x, lo[:, None, :], axis=2).reshape(-1, d - n_out)
+        arrays = self._stage(d - n_out, b_lo, 0).encode(x_lo)
+        arrays.update(self._stage(n_out, b_hi, 1, OUTLIER).encode(x_hi))
+        return Encoded(arrays, x.shape, meta)
+
+    def _channel_sets(self, heads: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """Outlier and normal channel indices per head, ``(heads, n_out)`` and ``(heads, d - n_out)``."""
+        if self._outliers is None:
+            raise CodecError(
+                f"turboquant:bits={self.bits:g} needs its outlier channel set: fit the codec or load its "
+                f"shared state (outlier_channels) before decoding"
+            )
+        hi = self._outliers.astype(np.int64)
+        n_out = self._split(d)[0]
+        if hi.shape != (heads, n_out):
+            raise CodecError(
+                f"outlier_channels has shape {hi.shape}, expected {(heads, n_out)} for this tensor"
+            )
+        mask = np.ones((heads, d), dtype=bool)
+        np.put_along_axis(mask, hi, False, axis=1)
+        lo = np.nonzero(mask)[1].reshape(heads, d - n_out)
+        return hi, lo
+
+    def decode(self, enc: Encoded) -> np.ndarray:
+        """Rebuild float32 ``enc.shape`` ``(heads, tokens, head_dim)``."""
+        heads, tokens, d = enc.shape
+        seed = int(enc.meta.get("seed", self.seed))
+        codec = self if seed == self.seed else _with_seed(self, seed)
+        n = heads * tokens
+        if not self.fractional:
+            return codec._stage(d, int(self.bits), 0).decode(enc.arrays, n).reshape(enc.shape)
+        hi, lo = self._channel_sets(heads, d)
+        n_out, b_hi, b_lo = self._split(d)
+        out = np.empty(enc.shape, dtype=np.float32)
+        x_lo = codec._stage(d - n_out, b_lo, 0).decode(enc.arrays, n).reshape(heads, tokens, -1)
+        x_hi = codec._stage(n_out, b_hi, 1, OUTLIER).decode(enc.arrays, n).reshape(heads, tokens, -1)
+        np.put_along_axis(out, lo[:, None, :], x_lo, axis=2)
+        np.put_along_axis(out, hi[:, None, :], x_hi, axis=2)
+        return out
+
+
+def _with_seed(codec: TurboQuant, seed: int) -> TurboQuant:
+    other = TurboQuant(codec.bits, seed, codec.variant)
+    other._outliers = codec._outliers
+    return other
