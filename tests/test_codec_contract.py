@@ -31,6 +31,15 @@ TABLE: list[tuple[str, object]] = [
     ("kivi:bits=2,axis=channel,group=32,residual=64", lambda d, t: ((t - 64) * (2 + 1) + 64 * 16) / t),
     ("kivi:bits=4,axis=token,group=32,residual=64", lambda d, t: ((t - 64) * (4 + 1) + 64 * 16) / t),
     ("kivi:bits=2,axis=token,group=64,residual=0", lambda d, t: 2 + 0.5),
+    ("turboquant:bits=3", lambda d, t: 3 + 16 / d),  # 3.25 at d = 64: codes + fp16 norm
+    ("turboquant:bits=1", lambda d, t: 1 + 16 / d),
+    ("turboquant:bits=2.5", lambda d, t: 2.5 + 32 / d),  # two channel sets, one norm each
+    ("turboquant:bits=3,variant=prod", lambda d, t: 3 + 32 / d),  # + fp16 residual norm
+    ("turboquant:bits=1,variant=prod", lambda d, t: 1 + 16 / d),  # QJL alone: no residual norm
+    ("qjl", lambda d, t: 1 + 16 / d),
+    ("qjl:sketch=128", lambda d, t: (128 + 16) / d),
+    ("polarquant", lambda d, t: 4 / 2 + 2 * (1 / 2 - 1 / 16) + 16 / 16),  # 3.875
+    ("polarquant:bits=3,upper_bits=3,levels=2", lambda d, t: 3 / 2 + 3 / 4 + 16 / 4),
 ]
 
 # (spec template with {} for the bit width, bit widths in increasing order)
@@ -39,6 +48,10 @@ MONOTONE: list[tuple[str, list[object]]] = [
     ("uniform:bits={},axis=channel,group=32", list(range(1, 9))),
     ("kivi:bits={},axis=channel,residual=16", list(range(1, 9))),
     ("kivi:bits={},axis=token,residual=16", list(range(1, 9))),
+    ("turboquant:bits={}", list(range(1, 9))),
+    ("turboquant:bits={},variant=prod", list(range(1, 9))),
+    ("qjl:sketch={}", [16, 64, 256]),
+    ("polarquant:bits={0},upper_bits={0}", list(range(1, 7))),
 ]
 
 
