@@ -135,20 +135,23 @@ def _depth_colorbar(fig: Figure, axes: Any, layers: list[dict[str, Any]]) -> Non
 
 
 def _channels(result: dict[str, Any]) -> Figure:
-    """Per-channel max |x| as layers × (kv_head, channel); outlier channels show as bright columns."""
+    """Per-channel max |x| ÷ the layer's median channel, as layers × (kv_head, channel).
+
+    Dividing by each layer's median keeps depth-wise scale changes from hiding the outlier channels,
+    which show as bright columns (KIVI's picture for keys).
+    """
     labels, d = _layer_labels(result), result["head_dim"]
     fig = Figure(figsize=(14, 1.8 + 0.22 * len(labels)), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, name in zip(axes, ("keys", "values"), strict=True):
         grid = np.array([np.ravel(e["outliers"][name]["channel_absmax"]) for e in result["layers"]], float)
-        positive = grid[grid > 0]
-        norm = LogNorm(positive.min(), positive.max()) if positive.size and positive.max() > positive.min() \
-            else None
-        im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", interpolation="nearest",
-                       cmap="inferno", norm=norm)
+        med = np.median(grid, axis=1, keepdims=True)
+        grid = np.divide(grid, med, out=np.full_like(grid, np.nan), where=med > 0)
+        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="inferno",
+                       norm=LogNorm(0.25, max(4.0, float(np.nanmax(grid, initial=4.0)))))
         for h in range(1, grid.shape[1] // d):
             ax.axvline(h * d - 0.5, color="cyan", lw=0.6)
-        ax.set_title(f"{name}: max |x| per channel (heads split by lines)", fontsize=10)
+        ax.set_title(f"{name}: channel max |x| ÷ layer median (heads split by lines)", fontsize=10)
         ax.set_xlabel("kv head × channel")
         ax.set_ylabel("layer")
         step = max(1, len(labels) // 16)
@@ -164,7 +167,7 @@ def _similarity(result: dict[str, Any]) -> Figure | None:
     if not rows:
         return None
     x = [i for i, _ in rows]
-    fig = Figure(figsize=(9, 3.8), layout="constrained")
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax = fig.subplots()
     series = [("keys cosine", lambda p: p["keys"]["mean_cosine"], "-"),
               ("values cosine", lambda p: p["values"]["mean_cosine"], "-"),
@@ -176,9 +179,9 @@ def _similarity(result: dict[str, Any]) -> Figure | None:
         if any(v is not None for v in y):
             ax.plot(x, [np.nan if v is None else v for v in y], ls, marker="o", ms=3, label=label)
     ax.axhline(SHARE_COSINE, color="grey", ls="--", lw=0.8)
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(top=1.05)
     ax.set_xlabel("layer (compared with the previous analysed layer)")
     ax.set_ylabel("similarity")
     ax.set_title("Cross-layer similarity: above the dashed line = sharing candidate (MiniCache)", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

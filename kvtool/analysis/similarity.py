@@ -5,7 +5,7 @@ Two measures, because they answer different questions:
 * cosine, per token, between matching vectors (mean over tokens). High cosine means the states could
   be stored once and rescaled — what MiniCache (arXiv 2405.14366, §3) does for adjacent layers of the
   middle-to-deep half, merging each token's pair by direction and keeping magnitudes apart;
-* linear CKA (Kornblith et al., 2019) between (tokens, channels) matrices. CKA is invariant to
+* linear CKA (Kornblith et al., 2019; debiased) between (tokens, channels) matrices. CKA is invariant to
   orthogonal transforms and isotropic scaling, so high CKA with low cosine means the layers carry the
   same information in different coordinates: sharable only through a learned projection.
 
@@ -28,15 +28,27 @@ import torch
 SHARE_COSINE = 0.9  # both keys and values this close in direction → a cross-layer sharing candidate
 
 
+def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC of linear kernels K = xxᵀ, L = yyᵀ (Song et al., 2012) in O(T·p·q), never forming
+    the (T, T) Gram matrices: with the diagonals zeroed, K̃ = K - diag(a), a_i = ‖x_i‖²."""
+    n = x.shape[0]
+    a, b = (x * x).sum(dim=1), (y * y).sum(dim=1)  # (T,) Gram diagonals
+    k1, l1 = x @ x.sum(dim=0) - a, y @ y.sum(dim=0) - b  # K̃·1, L̃·1: (T,)
+    tr_kl = torch.linalg.matrix_norm(x.T @ y) ** 2 - (a * b).sum()
+    return (tr_kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)) / (n * (n - 3))
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of x: (tokens, p) and y: (tokens, q); 1 for identical, 0 for unrelated; 0 if constant."""
-    x = x.to(torch.float64)
-    y = y.to(torch.float64)
-    x = x - x.mean(dim=0)
-    y = y - y.mean(dim=0)
-    hsic = torch.linalg.matrix_norm(y.T @ x) ** 2
-    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return float(hsic / norm) if norm > 0 else 0.0
+    """Debiased linear CKA of x: (tokens, p) and y: (tokens, q); 1 for identical, ≈ 0 for unrelated.
+
+    The plain (biased) estimator gives unrelated data about p / (T + p) — 0.2 for 64 channels over 256
+    tokens, more for whole layers — so the unbiased HSIC is used. Constant data or T < 4 gives 0.
+    """
+    if x.shape[0] < 4:
+        return 0.0
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    den = _hsic_unbiased(x, x) * _hsic_unbiased(y, y)
+    return float(_hsic_unbiased(x, y) / den.sqrt()) if den > 0 else 0.0
 
 
 def token_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
