@@ -127,11 +127,7 @@ def test_fractional_bits_split_outlier_channels() -> None:
     # with loud channels, giving them their own rotation and norm beats even 3 bits everywhere
     assert rel_mse("turboquant:bits=2.5", x) < rel_mse("turboquant:bits=3", x)
     iid = rng.standard_normal((2, 4000, 64)).astype(np.float32)
-    assert (
-        rel_mse("turboquant:bits=3", iid)
-        < rel_mse("turboquant:bits=2.5", iid)
-        < rel_mse("turboquant:bits=2", iid)
-    )
+    assert rel_mse("turboquant:bits=3", iid) < rel_mse("turboquant:bits=2.5", iid) < rel_mse("turboquant:bits=2", iid)
 
     # decode needs only the arrays, the parameters and the shared state
     fresh = parse_spec(codec.spec()).load_shared_state(codec.shared_state())
@@ -140,9 +136,7 @@ def test_fractional_bits_split_outlier_channels() -> None:
         parse_spec(codec.spec()).decode(enc)
 
 
-@pytest.mark.parametrize(
-    "spec", ["turboquant:bits=3", "turboquant:bits=2,variant=prod", "turboquant:bits=3.25"]
-)
+@pytest.mark.parametrize("spec", ["turboquant:bits=3", "turboquant:bits=2,variant=prod", "turboquant:bits=3.25"])
 def test_decode_from_fresh_codec_and_seed_in_meta(spec: str) -> None:
     x = np.random.default_rng(3).standard_normal((3, 1000, 64)).astype(np.float32) * 5
     x[1, 7] = 0  # a zero vector decodes to zero, without NaN

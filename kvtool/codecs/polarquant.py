@@ -29,9 +29,8 @@ import torch
 
 from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, check_input, check_int_range, register
-from kvtool.codecs.qjl import fp16_norms
+from kvtool.codecs.qjl import as_rows, fp16_norms
 from kvtool.codecs.rotation import random_rotation
-from kvtool.codecs.turboquant import quantize
 from kvtool.errors import CodecError
 
 #: Vectors per block (a multiple of 8 for bitpack).
@@ -64,6 +63,27 @@ def angle_codebook(level: int, bits: int, grid: int = 1 << 15) -> tuple[np.ndarr
             break
         c = new
     return c, (c[1:] + c[:-1]) / 2
+
+
+def _upper_codes(even: np.ndarray, odd: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+    """Codes of ``ψ = atan2(odd, even) ∈ [0, π/2]`` against angle ``boundaries``, without the atan2.
+
+    Both inputs are radii (non-negative), so ``ψ > θ`` exactly when ``odd > even · tan θ``.
+    """
+    codes = np.zeros(even.shape, dtype=np.uint8)
+    for tan in np.tan(boundaries).astype(np.float32):
+        codes += np.greater(odd, even * tan).view(np.uint8)
+    return codes
+
+
+@cache
+def _cos_sin(level: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded ``cos ψ`` and ``sin ψ`` per code at one level: two ``(2**bits,)`` float32 tables."""
+    if level == 1:
+        psi = (np.arange(1 << bits) + 0.5) * (TWO_PI / (1 << bits))  # cell centres on the circle
+    else:
+        psi = angle_codebook(level, bits)[0]
+    return torch.from_numpy(np.cos(psi).astype(np.float32)), torch.from_numpy(np.sin(psi).astype(np.float32))
 
 
 @register
@@ -104,7 +124,7 @@ class PolarQuant(Codec):
         heads, tokens, d = x.shape
         self.validate(d)
         rot = random_rotation(d, self.seed)
-        rows = torch.from_numpy(x).view(-1, d)
+        rows = as_rows(x, d)
         n = rows.shape[0]
         codes: list[list[np.ndarray]] = [[] for _ in range(self.levels)]
         radii = torch.empty(n, d >> self.levels)
@@ -112,13 +132,12 @@ class PolarQuant(Codec):
             r = rows[s : s + CHUNK] @ rot.T  # (c, d) preconditioned
             for level in range(1, self.levels + 1):
                 even, odd = r[:, 0::2], r[:, 1::2]  # (c, width/2) each
-                psi = torch.atan2(odd, even)
                 if level == 1:  # uniform on the circle: equal cells are the Lloyd-Max quantizer
                     k = 1 << self.bits
-                    c = (psi.remainder_(TWO_PI) * (k / TWO_PI)).floor_().clamp_(0, k - 1).to(torch.uint8)
-                    c = c.numpy()
+                    psi = torch.atan2(odd, even).remainder_(TWO_PI)
+                    c = psi.mul_(k / TWO_PI).floor_().clamp_(0, k - 1).to(torch.uint8).numpy()
                 else:
-                    c = quantize(psi, angle_codebook(level, self.upper_bits)[1].astype(np.float32))
+                    c = _upper_codes(even.numpy(), odd.numpy(), angle_codebook(level, self.upper_bits)[1])
                 codes[level - 1].append(bitpack.pack(c, self._bits(level)))
                 r = torch.hypot(even, odd)
             radii[s : s + CHUNK] = r
@@ -141,15 +160,11 @@ class PolarQuant(Codec):
                 bits = self._bits(level)
                 step = CHUNK * width * bits // 8
                 block = enc.arrays[f"level{level}"][i * step : (i + 1) * step]
-                c = torch.from_numpy(bitpack.unpack(block, bits, k * width)).view(k, width)
-                if level == 1:
-                    psi = (c.float() + 0.5) * (TWO_PI / (1 << bits))
-                else:
-                    centroids = torch.from_numpy(angle_codebook(level, bits)[0].astype(np.float32))
-                    psi = torch.index_select(centroids, 0, c.view(-1).int()).view(k, width)
+                idx = torch.from_numpy(bitpack.unpack(block, bits, k * width)).int()  # (k * width,)
+                cos, sin = _cos_sin(level, bits)
                 up = torch.empty(k, 2 * width)
-                up[:, 0::2] = r * torch.cos(psi)
-                up[:, 1::2] = r * torch.sin(psi)
+                up[:, 0::2] = r * torch.index_select(cos, 0, idx).view(k, width)
+                up[:, 1::2] = r * torch.index_select(sin, 0, idx).view(k, width)
                 r = up
             torch.mm(r, rot, out=out[s : s + k])
         return out.numpy().reshape(enc.shape)

@@ -57,6 +57,12 @@ def sign_unsketch(packed: np.ndarray, n: int, proj: torch.Tensor, scale: torch.T
     return out
 
 
+def as_rows(x: np.ndarray, dim: int) -> torch.Tensor:
+    """``x`` as a ``(n, dim)`` float32 tensor sharing memory when possible (torch needs it writable)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return torch.from_numpy(x if x.flags.writeable else x.copy()).view(-1, dim)
+
+
 def fp16_norms(norms: torch.Tensor) -> np.ndarray:
     """Norms as stored: fp16, clipped to its largest finite value (about 65504) rather than inf."""
     return norms.clamp_max(FP16_MAX).numpy().astype(np.float16)
@@ -87,7 +93,7 @@ class QJL(Codec):
         x = check_input(x)
         heads, tokens, d = x.shape
         proj = gaussian_projection(self._m(d), d, self.seed)
-        rows = torch.from_numpy(x).view(-1, d)
+        rows = as_rows(x, d)
         norms = torch.linalg.vector_norm(rows, dim=1)
         signs = [sign_sketch(rows[s : s + CHUNK], proj) for s in range(0, rows.shape[0], CHUNK)]
         arrays = {
@@ -108,7 +114,5 @@ class QJL(Codec):
         step = CHUNK * m // 8  # bytes per full block (CHUNK is a multiple of 8)
         for i, s in enumerate(range(0, n, CHUNK)):
             k = min(CHUNK, n - s)
-            out[s : s + k] = sign_unsketch(
-                packed[i * step : i * step + (k * m + 7) // 8], k, proj, norms[s : s + k]
-            )
+            out[s : s + k] = sign_unsketch(packed[i * step : i * step + (k * m + 7) // 8], k, proj, norms[s : s + k])
         return out.numpy().reshape(enc.shape)

@@ -34,7 +34,7 @@ import torch
 from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
 from kvtool.codecs.lloydmax import sphere_codebook
-from kvtool.codecs.qjl import fp16_norms, sign_sketch, sign_unsketch
+from kvtool.codecs.qjl import as_rows, fp16_norms, sign_sketch, sign_unsketch
 from kvtool.codecs.rotation import gaussian_projection, random_rotation
 from kvtool.errors import CodecError
 
@@ -90,7 +90,7 @@ class _Stage:
         """Arrays for rows ``x`` ``(n, dim)`` float32."""
         rot, bounds, centroids = self._tables()
         proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
-        rows = torch.from_numpy(np.ascontiguousarray(x))
+        rows = as_rows(x, self.dim)
         n = rows.shape[0]
         norms = torch.empty(n)
         rnorms = torch.empty(n)
@@ -124,11 +124,7 @@ class _Stage:
         proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
         a = {k[len(self.prefix) :]: v for k, v in arrays.items() if k.startswith(self.prefix)}
         norms = torch.from_numpy(a["norms"].astype(np.float32).reshape(-1))
-        rnorms = (
-            torch.from_numpy(a["residual_norms"].astype(np.float32).reshape(-1))
-            if "residual_norms" in a
-            else None
-        )
+        rnorms = torch.from_numpy(a["residual_norms"].astype(np.float32).reshape(-1)) if "residual_norms" in a else None
         out = torch.empty(n, self.dim)
         code_bytes = CHUNK * self.dim * self.mse_bits // 8  # bytes per full block
         sign_bytes = CHUNK * self.dim // 8
@@ -256,9 +252,7 @@ class TurboQuant(Codec):
         hi = self._outliers.astype(np.int64)
         n_out = self._split(d)[0]
         if hi.shape != (heads, n_out):
-            raise CodecError(
-                f"outlier_channels has shape {hi.shape}, expected {(heads, n_out)} for this tensor"
-            )
+            raise CodecError(f"outlier_channels has shape {hi.shape}, expected {(heads, n_out)} for this tensor")
         mask = np.ones((heads, d), dtype=bool)
         np.put_along_axis(mask, hi, False, axis=1)
         lo = np.nonzero(mask)[1].reshape(heads, d - n_out)
