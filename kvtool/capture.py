@@ -156,6 +156,7 @@ class _Recorder:
         self.hook = hook
         self.queries: dict[int, Any] = {}
         self.scaling: dict[int, float] = {}
+        self.prerope: dict[int, Any] = {}
 
     def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                  **kwargs: Any) -> Any:
@@ -197,6 +198,37 @@ def _install(model: Any) -> tuple[str, str]:
     return previous, name
 
 
+def _heads_first(x: Any, num_kv_heads: int) -> Any:
+    """A key tensor of one sequence as (kv_heads, T, d), whichever layout the module produced.
+
+    k_proj gives (T, kv_heads*d); a key norm sees (T, kv_heads, d) in Qwen3 and (kv_heads, T, d) in Gemma 3.
+    """
+    if x.ndim == 2:
+        return x.reshape(x.shape[0], num_kv_heads, -1).transpose(0, 1)
+    if x.shape[1] == num_kv_heads and x.shape[0] != num_kv_heads:
+        return x.transpose(0, 1)
+    return x
+
+
+def _prerope_hooks(model: Any, rec: _Recorder, num_kv_heads: int) -> list[Any]:
+    """Forward hooks that note each layer's keys before RoPE: the output of the attention module's
+    ``k_norm`` where it has one (Qwen3, Gemma 3), else of ``k_proj``. Returns the hook handles."""
+    handles = []
+    for module in model.modules():
+        source = getattr(module, "k_norm", None) or getattr(module, "k_proj", None)
+        layer = getattr(module, "layer_idx", None)
+        if source is None or layer is None:
+            continue
+
+        def note(_mod: Any, _inp: Any, out: Any, layer: int = int(layer)) -> None:
+            rec.prerope[layer] = _heads_first(out[0], num_kv_heads).detach().cpu()
+
+        handles.append(source.register_forward_hook(note))
+    if not handles:
+        raise InputError("--pre-rope-keys: this model's attention has no k_proj/k_norm module to read keys from")
+    return handles
+
+
 def _base_attention(name: str) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -204,8 +236,8 @@ def _base_attention(name: str) -> Callable[..., Any]:
 
 
 def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
-                   progress: ProgressFn | None = None, hook: AttentionHook | None = None
-                   ) -> tuple[Any, _Recorder]:
+                   progress: ProgressFn | None = None, hook: AttentionHook | None = None,
+                   pre_rope_keys: bool = False) -> tuple[Any, _Recorder]:
     """One forward pass with recording attention; returns (the model's cache, the recorder).
 
     ``input_ids``: (1, T) long tensor on the model's device.
@@ -217,6 +249,7 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
     previous, name = _install(model)
     recorder = _Recorder(_base_attention(name), shape.num_layers, keep_last, progress, hook)
     _ACTIVE[name] = recorder
+    handles = _prerope_hooks(model, recorder, shape.num_kv_heads) if pre_rope_keys else []
     model.set_attn_implementation(name)
     try:
         with torch.inference_mode():
@@ -225,6 +258,8 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
     finally:
         model.set_attn_implementation(previous)
         _ACTIVE.pop(name, None)
+        for h in handles:
+            h.remove()
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = getattr(out, "past_key_values", None)
@@ -263,12 +298,13 @@ def tokenize(loaded: LoadedModel, text: TextInput, max_tokens: int | None) -> tu
 
 def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str, *,
             max_tokens: int | None = None, queries: QueryPolicy | str = "last:128", dtype: str = "float16",
-            force: bool = False, progress: ProgressFn | None = None,
+            force: bool = False, pre_rope_keys: bool = False, progress: ProgressFn | None = None,
             on_sequence: Callable[[int, int], None] | None = None) -> CaptureResult:
     """Capture the KV cache of ``loaded`` over each text into one kvtool file at ``output``.
 
     One forward pass per text; each becomes a sequence of the file. The file appears only when
-    every sequence is written (an interruption leaves nothing behind).
+    every sequence is written (an interruption leaves nothing behind). ``pre_rope_keys`` also stores
+    each layer's keys before RoPE (``keys_prerope``), for analysis of what RoPE does to their rank.
     """
     import time
 
@@ -297,7 +333,8 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
                 on_sequence(j, len(texts))
             keep = policy.window(len(ids))
             input_ids = torch.as_tensor(ids, device=loaded.device).unsqueeze(0)
-            cache, rec = run_and_record(loaded, input_ids, keep_last=keep, progress=progress)
+            cache, rec = run_and_record(loaded, input_ids, keep_last=keep, progress=progress,
+                                        pre_rope_keys=pre_rope_keys)
             seq = writer.add_sequence(ids, source=text.source, text=text.text)
             if j == 0 and rec.scaling:
                 writer.set_attr("attn_scaling", rec.scaling[0])
@@ -316,6 +353,7 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
         keys, values = cache_layer(cache, i)
         t_i = int(keys.shape[1])
         q = rec.queries.get(i)
+        pre = rec.prerope.get(i)
         writer.write_layer(
             seq, i,
             keys.to(storage).cpu().numpy(),
@@ -325,6 +363,7 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
             layer_type=shape.layer_types[i],
             sliding_window=shape.sliding_window if shape.layer_types[i] == LAYER_SLIDING else 0,
             key_start=num_tokens - t_i,
+            keys_prerope=pre[:, num_tokens - t_i:, :].to(storage).numpy() if pre is not None else None,
         )
         if progress is not None:
             progress("write", i + 1, shape.num_layers)

@@ -94,6 +94,8 @@ def capture(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
                                                     "Python code to run (off unless you pass it).")] = False,
+    pre_rope_keys: Annotated[bool, typer.Option("--pre-rope-keys", help="Also store each layer's keys before "
+                                                "RoPE (for `analyze`'s pre- vs post-RoPE rank).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")]
     = False,
@@ -144,7 +146,8 @@ def capture(
                 bar.update(tasks[stage], completed=done, total=total)
 
             return cap.capture(loaded, texts, output, max_tokens=max_tokens, queries=policy, dtype=dtype,
-                               force=force, progress=progress, on_sequence=on_sequence)
+                               force=force, pre_rope_keys=pre_rope_keys, progress=progress,
+                               on_sequence=on_sequence)
 
     run_guarded(work)
 

@@ -35,6 +35,8 @@ Groups and datasets::
     /sequences/<j>/layers/<i>/keys       (kv_heads, T_i, head_dim)   post-RoPE, as the cache holds them
     /sequences/<j>/layers/<i>/values     (kv_heads, T_i, head_dim)
     /sequences/<j>/layers/<i>/queries    (q_heads, Tq, head_dim)     optional, post-RoPE
+    /sequences/<j>/layers/<i>/keys_prerope (kv_heads, T_i, head_dim) optional: the same keys before RoPE
+                                         (after the key norm where the model has one)
     /sequences/<j>/layers/<i>/query_positions  int32 (Tq,)          required iff queries exist
 
 ``<j>`` and ``<i>`` are decimal indices starting at 0. Keys, values and queries are chunked one head
@@ -79,6 +81,7 @@ KEYS = "keys"
 VALUES = "values"
 QUERIES = "queries"
 QUERY_POSITIONS = "query_positions"
+KEYS_PREROPE = "keys_prerope"
 
 LAYER_FULL = "full"
 LAYER_SLIDING = "sliding"
@@ -165,7 +168,8 @@ class StoreInfo:
 class LayerData:
     """One layer of one sequence, as float32 numpy arrays.
 
-    keys, values: (kv_heads, T_i, head_dim); queries: (q_heads, Tq, head_dim) or None.
+    keys, values: (kv_heads, T_i, head_dim); queries: (q_heads, Tq, head_dim) or None;
+    keys_prerope: (kv_heads, T_i, head_dim) or None (only when captured with --pre-rope-keys).
     ``key_positions`` (T_i,) and ``query_positions`` (Tq,) are absolute token positions, which is
     what a causal mask needs when a sliding-window layer kept only its window.
     """
@@ -179,6 +183,7 @@ class LayerData:
     layer_type: str
     sliding_window: int
     scaling: float
+    keys_prerope: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -331,6 +336,9 @@ class CacheReader:
         if key_start < 0 or key_start + t_i > n_tok:
             raise _fail(path, f"{g.name}: keys cover positions {key_start}..{key_start + t_i - 1} but the "
                         f"sequence has {n_tok} tokens")
+        if KEYS_PREROPE in g and tuple(g[KEYS_PREROPE].shape) != (kv_heads, t_i, d):
+            raise _fail(path, f"{g[KEYS_PREROPE].name} has shape {g[KEYS_PREROPE].shape}, expected "
+                        f"({kv_heads}, {t_i}, {d}) like the keys")
         n_q = 0
         if QUERIES in g:
             q = g[QUERIES]
@@ -372,6 +380,7 @@ class CacheReader:
             values = g[VALUES][()].astype(np.float32, copy=False)
             q = g[QUERIES][()].astype(np.float32, copy=False) if queries and QUERIES in g else None
             qpos = g[QUERY_POSITIONS][()].astype(np.int64) if q is not None else None
+            pre = g[KEYS_PREROPE][()].astype(np.float32, copy=False) if KEYS_PREROPE in g else None
         except OSError as exc:
             raise _fail(self.path, f"cannot read {g.name} (truncated or corrupt: {exc})") from None
         return LayerData(
@@ -384,6 +393,7 @@ class CacheReader:
             layer_type=info.layer_type,
             sliding_window=info.sliding_window,
             scaling=self.info.attn_scaling,
+            keys_prerope=pre,
         )
 
     def read_encoded(self, layer: int, name: str, sequence: int = 0) -> tuple[dict[str, np.ndarray],
@@ -553,8 +563,9 @@ class CacheWriter:
 
     def write_layer(self, sequence: int, layer: int, keys: np.ndarray, values: np.ndarray, *,
                     queries: np.ndarray | None = None, query_positions: np.ndarray | None = None,
-                    layer_type: str = LAYER_FULL, sliding_window: int = 0, key_start: int = 0) -> None:
-        """Write one layer: keys/values (kv_heads, T_i, head_dim), queries (q_heads, Tq, head_dim)."""
+                    layer_type: str = LAYER_FULL, sliding_window: int = 0, key_start: int = 0,
+                    keys_prerope: np.ndarray | None = None) -> None:
+        """Write one layer: keys/values (and keys_prerope) (kv_heads, T_i, head_dim), queries (q_heads, Tq, d)."""
         h = self.header
         for name, x in ((KEYS, keys), (VALUES, values)):
             if np.shape(x)[0] != h.num_kv_heads:
@@ -562,6 +573,10 @@ class CacheWriter:
         g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
         self._put(g, KEYS, keys)
         self._put(g, VALUES, values)
+        if keys_prerope is not None:
+            if np.shape(keys_prerope) != np.shape(keys):
+                raise StoreError(f"keys_prerope shape {np.shape(keys_prerope)} differs from keys {np.shape(keys)}")
+            self._put(g, KEYS_PREROPE, keys_prerope)
         if queries is not None:
             self.write_queries(sequence, layer, queries, query_positions)
 

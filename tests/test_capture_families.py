@@ -73,3 +73,26 @@ def test_gemma3_records_its_own_attention_scaling(tiny_model_factory, tmp_path):
     with CacheReader(result.path) as r:
         assert r.info.attn_scaling == pytest.approx(32 ** -0.5)
         assert not r.info.has_queries
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3-sliding"])
+def test_pre_rope_keys_rotate_into_the_cached_keys(name, tiny_model_factory, tmp_path):
+    """keys_prerope rotated by the model's own RoPE at their positions give back the cached keys."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    config, n_q, n_kv, d, types = _configs()[name]
+    loaded = load_model(str(tiny_model_factory(config, name + "-pre")))
+    path = capture(loaded, [TEXT], tmp_path / "c.h5", queries="none", dtype="float32", pre_rope_keys=True).path
+    with CacheReader(path) as r:
+        for i in range(len(types)):
+            data = r.layer(i)
+            assert data.keys_prerope.shape == data.keys.shape
+            pos = torch.as_tensor(data.key_positions).unsqueeze(0)
+            pre = torch.as_tensor(data.keys_prerope).unsqueeze(0)
+            rope = loaded.model.model.rotary_emb
+            kwargs = {"layer_type": config.layer_types[i]} if name.startswith("gemma") else {}
+            cos, sin = rope(pre, pos, **kwargs)
+            rotated, _ = apply_rotary_pos_emb(pre, pre, cos, sin)
+            np.testing.assert_allclose(rotated[0].numpy(), data.keys, rtol=1e-5, atol=1e-5)
+            assert not np.allclose(data.keys_prerope, data.keys)  # RoPE did rotate them
