@@ -11,7 +11,7 @@ from rich.table import Table
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("layer", "layer index (s: sliding-window layer)"),
-    ("rank95 K/V", "mean per-head effective rank at 95 % energy, of head_dim"),
+    ("rank95 K/V", "mean per-head effective rank of keys/values at 95 % energy (of head_dim)"),
     ("K outl.", "outlier key channels (distinct over heads) and the largest max/median channel ratio"),
     ("kurt K→rot", "kurtosis of keys (Gaussian 3) before → after a random rotation"),
     ("sink", "attention mass on the first 4 tokens (mean over query heads)"),
@@ -37,7 +37,7 @@ def _outlier_cell(o: dict[str, Any]) -> str:
     return f"{len(channels)} (×{_fmt(ratio, '.0f')})" if channels else "0"
 
 
-def _row(e: dict[str, Any], d: int) -> list[str]:
+def _row(e: dict[str, Any]) -> list[str]:
     s, ko = e["spectrum"], e["outliers"]["keys"]
     ranks = "/".join(_fmt(_mean(s[n]["per_head"]["rank95"]), ".0f") for n in ("keys", "values"))
     a, prev = e.get("attention"), e["similarity"]["previous"]
@@ -46,21 +46,32 @@ def _row(e: dict[str, Any], d: int) -> list[str]:
     cos = "—" if not prev or "keys" not in prev else \
         f"{_fmt(prev['keys']['mean_cosine'])}/{_fmt(prev['values']['mean_cosine'])}"
     kurt = f"{_fmt(_mean(ko['kurtosis']), '.1f')}→{_fmt(_mean(ko['kurtosis_rotated']), '.1f')}"
-    return [f"{e['layer']}{'s' if e['layer_type'] == 'sliding' else ''}", f"{ranks} of {d}",
+    return [f"{e['layer']}{'s' if e['layer_type'] == 'sliding' else ''}", ranks,
             _outlier_cell(ko), kurt, *att, cos, e["recommendation"]["text"]]
 
 
-def summary_table(result: dict[str, Any]) -> Table:
-    """One row per analysed layer."""
+def summary_table(result: dict[str, Any], recommendation: bool = True) -> Table:
+    """One row per analysed layer; the recommendation as the last column, or left out."""
     title = (f"{result['model']} ({result['model_architecture']}): {result['num_layers']} layers, "
              f"{result['num_q_heads']} q / {result['num_kv_heads']} kv heads, head_dim {result['head_dim']}, "
              f"{result['num_tokens']} tokens")
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
-    for name, _ in COLUMNS:
+    columns = COLUMNS if recommendation else COLUMNS[:-1]
+    for name, _ in columns:
         table.add_column(name, justify="left" if name == "recommendation" else "right",
                          no_wrap=name != "recommendation")
     for e in result["layers"]:
-        table.add_row(*_row(e, result["head_dim"]))
+        table.add_row(*_row(e)[:len(columns)])
+    return table
+
+
+def recommendation_table(result: dict[str, Any]) -> Table:
+    """layer → recommendation, for terminals too narrow to hold it beside the figures."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("recommendation")
+    for e in result["layers"]:
+        table.add_row(str(e["layer"]), e["recommendation"]["text"])
     return table
 
 
@@ -88,9 +99,15 @@ def _counts(c: dict[str, int]) -> str:
     return ", ".join(f"{k} in {v} layers" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
 
 
+WIDE = 140  # narrower terminals get the recommendations as a second table
+
+
 def render_analysis(result: dict[str, Any], console: Console) -> None:
     """Print the table, a legend of its columns, and the file-level lines."""
-    console.print(summary_table(result))
+    wide = console.width >= WIDE
+    console.print(summary_table(result, recommendation=wide))
+    if not wide:
+        console.print(recommendation_table(result))
     console.print("columns: " + "; ".join(f"{n}: {h}" for n, h in COLUMNS if h), style="dim")
     for line in summary_lines(result):
         console.print(line, highlight=False)
