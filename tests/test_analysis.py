@@ -45,7 +45,7 @@ def test_rank_r_data_has_effective_rank_r(tmp_path: Path) -> None:
     assert spec["keys"]["joint"]["rank99"] == 5 * KV_HEADS  # independent heads share no direction
     assert spec["recommended_rank"]["keys"] == 5 and spec["recommended_rank"]["values"] == 3
     assert spec["low_rank_worth_it"] == {"keys": True, "values": True}
-    assert spec["prerope"]["available"] is False and "keys_prerope" in spec["prerope"]["note"]
+    assert spec["prerope"]["available"] is False and "--pre-rope-keys" in spec["prerope"]["note"]
 
 
 def test_heads_sharing_a_subspace_have_joint_rank_r(tmp_path: Path) -> None:
@@ -64,7 +64,9 @@ def test_prerope_comparison_runs_when_the_file_has_prerope_keys(tmp_path: Path) 
     path = write_cache(tmp_path / "c.h5", 1, T, lambda i: (k, k, None))
     with h5py.File(path, "a") as f:
         f["sequences/0/layers/0"].create_dataset("keys_prerope", data=low_rank(rng, KV_HEADS, T, HEAD_DIM, 2))
-    pre = analyze(path)["layers"][0]["spectrum"]["prerope"]
+    result = analyze(path)
+    assert not any("keys_prerope" in n for n in result["notes"])
+    pre = result["layers"][0]["spectrum"]["prerope"]
     assert pre["available"] is True
     assert pre["prerope"]["rank99"] == [2] * KV_HEADS
     assert min(pre["postrope"]["rank99"]) > 2

@@ -24,9 +24,9 @@ from kvtool.analysis.attention import analyze_attention
 from kvtool.analysis.outliers import DEFAULT_SEED, analyze_outliers
 from kvtool.analysis.recommend import recommend_layer, summarize
 from kvtool.analysis.similarity import AdjacentLayers, LayerState, analyze_heads
-from kvtool.analysis.spectrum import KEYS_PREROPE, analyze_spectrum
+from kvtool.analysis.spectrum import analyze_spectrum
 from kvtool.errors import InputError
-from kvtool.store import KIND_CACHE, CacheReader, StoreInfo
+from kvtool.store import KEYS_PREROPE, KIND_CACHE, CacheReader, StoreInfo
 
 __all__ = ["analyze", "analyze_layer", "json_safe"]
 
@@ -45,7 +45,7 @@ def analyze(path: Path | str, layers: Sequence[int] | str | None = None,
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         reader.check_layer(0, sequence)
         chosen = _select_layers(layers, reader.info.num_layers, reader)
-        result = _header(reader.info, chosen, sequence)
+        result = _header(reader.info, chosen, sequence, _has_prerope(reader, chosen, sequence))
         adjacent = AdjacentLayers()
         for n, i in enumerate(chosen):
             result["layers"].append(analyze_layer(reader, i, sequence, adjacent, seed))
@@ -70,7 +70,7 @@ def analyze_layer(reader: CacheReader, layer: int, sequence: int = 0, adjacent: 
         "layer_type": data.layer_type,
         "sliding_window": data.sliding_window,
         "tokens": int(keys.shape[1]),
-        "spectrum": analyze_spectrum(keys, values, reader.layer_group(layer, sequence)),
+        "spectrum": analyze_spectrum(keys, values, data.keys_prerope),
         "outliers": analyze_outliers(keys, values, seed),
         "attention": None,
     }
@@ -101,15 +101,16 @@ def _select_layers(layers: Sequence[int] | str | None, num_layers: int, reader: 
     return chosen
 
 
-def _header(info: StoreInfo, chosen: list[int], sequence: int) -> dict[str, Any]:
+def _header(info: StoreInfo, chosen: list[int], sequence: int, prerope: bool) -> dict[str, Any]:
     notes = []
     if not info.has_queries:
         notes.append("the file holds no queries: attention sections skipped "
                      "(capture with queries to get sinks, locality and eviction budgets)")
     if len(info.sequences) > 1:
         notes.append(f"the file holds {len(info.sequences)} sequences; sequence {sequence} analysed")
-    notes.append(f"keys are post-RoPE; pre- vs post-RoPE ranks compared only where a layer holds "
-                 f"'{KEYS_PREROPE}'")
+    if not prerope:
+        notes.append(f"keys are post-RoPE and the file holds no '{KEYS_PREROPE}': pre- vs post-RoPE "
+                     "ranks skipped (capture with --pre-rope-keys)")
     return {
         "file": str(info.path),
         "model": info.model,
@@ -125,6 +126,10 @@ def _header(info: StoreInfo, chosen: list[int], sequence: int) -> dict[str, Any]
         "notes": notes,
         "layers": [],
     }
+
+
+def _has_prerope(reader: CacheReader, layers: list[int], sequence: int) -> bool:
+    return any(KEYS_PREROPE in reader.layer_group(i, sequence) for i in layers)
 
 
 def _prepare_plots_dir(plots_dir: Path | str) -> Path:

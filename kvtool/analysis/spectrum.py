@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtool import store
+from kvtool.store import KEYS_PREROPE
 
 ENERGIES: tuple[float, ...] = (0.90, 0.95, 0.99)
 RECOMMEND_ENERGY = 0.95  # the energy a recommended rank keeps: rel. MSE ≤ 5 % before any quantization
 LOW_RANK_WORTH = 0.5  # recommend low rank only when it at least halves head_dim
-# The store will own this name once capture records pre-RoPE keys; until then it is read if present.
-KEYS_PREROPE: str = getattr(store, "KEYS_PREROPE", "keys_prerope")
 
 
 def singular_values(x: torch.Tensor) -> torch.Tensor:
@@ -84,25 +82,22 @@ def recommended_rank(spec: dict[str, Any]) -> int:
     return int(max(spec["per_head"][f"rank{round(RECOMMEND_ENERGY * 100)}"]))
 
 
-def prerope_comparison(group: Any, keys: torch.Tensor) -> dict[str, Any]:
-    """Effective ranks of pre- vs post-RoPE keys when the layer group holds ``keys_prerope``.
+def prerope_comparison(pre: np.ndarray | None, keys: torch.Tensor) -> dict[str, Any]:
+    """Effective ranks of pre- vs post-RoPE keys, when the layer holds ``keys_prerope``.
 
-    ``group`` is the h5py layer group; keys: (kv_heads, tokens, d) post-RoPE.
+    pre: (kv_heads, tokens, d) or None (captured without ``--pre-rope-keys``); keys: the same, post-RoPE.
     """
-    if group is None or KEYS_PREROPE not in group:
+    if pre is None:
         return {"available": False,
-                "note": f"no '{KEYS_PREROPE}' dataset in this layer: pre- vs post-RoPE comparison skipped"}
-    pre = torch.from_numpy(np.asarray(group[KEYS_PREROPE][()], dtype=np.float32))
-    if tuple(pre.shape) != tuple(keys.shape):
-        return {"available": False,
-                "note": f"'{KEYS_PREROPE}' has shape {tuple(pre.shape)}, keys {tuple(keys.shape)}: skipped"}
-    pre_ranks = _ranks(singular_values(pre))
-    post_ranks = _ranks(singular_values(keys))
-    return {"available": True, "prerope": pre_ranks, "postrope": post_ranks}
+                "note": f"no '{KEYS_PREROPE}' in this layer (capture with --pre-rope-keys): "
+                        "pre- vs post-RoPE comparison skipped"}
+    return {"available": True, "prerope": _ranks(singular_values(torch.from_numpy(pre))),
+            "postrope": _ranks(singular_values(keys))}
 
 
-def analyze_spectrum(keys: torch.Tensor, values: torch.Tensor, group: Any = None) -> dict[str, Any]:
-    """Spectrum section of one layer. keys, values: (kv_heads, tokens, d) float32."""
+def analyze_spectrum(keys: torch.Tensor, values: torch.Tensor, keys_prerope: np.ndarray | None = None
+                     ) -> dict[str, Any]:
+    """Spectrum section of one layer. keys, values, keys_prerope: (kv_heads, tokens, d) float32."""
     d = keys.shape[-1]
     k_spec, v_spec = tensor_spectrum(keys), tensor_spectrum(values)
     rank_k, rank_v = recommended_rank(k_spec), recommended_rank(v_spec)
@@ -111,5 +106,5 @@ def analyze_spectrum(keys: torch.Tensor, values: torch.Tensor, group: Any = None
         "values": v_spec,
         "recommended_rank": {"keys": rank_k, "values": rank_v, "energy": RECOMMEND_ENERGY},
         "low_rank_worth_it": {"keys": rank_k <= LOW_RANK_WORTH * d, "values": rank_v <= LOW_RANK_WORTH * d},
-        "prerope": prerope_comparison(group, keys),
+        "prerope": prerope_comparison(keys_prerope, keys),
     }
