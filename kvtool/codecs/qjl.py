@@ -50,9 +50,9 @@ def sign_unsketch(packed: np.ndarray, n: int, proj: torch.Tensor, scale: torch.T
     ``scale`` ``(n,)`` is the norm of each sketched vector.
     """
     m = proj.shape[0]
-    signs = torch.from_numpy(bitpack.unpack(packed, 1, n * m)).view(n, m).float()
-    signs.mul_(2).sub_(1)  # bits {0, 1} -> signs {-1, +1}
-    out = signs @ proj  # (n, d)
+    bits = torch.from_numpy(bitpack.unpack(packed, 1, n * m)).view(n, m).float()
+    # sign = 2·bit − 1, so Sᵀ sign = 2·(bits @ S) − Σ_rows S: one fused matmul, no ±1 tensor
+    out = torch.addmm(proj.sum(0, keepdim=True), bits, proj, beta=-1, alpha=2)  # (n, d)
     out.mul_((scale * (SCALE / m))[:, None])
     return out
 

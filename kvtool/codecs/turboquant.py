@@ -106,7 +106,9 @@ class _Stage:
                 codes.append(bitpack.pack(c, self.mse_bits))
             if self.prod:
                 if self.mse_bits:
-                    y.sub_(centroids[torch.from_numpy(c).long()])  # residual r of the unit direction
+                    y.sub_(
+                        torch.index_select(centroids, 0, torch.from_numpy(c).view(-1).int()).view_as(y)
+                    )  # residual r of the unit direction
                     rnorms[s : s + CHUNK] = torch.linalg.vector_norm(y, dim=1)
                 signs.append(sign_sketch(y, proj))
         out = {"norms": fp16_norms(norms)}
@@ -236,8 +238,9 @@ class TurboQuant(Codec):
             self.fit(x)
         hi, lo = self._channel_sets(heads, d)
         n_out, b_hi, b_lo = self._split(d)
-        x_hi = np.take_along_axis(x, hi[:, None, :], axis=2).reshape(-1, n_out)  # (heads*tokens, n_out)
-        x_lo = np.take_along_axis(x, lo[:, None, :], axis=2).reshape(-1, d - n_out)
+        # per-head np.take along channels: a plain strided gather, much faster than take_along_axis
+        x_hi = np.stack([np.take(x[h], hi[h], axis=1) for h in range(heads)]).reshape(-1, n_out)
+        x_lo = np.stack([np.take(x[h], lo[h], axis=1) for h in range(heads)]).reshape(-1, d - n_out)
         arrays = self._stage(d - n_out, b_lo, 0).encode(x_lo)
         arrays.update(self._stage(n_out, b_hi, 1, OUTLIER).encode(x_hi))
         return Encoded(arrays, x.shape, meta)
@@ -268,11 +271,11 @@ class TurboQuant(Codec):
             return codec._stage(d, int(self.bits), 0).decode(enc.arrays, n).reshape(enc.shape)
         hi, lo = self._channel_sets(heads, d)
         n_out, b_hi, b_lo = self._split(d)
-        out = np.empty(enc.shape, dtype=np.float32)
         x_lo = codec._stage(d - n_out, b_lo, 0).decode(enc.arrays, n).reshape(heads, tokens, -1)
         x_hi = codec._stage(n_out, b_hi, 1, OUTLIER).decode(enc.arrays, n).reshape(heads, tokens, -1)
-        np.put_along_axis(out, lo[:, None, :], x_lo, axis=2)
-        np.put_along_axis(out, hi[:, None, :], x_hi, axis=2)
+        joined = np.concatenate([x_lo, x_hi], axis=2)  # channels in order (lo, hi) per head
+        inverse = np.argsort(np.concatenate([lo, hi], axis=1), axis=1)  # (heads, d): back to channel order
+        out = np.stack([np.take(joined[h], inverse[h], axis=1) for h in range(heads)])
         return out
 
 
