@@ -154,6 +154,23 @@ def test_attention_matches_a_per_head_reference(window: int) -> None:
     np.testing.assert_allclose(got, _reference_probs(q, k, qpos, kpos, HEAD_DIM ** -0.5, window), atol=1e-5)
 
 
+def test_sink_and_recent_masses_match_explicit_masks() -> None:
+    from kvtool.analysis.attention import RECENT_WINDOWS, SINK_COUNTS, _sink_and_cover
+
+    rng = np.random.default_rng(15)
+    kpos, qpos = torch.arange(3, 300), torch.arange(200, 300)  # keys from 3: a window-trimmed layer
+    logits = torch.from_numpy(rng.standard_normal((2, 100, 297)).astype(np.float32))
+    probs = torch.softmax(logits.masked_fill(kpos[None, None] > qpos[None, :, None], float("-inf")), -1)
+    sink, cover = _sink_and_cover(probs, qpos, kpos)
+    dist = qpos[:, None] - kpos[None, :]
+    for i, s in enumerate(SINK_COUNTS):
+        is_sink = (kpos < s)[None, :]
+        assert torch.allclose(sink[:, i], (probs * is_sink).sum(dim=(1, 2)), atol=1e-4)
+        for j, w in enumerate(RECENT_WINDOWS):
+            mask = (is_sink | (dist < w)).float()
+            assert torch.allclose(cover[:, i, j], (probs * mask).sum(dim=(1, 2)), atol=1e-4)
+
+
 def _sink_layer(rng: np.random.Generator, tq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every query points along u; only the key at position 0 does: StreamingLLM's attention sink."""
     u = np.zeros(HEAD_DIM, np.float32)

@@ -88,16 +88,27 @@ class _Sums:
         self.profile = torch.zeros(h, self.tokens, dtype=torch.float64)
 
 
-def _sink_masks(kpos: torch.Tensor) -> torch.Tensor:
-    """(sinks, T) bool: the key's absolute position is among the first s."""
-    return torch.stack([kpos < s for s in SINK_COUNTS])
+def _mass_before(prefix: torch.Tensor, kpos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Attention mass on keys with position < pos, per query.
+
+    prefix: (heads, c, T + 1) cumulative mass with a leading 0 along position-sorted keys; kpos (T,)
+    increasing; pos (c,) → (heads, c).
+    """
+    j = torch.searchsorted(kpos, pos)  # (c,): how many keys lie before pos
+    return prefix.gather(-1, j.expand(prefix.shape[0], -1)[..., None])[..., 0]
 
 
-def _cover_masks(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-    """(sinks, windows, c, T) float: key is a sink (position < s) or within the recent window w."""
-    dist = qpos[:, None] - kpos[None, :]  # (c, T)
-    recent = torch.stack([dist < w for w in RECENT_WINDOWS])  # (W, c, T)
-    return (_sink_masks(kpos)[:, None, None, :] | recent[None]).float()
+def _sink_and_cover(probs: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mass on the first s positions (heads, S) and on sinks ∪ recent window (heads, S, W), summed over
+    the chunk's queries. From one prefix sum: sinks ∪ recent = total − mass in the gap [s, q − w + 1)."""
+    h, c, _ = probs.shape
+    prefix = torch.cat([probs.new_zeros(h, c, 1), probs.cumsum(dim=-1)], dim=-1)  # (heads, c, T + 1)
+    total = prefix[..., -1]  # (heads, c)
+    sink = torch.stack([_mass_before(prefix, kpos, torch.full_like(qpos, s)) for s in SINK_COUNTS], -1)
+    start = torch.stack([_mass_before(prefix, kpos, qpos - w + 1) for w in RECENT_WINDOWS], -1)
+    gap = (start[:, :, None, :] - sink[..., None]).clamp_min(0.0)  # (heads, c, S, W)
+    return sink.sum(dim=1), (total[..., None, None] - gap).sum(dim=1)
 
 
 def _accumulate(sums: _Sums, probs: torch.Tensor, qpos: torch.Tensor, vis: torch.Tensor,
@@ -110,9 +121,10 @@ def _accumulate(sums: _Sums, probs: torch.Tensor, qpos: torch.Tensor, vis: torch
     sums.norm_entropy += torch.where(log_n > 0, ent / log_n.clamp_min(1e-30), torch.zeros_like(ent)).sum(1)
     cum = probs.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # (heads, c, T)
     need = ((cum < COVER).sum(dim=-1) + 1).double()  # keys to reach COVER, per query
-    sums.heavy += (need / n_vis.clamp_min(1.0)).sum(dim=1)
-    sums.sink += torch.einsum("hct,st->hs", probs, _sink_masks(kpos).float()).double()
-    sums.cover += torch.einsum("hct,swct->hsw", probs, _cover_masks(qpos, kpos)).double()
+    sums.heavy += torch.where(n_vis > 0, need / n_vis.clamp_min(1.0), torch.zeros_like(need)).sum(dim=1)
+    sink, cover = _sink_and_cover(probs, qpos, kpos)
+    sums.sink += sink.double()
+    sums.cover += cover.double()
     sums.profile += probs.sum(dim=1).double()
     sums.n += probs.shape[1]
 
