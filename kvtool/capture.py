@@ -9,7 +9,9 @@ implementation. No model code is forked or patched.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from kvtool.models import LoadedModel
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
 
 ATTN_PREFIX = "kvtool_capture_"
-FALLBACK_ATTENTION = "sdpa"
+EAGER = "eager"
 
 #: A callback ``(stage, done, total)``; stage is "forward" or "write".
 ProgressFn = Callable[[str, int, int], None]
@@ -127,11 +129,17 @@ class ModelShape:
 
 
 def model_shape(config: Any) -> ModelShape:
-    """Attention geometry of a decoder config (the text config of a multimodal one)."""
+    """Attention geometry as the config states it (the text config of a multimodal one).
+
+    Configs spell these differently across families; :func:`observed_shape` corrects the guess
+    with the tensors of a real forward pass before anything is written.
+    """
     c = config.get_text_config()
     n_layers = int(c.num_hidden_layers)
     n_q = int(c.num_attention_heads)
-    n_kv = int(getattr(c, "num_key_value_heads", None) or n_q)
+    n_kv = int(getattr(c, "num_key_value_heads", None) or getattr(c, "num_kv_heads", None) or n_q)
+    if getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False):
+        n_kv = 1
     head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // n_q)
     window = int(getattr(c, "sliding_window", None) or 0)
     raw_types = getattr(c, "layer_types", None) or ["full_attention"] * n_layers
@@ -139,6 +147,25 @@ def model_shape(config: Any) -> ModelShape:
     if len(types) != n_layers:
         types = (LAYER_FULL,) * n_layers
     return ModelShape(n_layers, n_q, n_kv, head_dim, types, window)
+
+
+def observed_shape(config: Any, cache: Any, rec: _Recorder) -> ModelShape:
+    """The geometry the forward pass really produced: kv heads and head_dim from the cache tensors,
+    query heads from the recorded queries, sliding layers from the cache's own layer objects."""
+    guess = model_shape(config)
+    layers = cache.layers
+    if len(layers) != guess.num_layers:
+        raise KvtoolError(f"the model's cache has {len(layers)} layers but its config says {guess.num_layers}")
+    keys = layers[0].keys
+    if keys is None or keys.ndim != 4:
+        raise KvtoolError("the model's cache holds no per-layer key tensors that kvtool understands")
+    n_kv, head_dim = int(keys.shape[1]), int(keys.shape[3])
+    n_q = rec.q_heads or guess.num_q_heads
+    types = tuple(LAYER_SLIDING if getattr(layer, "is_sliding", False) or t == LAYER_SLIDING else LAYER_FULL
+                  for layer, t in zip(layers, guess.layer_types, strict=True))
+    window = guess.sliding_window or max((int(getattr(layer, "sliding_window", 0) or 0) for layer in layers),
+                                         default=0)
+    return ModelShape(guess.num_layers, n_q, n_kv, head_dim, types, window)
 
 
 # --------------------------------------------------------------------------------- attention recording
@@ -157,11 +184,13 @@ class _Recorder:
         self.queries: dict[int, Any] = {}
         self.scaling: dict[int, float] = {}
         self.prerope: dict[int, Any] = {}
+        self.q_heads = 0
 
     def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                  **kwargs: Any) -> Any:
         out = self.base(module, query, key, value, attention_mask, **kwargs)
         layer = int(module.layer_idx)
+        self.q_heads = int(query.shape[1])
         if self.keep_last:
             # query: (batch=1, q_heads, T, head_dim), post-RoPE
             self.queries[layer] = query[0, :, -self.keep_last:, :].detach().to("cpu", copy=True)
@@ -183,8 +212,8 @@ def _install(model: Any) -> tuple[str, str]:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    previous = model.config._attn_implementation or FALLBACK_ATTENTION
-    base = previous if previous in ALL_ATTENTION_FUNCTIONS else FALLBACK_ATTENTION
+    previous = model.config._attn_implementation or EAGER
+    base = previous if previous in ALL_ATTENTION_FUNCTIONS else EAGER
     name = ATTN_PREFIX + re.sub(r"\W", "_", base)
 
     def recording_attention(module: Any, *args: Any, **kwargs: Any) -> Any:
@@ -193,7 +222,7 @@ def _install(model: Any) -> tuple[str, str]:
     AttentionInterface.register(name, recording_attention)
     # A custom attention name without a mask function would get no mask at all (transformers skips
     # mask creation for unknown names), which breaks sliding-window layers: reuse the base's masks.
-    mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else FALLBACK_ATTENTION
+    mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else EAGER
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
     return previous, name
 
@@ -230,9 +259,25 @@ def _prerope_hooks(model: Any, rec: _Recorder, num_kv_heads: int) -> list[Any]:
 
 
 def _base_attention(name: str) -> Callable[..., Any]:
+    """The real attention function behind kvtool's recording one.
+
+    Registered implementations (sdpa, flash, flex) come from transformers' registry. "eager" is not
+    registered: each modeling module defines its own ``eager_attention_forward`` (softcapping and
+    other model-specific details live there), so it is looked up from the calling module.
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return ALL_ATTENTION_FUNCTIONS[name[len(ATTN_PREFIX):]]
+    base = name[len(ATTN_PREFIX):]
+    if base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+
+    def eager(module: Any, *args: Any, **kwargs: Any) -> Any:
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise KvtoolError(f"{type(module).__name__} has no eager attention function kvtool can wrap")
+        return fn(module, *args, **kwargs)
+
+    return eager
 
 
 def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
@@ -263,8 +308,12 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = getattr(out, "past_key_values", None)
-    if cache is None:
-        raise KvtoolError(f"{loaded.architecture} returned no cache; kvtool needs a decoder with a KV cache")
+    if cache is None or not hasattr(cache, "layers"):
+        raise KvtoolError(f"{loaded.architecture} returned no layered cache; kvtool needs a decoder whose "
+                          "cache is a transformers Cache")
+    if keep_last and len(recorder.queries) != shape.num_layers:
+        raise KvtoolError(f"{loaded.architecture} does not route attention through transformers' "
+                          "AttentionInterface, so its queries cannot be recorded; pass --queries none")
     return cache, recorder
 
 
@@ -315,19 +364,11 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
     policy = QueryPolicy.parse(queries) if isinstance(queries, str) else queries
     check_output_path(output, force)
     tokenized = [tokenize(loaded, t, max_tokens) for t in texts]  # fail on bad input before any work
-    shape = model_shape(loaded.config)
-    header = StoreHeader(
-        model=loaded.spec, model_architecture=loaded.architecture, model_source=loaded.source,
-        num_layers=shape.num_layers, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim, attn_scaling=shape.head_dim ** -0.5, dtype=dtype,
-    )
-    result = CaptureResult(path=Path(output), model=loaded.spec, architecture=loaded.architecture,
-                           num_layers=shape.num_layers, num_q_heads=shape.num_q_heads,
-                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                           layer_types=list(shape.layer_types))
     start = time.perf_counter()
     storage = getattr(torch, dtype)
-    with CacheWriter(output, header, force=force) as writer:
+    result: CaptureResult | None = None
+    with contextlib.ExitStack() as stack:
+        writer: CacheWriter | None = None
         for j, (text, (ids, truncated_from)) in enumerate(zip(texts, tokenized, strict=True)):
             if on_sequence is not None:
                 on_sequence(j, len(texts))
@@ -335,15 +376,31 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
             input_ids = torch.as_tensor(ids, device=loaded.device).unsqueeze(0)
             cache, rec = run_and_record(loaded, input_ids, keep_last=keep, progress=progress,
                                         pre_rope_keys=pre_rope_keys)
+            if writer is None:  # the header needs the geometry the first pass really produced
+                shape = observed_shape(loaded.config, cache, rec)
+                writer = stack.enter_context(CacheWriter(output, _header(loaded, shape, rec, dtype), force=force))
+                result = CaptureResult(path=Path(output), model=loaded.spec, architecture=loaded.architecture,
+                                       num_layers=shape.num_layers, num_q_heads=shape.num_q_heads,
+                                       num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                                       layer_types=list(shape.layer_types))
             seq = writer.add_sequence(ids, source=text.source, text=text.text)
-            if j == 0 and rec.scaling:
-                writer.set_attr("attn_scaling", rec.scaling[0])
             _write_sequence(writer, seq, cache, rec, shape, len(ids), keep, storage, progress)
             del cache, rec
             result.sequences.append(SequenceSummary(text.source, len(ids), truncated_from, keep))
     result.seconds = time.perf_counter() - start
     result.file_bytes = Path(output).stat().st_size
     return result
+
+
+def _header(loaded: LoadedModel, shape: ModelShape, rec: _Recorder, dtype: str) -> StoreHeader:
+    # The scaling the model passed to its attention (Gemma: query_pre_attn_scalar**-0.5; OPT: 1.0
+    # because it pre-scales queries); head_dim**-0.5 only when attention never reached kvtool.
+    scaling = rec.scaling.get(0, shape.head_dim ** -0.5)
+    return StoreHeader(
+        model=loaded.spec, model_architecture=loaded.architecture, model_source=loaded.source,
+        num_layers=shape.num_layers, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, attn_scaling=scaling, dtype=dtype,
+    )
 
 
 def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, shape: ModelShape,

@@ -527,10 +527,6 @@ class CacheWriter:
         else:
             self.abort()
 
-    def set_attr(self, name: str, value: Any) -> None:
-        """Set a root attribute known only after the first forward pass (e.g. attn_scaling)."""
-        self._h5.attrs[name] = value
-
     def add_sequence(self, tokens: np.ndarray, *, source: str, text: str | bytes = b"") -> int:
         """Start sequence j (returned); ``tokens`` (T,) int. Layers are written with :meth:`write_layer`."""
         raw = text.encode() if isinstance(text, str) else text

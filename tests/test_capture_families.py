@@ -14,7 +14,7 @@ TEXT = TextInput("t", "Keys and values of every token stay in the cache of every
 
 
 def _configs():
-    from transformers import Gemma3TextConfig, GPTBigCodeConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma2Config, Gemma3TextConfig, GPTBigCodeConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256)
     return {
@@ -31,6 +31,14 @@ def _configs():
                              layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
                                           "full_attention"], **small),
             4, 2, 16, ["sliding", "sliding", "sliding", "full"]),
+        # Mistral marks no layer_types: its sliding layers are known from the cache objects only
+        "mistral-sliding": (MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          sliding_window=8, **small),
+                            4, 2, 16, ["sliding"] * 2),
+        # Gemma 2 has no sdpa path (logit softcapping): kvtool wraps the model's own eager attention
+        "gemma2-eager": (Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      sliding_window=8, **small),
+                         4, 2, 16, ["sliding", "full"]),
         "gpt-bigcode-mqa": (
             GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, multi_query=True,
                              n_positions=256),
@@ -96,3 +104,19 @@ def test_pre_rope_keys_rotate_into_the_cached_keys(name, tiny_model_factory, tmp
             rotated, _ = apply_rotary_pos_emb(pre, pre, cos, sin)
             np.testing.assert_allclose(rotated[0].numpy(), data.keys, rtol=1e-5, atol=1e-5)
             assert not np.allclose(data.keys_prerope, data.keys)  # RoPE did rotate them
+
+
+def test_model_without_attention_interface_needs_queries_none(tmp_path, tiny_model_factory):
+    """Falcon (MQA) computes attention itself: keys/values still capture, queries give a clear error."""
+    from transformers import FalconConfig
+
+    from kvtool.errors import KvtoolError
+
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=False, multi_query=True)
+    loaded = load_model(str(tiny_model_factory(config, "falcon")))
+    with pytest.raises(KvtoolError, match="pass --queries none"):
+        capture(loaded, [TEXT], tmp_path / "q.h5", queries="last:4")
+    assert not (tmp_path / "q.h5").exists()
+    result = capture(loaded, [TEXT], tmp_path / "c.h5", queries="none")
+    assert (result.num_q_heads, result.num_kv_heads, result.head_dim) == (4, 1, 16)
