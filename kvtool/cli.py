@@ -33,6 +33,22 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from kvtool import __version__
+
+        console.print(f"kvtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Capture, analyse and compress the KV cache of causal language models, offline."""
+
+
 def run_guarded(fn: Callable[[], T]) -> T:
     """Call ``fn``; turn user errors and Ctrl-C into one line on stderr and an exit code."""
     try:
