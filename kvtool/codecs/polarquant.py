@@ -31,6 +31,7 @@ from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, check_input, check_int_range, register
 from kvtool.codecs.qjl import as_rows, fp16_norms
 from kvtool.codecs.rotation import random_rotation
+from kvtool.codecs.turboquant import join_packed
 from kvtool.errors import CodecError
 
 #: Vectors per block (a multiple of 8 for bitpack).
@@ -141,8 +142,8 @@ class PolarQuant(Codec):
                 codes[level - 1].append(bitpack.pack(c, self._bits(level)))
                 r = torch.hypot(even, odd)
             radii[s : s + CHUNK] = r
-        arrays = {f"level{i + 1}": np.concatenate(c) for i, c in enumerate(codes)}
-        arrays["radii"] = fp16_norms(radii).reshape(heads, tokens, -1)
+        arrays = {f"level{i + 1}": join_packed(c) for i, c in enumerate(codes)}
+        arrays["radii"] = fp16_norms(radii).reshape(heads, tokens, d >> self.levels)
         return Encoded(arrays, x.shape, {"seed": self.seed})
 
     def decode(self, enc: Encoded) -> np.ndarray:
@@ -150,7 +151,7 @@ class PolarQuant(Codec):
         heads, tokens, d = enc.shape
         rot = random_rotation(d, int(enc.meta.get("seed", self.seed)))
         n = heads * tokens
-        radii = torch.from_numpy(enc.arrays["radii"].astype(np.float32).reshape(n, -1))
+        radii = torch.from_numpy(enc.arrays["radii"].astype(np.float32).reshape(n, d >> self.levels))
         out = torch.empty(n, d)
         for i, s in enumerate(range(0, n, CHUNK)):
             k = min(CHUNK, n - s)
