@@ -33,6 +33,32 @@ def _layout(bits: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _pack_aligned(flat: np.ndarray, bits: int) -> np.ndarray:
+    """2 and 4 bits: whole codes per byte, so one strided pass per code of a byte (no transposes)."""
+    per_byte = 8 // bits
+    pad = -flat.size % per_byte
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint8)])
+    cols = flat.reshape(-1, per_byte)
+    mask = np.uint8((1 << bits) - 1)
+    out = cols[:, 0] & mask
+    for k in range(1, per_byte):
+        out |= (cols[:, k] & mask) << np.uint8(bits * k)
+    return out
+
+
+def _unpack_aligned(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    per_byte = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    out = np.empty((data.size, per_byte), dtype=np.uint8)
+    np.bitwise_and(data, mask, out=out[:, 0])
+    for k in range(1, per_byte):
+        np.right_shift(data, np.uint8(bits * k), out=out[:, k])
+        if k < per_byte - 1:
+            out[:, k] &= mask
+    return out.reshape(-1)[:count]
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack ``codes`` (any shape, uint8, every value ``< 2**bits``) into a flat uint8 array.
 
@@ -45,6 +71,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
         return flat.copy()
     if bits == 1:
         return np.packbits(flat, bitorder="little")
+    if bits in (2, 4):
+        return _pack_aligned(flat, bits)
     groups = -(-n // 8)
     if groups * 8 != n:
         flat = np.concatenate([flat, np.zeros(groups * 8 - n, dtype=np.uint8)])
@@ -70,6 +98,8 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         return data[:count].copy()
     if bits == 1:
         return np.unpackbits(data[:need], count=count, bitorder="little")
+    if bits in (2, 4):
+        return _unpack_aligned(data[:need], bits, count)
     groups = -(-count // 8)
     if groups * bits != need:
         data = np.concatenate([data[:need], np.zeros(groups * bits - need, dtype=np.uint8)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+import numpy as np
 
 from kvtool.codecs.base import register
 from kvtool.codecs.group import GroupQuantizer, minmax_dequantize, minmax_quantize
@@ -32,8 +32,9 @@ class Uniform(GroupQuantizer):
     group: int = 0
     name = "uniform"
 
-    def quantize(self, blocks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return minmax_quantize(blocks, self.bits)
+    def quantize(self, blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return minmax_quantize(blocks, lo, hi, self.bits)
 
-    def dequantize(self, codes: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dequantize(self, codes: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
         return minmax_dequantize(codes, stats)
