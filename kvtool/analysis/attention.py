@@ -14,7 +14,8 @@ SnapKV, arXiv 2404.14469 §4, selects keys from):
 
 Attention is computed like the model does: post-RoPE queries and keys, the file's scaling, a causal
 mask on absolute positions (plus the sliding window of sliding layers), GQA query head h reading kv
-head h // (q_heads // kv_heads). float32 in chunks of queries, so memory is (q_heads, chunk, T).
+head h // (q_heads // kv_heads). float32 in chunks of queries sized so a chunk's (q_heads, chunk, T)
+probabilities stay about 1 MiB.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ SINKS = 4  # StreamingLLM's choice; the sink_mass / old_mass figures use it
 RECENT = 64
 COVER = 0.9  # "holds most of the mass": sink + recent and heavy-hitter figures aim at 90 %
 SINK_MIN = 0.05  # a sink token must draw at least this share of the mass on average
-QUERY_CHUNK = 64
+# Queries per chunk are chosen so one chunk's probabilities hold about this many floats (1 MiB): the
+# handful of (q_heads, chunk, T) temporaries (softmax, sort, prefix sums) stay a few MiB at any T.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor:
@@ -43,7 +46,7 @@ def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor
 
 
 def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                     scaling: float, window: int = 0, chunk: int = QUERY_CHUNK
+                     scaling: float, window: int = 0, chunk: int | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (probs (q_heads, c, T), qpos (c,), visible (c, T)) for successive chunks of queries.
 
@@ -53,6 +56,7 @@ def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos:
     hq, tq, d = q.shape
     hkv, t = k.shape[0], k.shape[1]
     group = hq // hkv
+    chunk = chunk or max(1, CHUNK_ELEMENTS // (hq * max(t, 1)))
     kt = k.transpose(1, 2)  # (kv_heads, d, T)
     for s in range(0, tq, chunk):
         qc = q[:, s:s + chunk]  # (q_heads, c, d)
