@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from kvtool.codecs.base import Codec, Encoded, check_input, register
 
@@ -18,7 +19,8 @@ class FP16(Codec):
 
     def encode(self, x: np.ndarray) -> Encoded:
         x = check_input(x)
-        return Encoded({"data": x.astype(np.float16)}, x.shape)
+        return Encoded({"data": torch.from_numpy(x).half().numpy()}, x.shape)  # torch: F16C, multi-threaded
 
     def decode(self, enc: Encoded) -> np.ndarray:
-        return enc.arrays["data"].astype(np.float32).reshape(enc.shape)
+        data = np.ascontiguousarray(enc.arrays["data"], dtype=np.float16)
+        return torch.from_numpy(data).float().numpy().reshape(enc.shape)

@@ -142,7 +142,7 @@ class GroupQuantizer(Codec):
             codes, stats = self.quantize(blocks, lo[h, part], hi[h, part])
             return (pack(codes, self.bits) if fused else codes.reshape(-1)), stats
 
-        parts = _parallel(work, jobs)
+        parts = parallel_map(work, jobs)
         stats = {k: np.concatenate([p[1][k].reshape(-1) for p in parts]) for k in parts[0][1]}
         codes = np.concatenate([p[0] for p in parts])
         if not fused:
@@ -185,12 +185,12 @@ class GroupQuantizer(Codec):
                 out = dest[h].reshape(per_head, g, inner)
             out[start:stop] = self.dequantize(block, {k: v[h, start:stop] for k, v in stats.items()})
 
-        _parallel(work, jobs)
+        parallel_map(work, jobs)
         if dest is not None:
             target[:] = dest[:, :tokens]
 
 
-def _parallel(fn: Callable[[T], R], jobs: list[T]) -> list[R]:
+def parallel_map(fn: Callable[[T], R], jobs: list[T]) -> list[R]:
     """``[fn(j) for j in jobs]`` on ``torch.get_num_threads()`` threads (numpy releases the GIL)."""
     threads = min(torch.get_num_threads(), len(jobs))
     if threads <= 1:
