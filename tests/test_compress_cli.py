@@ -12,7 +12,7 @@ from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, header, write_ca
 from typer.testing import CliRunner
 
 from kvtool.cli import app
-from kvtool.codecs import parse_pair
+from kvtool.codecs import REGISTRY, parse_pair
 from kvtool.compress import compress, decompress
 from kvtool.errors import InputError, StoreError
 from kvtool.store import CacheReader, CacheWriter
@@ -183,3 +183,17 @@ def test_bad_files_one_line_exit_2(cache: Path, tmp_path: Path) -> None:
     same = run("compress", cache, "--method", "fp16", "-o", cache, "-f")
     assert_one_line_error(same, "must not be the input")
     assert_one_line_error(run("decompress", cache, "-o", tmp_path / "d.h5"), "expected one of compressed")
+
+
+@pytest.mark.parametrize("spec", sorted({*REGISTRY, "turboquant:bits=2.5", "kivi:bits=2,residual=8"}))
+def test_decompress_rebuilds_every_codec_from_the_file(cache: Path, tmp_path: Path, spec: str) -> None:
+    """Decoding from the file alone (spec, arrays, meta, shared state) equals the in-memory decode."""
+    out, back = tmp_path / "c.h5", tmp_path / "d.h5"
+    keys, values = parse_pair(method=spec)
+    report = compress(cache, keys, values, output=out, layers=[1])
+    decompress(out, back)
+    with CacheReader(back) as dec, CacheReader(cache) as src:
+        a, b = src.layer(1), dec.layer(1)
+    for name, x, y in (("keys", a.keys, b.keys), ("values", a.values, b.values)):
+        err = float(((x - y) ** 2).sum() / (x**2).sum())
+        assert err == pytest.approx(report["layers"][0][name]["rel_mse"], rel=1e-2, abs=1e-6), name
