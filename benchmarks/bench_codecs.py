@@ -7,7 +7,11 @@ yardstick is ``numpy.copy`` of the same array. Stored bits per element and rel M
 shown for context (Gaussian data, so they are not a quality ranking). The machine's load average is
 printed: other processes on a 2-core machine change every wall-clock figure.
 
-Run: ``.venv/bin/python benchmarks/bench_codecs.py [--vectors N] [--only SPEC ...]``
+With ``--public-python PY`` the same protocol is run, in the same invocation, on public packages installed
+in a separate environment (see ``bench_public.py``), and the speed ratios kvtool / public are printed:
+TurboQuant b = 3 vs polarquant nbits = 3, KIVI vs tiny-turboquant's KIVI path at equal bits and role.
+
+Run: ``.venv/bin/python benchmarks/bench_codecs.py [--vectors N] [--only SPEC ...] [--public-python PY]``
 (writes benchmarks/results/codecs.md).
 """
 
@@ -20,8 +24,11 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, str(THREADS))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -43,7 +50,10 @@ SPECS: dict[str, list[str]] = {
     "fp16": ["fp16"],
     "fp8": ["fp8:format=e4m3", "fp8:format=e5m2"],
     "uniform": ["uniform:bits=4", "uniform:bits=2,group=32", "uniform:bits=8,axis=channel,group=128"],
-    "kivi": ["kivi:bits=4@keys", "kivi:bits=4@values", "kivi:bits=2@keys", "kivi:bits=2@values"],
+    "kivi": ["kivi:bits=4@keys", "kivi:bits=4@values", "kivi:bits=2@keys", "kivi:bits=2@values",
+             # the layout of tiny-turboquant's KIVI path (keys: 128-token blocks; values: whole head_dim)
+             "kivi:bits=4,group=128,residual=0@keys", "kivi:bits=4,group=64,residual=0@values",
+             "kivi:bits=2,group=128,residual=0@keys", "kivi:bits=2,group=64,residual=0@values"],
     "turboquant": ["turboquant:bits=3", "turboquant:bits=4", "turboquant:bits=2.5",
                    "turboquant:bits=3,variant=prod"],
     "qjl": ["qjl"],
@@ -81,7 +91,42 @@ def row(name: str, bits: str, rel: str, t_enc: float, t_dec: float, vectors: int
             f"{vectors / t_dec / 1e6:.2f} | {mbytes / t_dec:.0f} |")
 
 
-def table(results: list[dict[str, object]], copy_s: float, vectors: int, load: tuple[float, ...]) -> str:
+#: (kvtool label, public row name) pairs compared side by side when --public-python is given.
+PAIRS = [
+    ("turboquant:bits=3", "polarquant 0.6.0 PolarKVQuantizer nbits=3"),
+    ("turboquant:bits=4", "polarquant 0.6.0 PolarKVQuantizer nbits=4"),
+    ("kivi:bits=4,group=128,residual=0@keys", "tiny-turboquant 0.18.0 KIVI keys bits=4"),
+    ("kivi:bits=4,group=64,residual=0@values", "tiny-turboquant 0.18.0 KIVI values bits=4"),
+    ("kivi:bits=2,group=128,residual=0@keys", "tiny-turboquant 0.18.0 KIVI keys bits=2"),
+    ("kivi:bits=2,group=64,residual=0@values", "tiny-turboquant 0.18.0 KIVI values bits=2"),
+]
+
+
+def public_rows(python: str, vectors: int) -> list[dict[str, object]]:
+    script = ROOT / "benchmarks" / "bench_public.py"
+    out = subprocess.run([python, str(script), str(vectors)], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        if "error" in row:
+            print(f"public benchmark: {row['error']}", file=sys.stderr)
+    return [r for r in rows if "error" not in r]
+
+
+def ratios(results: list[dict[str, object]], public: list[dict[str, object]]) -> str:
+    ours = {r["label"]: r for r in results}
+    theirs = {r["name"]: r for r in public}
+    lines = ["", "| kvtool | public | bits (kvtool / public) | encode speed ratio | decode speed ratio |",
+             "|---|---|---:|---:|---:|"]
+    for mine, other in PAIRS:
+        if mine in ours and other in theirs:
+            a, b = ours[mine], theirs[other]
+            lines.append(f"| `{mine}` | {other} | {a['bits']:.3f} / {b['bits']:.3f} | "
+                         f"{b['enc'] / a['enc']:.2f}× | {b['dec'] / a['dec']:.2f}× |")
+    return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
+def table(results: list[dict[str, object]], copy_s: float, vectors: int, load: tuple[float, ...],
+          public: list[dict[str, object]] | None = None) -> str:
     mbytes = vectors * HEAD_DIM * 4 / 1e6
     lines = [
         f"Codec throughput — {vectors:,} vectors × d={HEAD_DIM} float32 ({mbytes:.0f} MB), "
@@ -96,7 +141,10 @@ def table(results: list[dict[str, object]], copy_s: float, vectors: int, load: t
     for r in results:
         name = r["spec"] + (f" ({r['label'].partition('@')[2]})" if "@" in r["label"] else "")
         lines.append(row(name, f"{r['bits']:.3f}", f"{r['rel_mse']:.2e}", r["enc"], r["dec"], vectors, mbytes))
-    return "\n".join(lines) + "\n"
+    for r in public or []:
+        lines.append(row(f"[public] {r['name']}", f"{r['bits']:.3f}", "—", r["enc"], r["dec"], vectors, mbytes)
+                     .replace("`", ""))
+    return "\n".join(lines) + "\n" + (ratios(results, public) if public else "")
 
 
 def main() -> None:
@@ -104,6 +152,7 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=1 << 20)
     parser.add_argument("--only", nargs="*", help="benchmark only these labels (spec, or spec@keys|values)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "codecs.md")
+    parser.add_argument("--public-python", help="python of a separate venv with polarquant/tiny-turboquant")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     x = np.random.default_rng(0).standard_normal((HEADS, args.vectors // HEADS, HEAD_DIM)).astype(np.float32)
@@ -116,7 +165,8 @@ def main() -> None:
         r = results[-1]
         print(f"{label:40s} enc {x.shape[0] * x.shape[1] / r['enc'] / 1e6:6.2f} M vec/s   "
               f"dec {x.shape[0] * x.shape[1] / r['dec'] / 1e6:6.2f} M vec/s", flush=True)
-    text = table(results, copy_s, x.shape[0] * x.shape[1], (load_before, os.getloadavg()[0]))
+    public = public_rows(args.public_python, x.shape[0] * x.shape[1]) if args.public_python else None
+    text = table(results, copy_s, x.shape[0] * x.shape[1], (load_before, os.getloadavg()[0]), public)
     print()
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
