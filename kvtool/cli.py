@@ -260,6 +260,8 @@ def compress(
     layers: Annotated[str, typer.Option("--layers", help="Layers to measure, e.g. '0-5,29' (default all; "
                                         "others are stored as fp16 in --output).")] = "all",
     topk: Annotated[int, typer.Option("--topk", help="k of the attention top-k overlap.")] = 8,
+    sequence: Annotated[int, typer.Option("--sequence", help="Sequence to measure (all are written to "
+                                          "--output).")] = 0,
     require_attention: Annotated[bool, typer.Option("--require-attention", help="Fail when the cache has "
                                                     "no captured queries.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,
@@ -280,7 +282,7 @@ def compress(
         quiet = json_path is not None and str(json_path) == "-"
         with _layer_progress("compressing", quiet) as progress:
             report = run(path, keys_codec, values_codec, output=output, layers=chosen, progress=progress,
-                         force=force, require_attention=require_attention, topk=topk)
+                         force=force, sequence=sequence, require_attention=require_attention, topk=topk)
         write_json(report, json_path)
         if not quiet:
             _render_compress(report)
