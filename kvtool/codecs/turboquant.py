@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -57,6 +58,32 @@ def quantize(u: torch.Tensor, boundaries: np.ndarray) -> np.ndarray:
             codes += np.greater(a, t).view(np.uint8)
         return codes
     return torch.bucketize(u, torch.from_numpy(boundaries), out_int32=True).to(torch.uint8).numpy()
+
+
+@cache
+def _nibble3_table(centroids: tuple[float, ...]) -> torch.Tensor:
+    """``(4096, 4)`` float32: the 4 centroids that one 12-bit unit of packed 3-bit codes stands for."""
+    units = np.arange(4096)
+    c = np.asarray(centroids, dtype=np.float32)
+    return torch.from_numpy(np.stack([c[(units >> (3 * j)) & 7] for j in range(4)], axis=1))
+
+
+def lookup(packed: np.ndarray, bits: int, count: int, centroids: torch.Tensor) -> torch.Tensor:
+    """``centroids[code]`` for the first ``count`` codes of ``packed``: ``(count,)`` float32.
+
+    At 3 bits (the width kvtool is benchmarked at) it skips unpacking: bitpack stores 8 codes little-endian
+    in 3 bytes, i.e. two 12-bit units of 4 codes each, and one gather from a 4096-row table decodes a unit
+    — about twice as fast as unpack + gather.
+    """
+    if bits != 3 or count % 8:
+        codes = torch.from_numpy(bitpack.unpack(packed, bits, count))
+        return torch.index_select(centroids, 0, codes.int())
+    b = packed[: count * 3 // 8].reshape(-1, 3).astype(np.int32)  # (groups, 3) bytes
+    units = np.empty((b.shape[0], 2), dtype=np.int32)
+    units[:, 0] = b[:, 0] | ((b[:, 1] & 0xF) << 8)  # codes 0..3 of the group
+    units[:, 1] = (b[:, 1] >> 4) | (b[:, 2] << 4)  # codes 4..7
+    table = _nibble3_table(tuple(centroids.tolist()))
+    return torch.index_select(table, 0, torch.from_numpy(units.reshape(-1))).view(-1)
 
 
 @dataclass(frozen=True)
@@ -133,8 +160,7 @@ class _Stage:
             k = min(CHUNK, n - s)
             if self.mse_bits:
                 block = a["codes"][i * code_bytes : (i + 1) * code_bytes]
-                c = torch.from_numpy(bitpack.unpack(block, self.mse_bits, k * self.dim))
-                y = torch.index_select(centroids, 0, c.int()).view(k, self.dim)
+                y = lookup(block, self.mse_bits, k * self.dim, centroids).view(k, self.dim)
             else:
                 y = torch.zeros(k, self.dim)
             if self.prod:
