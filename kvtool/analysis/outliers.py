@@ -35,8 +35,8 @@ DEFAULT_SEED = 0
 
 
 def channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Max |x| of every channel over the tokens: (heads, tokens, d) → (heads, d)."""
-    return x.abs().amax(dim=1)
+    """Max |x| of every channel over the tokens: (heads, tokens, d) → (heads, d), without an |x| copy."""
+    return torch.maximum(x.amax(dim=1), x.amin(dim=1).neg())
 
 
 def outlier_channels(absmax: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[list[int]]:
@@ -45,19 +45,21 @@ def outlier_channels(absmax: torch.Tensor, factor: float = OUTLIER_FACTOR) -> li
     return [torch.nonzero(row > factor * m).flatten().tolist() for row, m in zip(absmax, med, strict=True)]
 
 
+def _kurtosis_head(head: torch.Tensor) -> float:
+    """Pearson kurtosis of all entries of one head (tokens, d), in float64."""
+    c = head.reshape(-1).to(torch.float64)
+    c -= c.mean()
+    c2 = c.square_()
+    m2 = float(c2.mean())
+    return float(c2.square_().mean()) / m2 ** 2 if m2 > 0 else 0.0
+
+
 def kurtosis(x: torch.Tensor) -> torch.Tensor:
     """Pearson kurtosis of all entries of each head: (heads, tokens, d) → (heads,). Gaussian = 3.
 
-    One head at a time in float64, so the temporaries are a fraction of the layer.
+    One head at a time, so the float64 temporaries are a fraction of the layer.
     """
-    out = torch.zeros(x.shape[0], dtype=torch.float64)
-    for h, head in enumerate(x):
-        c = head.reshape(-1).to(torch.float64)
-        c -= c.mean()
-        c2 = c.square_()
-        m2 = c2.mean()
-        out[h] = c2.square_().mean() / m2 ** 2 if m2 > 0 else 0.0
-    return out
+    return torch.tensor([_kurtosis_head(head) for head in x], dtype=torch.float64)
 
 
 def random_rotation(d: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
@@ -71,12 +73,16 @@ def scale_dispersion(x: torch.Tensor) -> dict[str, float]:
     """Variance of the mean energy across channels and across tokens, relative to its mean².
 
     x: (heads, tokens, d). Outlier channels raise ``per_channel``; tokens of very different norm
-    (attention sinks, punctuation) raise ``per_token``.
+    (attention sinks, punctuation) raise ``per_token``. One head at a time.
     """
-    e = x.to(torch.float64) ** 2  # (heads, T, d)
-    mu2 = e.mean().clamp_min(1e-300) ** 2
-    return {"per_channel": float(e.mean(dim=1).var(dim=1, unbiased=False).mean() / mu2),
-            "per_token": float(e.mean(dim=2).var(dim=1, unbiased=False).mean() / mu2)}
+    ch, tok = [], []
+    for head in x:
+        e = head.to(torch.float64).square_()  # (T, d)
+        ch.append(e.mean(dim=0))
+        tok.append(e.mean(dim=1))
+    mu2 = torch.stack(ch).mean().clamp_min(1e-300) ** 2  # every head has T·d entries: mean of means
+    return {"per_channel": float(torch.stack([c.var(unbiased=False) for c in ch]).mean() / mu2),
+            "per_token": float(torch.stack([t.var(unbiased=False) for t in tok]).mean() / mu2)}
 
 
 def fake_quant_lastdim(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -95,19 +101,38 @@ def fake_quant_lastdim(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return deq.reshape(*x.shape[:-1], -1)[..., :n]
 
 
+def _quant_error(head: torch.Tensor, axis: str, bits: int) -> tuple[float, float]:
+    """(Σ squared error, Σ x²) of one head (tokens, d) through the simulated quantizer."""
+    d = head.shape[-1]
+    y = head if axis == "per-token" else head.T  # groups run along the last axis
+    err = (y - fake_quant_lastdim(y, bits, d)).square_().sum(dtype=torch.float64)
+    return float(err), float(head.square().sum(dtype=torch.float64))
+
+
 def quant_rel_mse(x: torch.Tensor, axis: str, bits: int = SIM_BITS) -> float:
     """Relative MSE of a simulated min-max quantizer grouped per token or per channel.
 
     x: (heads, tokens, d). Per token: each token's d channels share a scale. Per channel: each run of
     d consecutive tokens of one channel shares one (KIVI's grouping for keys), the same scale count.
     """
-    d = x.shape[-1]
-    if axis == "per-token":
-        xq = fake_quant_lastdim(x, bits, d)
-    else:
-        xq = fake_quant_lastdim(x.transpose(1, 2), bits, d).transpose(1, 2)
-    energy = float((x.to(torch.float64) ** 2).sum())
-    return float(((x - xq).to(torch.float64) ** 2).sum()) / energy if energy > 0 else 0.0
+    sums = [_quant_error(head, axis, bits) for head in x]
+    energy = sum(e for _, e in sums)
+    return sum(err for err, _ in sums) / energy if energy > 0 else 0.0
+
+
+def rotated_figures(x: torch.Tensor, rotation: torch.Tensor, bits: int = SIM_BITS
+                    ) -> tuple[torch.Tensor, float]:
+    """Kurtosis per head (heads,) and per-token relative MSE after rotating the channels of x.
+
+    x: (heads, tokens, d); rotation (d, d) orthogonal keeps every token's norm. One head at a time.
+    """
+    kurt, err, energy = [], 0.0, 0.0
+    for head in x:
+        r = head @ rotation  # (tokens, d)
+        kurt.append(_kurtosis_head(r))
+        e, n = _quant_error(r, "per-token", bits)
+        err, energy = err + e, energy + n
+    return torch.tensor(kurt, dtype=torch.float64), err / energy if energy > 0 else 0.0
 
 
 def recommend_axis(err_token: float, err_channel: float) -> str:
@@ -129,11 +154,9 @@ def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
     absmax = channel_absmax(x)  # (heads, d)
     med = absmax.median(dim=1).values
     kurt = kurtosis(x)
-    rotated = x @ rotation  # (heads, tokens, d): rotates channels, keeps every token's norm
-    kurt_rot = kurtosis(rotated)
+    kurt_rot, err_rot = rotated_figures(x, rotation)
     err_tok, err_ch = quant_rel_mse(x, "per-token"), quant_rel_mse(x, "per-channel")
-    errors = {"per-token": err_tok, "per-channel": err_ch,
-              "per-token-rotated": quant_rel_mse(rotated, "per-token")}
+    errors = {"per-token": err_tok, "per-channel": err_ch, "per-token-rotated": err_rot}
     return {
         "channel_absmax": absmax.tolist(),  # (heads, d): the magnitude profile the plots draw
         "max_over_median": (absmax.amax(dim=1) / med.clamp_min(1e-30)).tolist(),

@@ -28,25 +28,50 @@ import torch
 SHARE_COSINE = 0.9  # both keys and values this close in direction → a cross-layer sharing candidate
 
 
+def _row_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram diagonal a (T,) and K̃·1 (T,) of the heads of x (heads, T, d) side by side, in float64."""
+    a = torch.zeros(x.shape[1], dtype=torch.float64)
+    k1 = torch.zeros_like(a)
+    for head in x:
+        h = head.to(torch.float64)  # (T, d): one head at a time keeps the float64 copy small
+        a += h.square().sum(dim=1)
+        k1 += h @ h.sum(dim=0)
+    return a, k1 - a
+
+
+def _cross_frobenius(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖XᵀY‖²_F of the heads side by side, X = [x_0 … x_H], as Σ_ij ‖x_iᵀ y_j‖², one pair at a time."""
+    total = torch.zeros((), dtype=torch.float64)
+    for xi in x:
+        xd = xi.to(torch.float64)
+        for yj in y:
+            total += (xd.T @ yj.to(torch.float64)).square().sum()
+    return total
+
+
 def _hsic_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC of linear kernels K = xxᵀ, L = yyᵀ (Song et al., 2012) in O(T·p·q), never forming
-    the (T, T) Gram matrices: with the diagonals zeroed, K̃ = K - diag(a), a_i = ‖x_i‖²."""
-    n = x.shape[0]
-    a, b = (x * x).sum(dim=1), (y * y).sum(dim=1)  # (T,) Gram diagonals
-    k1, l1 = x @ x.sum(dim=0) - a, y @ y.sum(dim=0) - b  # K̃·1, L̃·1: (T,)
-    tr_kl = torch.linalg.matrix_norm(x.T @ y) ** 2 - (a * b).sum()
+    """Unbiased HSIC of linear kernels K = XXᵀ, L = YYᵀ (Song et al., 2012) in O(T·p·q), never forming
+    the (T, T) Gram matrices: with the diagonals zeroed, K̃ = K − diag(a), a_i = ‖X_i‖².
+
+    x: (heads, T, d), y: (heads', T, d'), each read as its heads side by side.
+    """
+    n = x.shape[1]
+    a, k1 = _row_terms(x)
+    b, l1 = _row_terms(y)
+    tr_kl = _cross_frobenius(x, y) - (a * b).sum()
     return (tr_kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)) / (n * (n - 3))
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Debiased linear CKA of x: (tokens, p) and y: (tokens, q); 1 for identical, ≈ 0 for unrelated.
+    """Debiased linear CKA of x and y: (tokens, p) matrices, or (heads, tokens, d) read as the heads side
+    by side. 1 for identical, ≈ 0 for unrelated; 0 for constant data or fewer than 4 tokens.
 
     The plain (biased) estimator gives unrelated data about p / (T + p) — 0.2 for 64 channels over 256
-    tokens, more for whole layers — so the unbiased HSIC is used. Constant data or T < 4 gives 0.
+    tokens, more for whole layers — so the unbiased HSIC is used.
     """
-    if x.shape[0] < 4:
+    x, y = (x[None] if x.dim() == 2 else x), (y[None] if y.dim() == 2 else y)
+    if x.shape[1] < 4:
         return 0.0
-    x, y = x.to(torch.float64), y.to(torch.float64)
     den = _hsic_unbiased(x, x) * _hsic_unbiased(y, y)
     return float(_hsic_unbiased(x, y) / den.sqrt()) if den > 0 else 0.0
 
@@ -104,10 +129,10 @@ class LayerState:
 
 def _per_head(prev: torch.Tensor, cur: torch.Tensor) -> dict[str, Any]:
     """Cosine and CKA of matching heads, and CKA of the whole layer; (heads, T, d) each, aligned."""
-    h, t, d = cur.shape
+    h = cur.shape[0]
     cos = [token_cosine(prev[i], cur[i]) for i in range(h)]
     cka = [linear_cka(prev[i], cur[i]) for i in range(h)]
-    joint = linear_cka(prev.permute(1, 0, 2).reshape(t, h * d), cur.permute(1, 0, 2).reshape(t, h * d))
+    joint = linear_cka(prev, cur)  # the layer's heads side by side, (T, heads·d)
     return {"cosine": cos, "cka": cka, "mean_cosine": float(np.mean(cos)), "mean_cka": float(np.mean(cka)),
             "layer_cka": joint}
 
@@ -120,11 +145,15 @@ def compare_layers(prev: LayerState, cur: LayerState) -> dict[str, Any]:
         out["note"] = "fewer than 2 token positions in common: not compared"
         out["sharing_candidate"] = False
         return out
-    ip_t, ic_t = torch.from_numpy(ip), torch.from_numpy(ic)
-    out["keys"] = _per_head(prev.keys[:, ip_t], cur.keys[:, ic_t])
-    out["values"] = _per_head(prev.values[:, ip_t], cur.values[:, ic_t])
+    same = len(common) == len(prev.positions) == len(cur.positions)  # the usual case: no copies
+
+    def align(a: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        return a if same else a[:, torch.from_numpy(idx)]
+
+    out["keys"] = _per_head(align(prev.keys, ip), align(cur.keys, ic))
+    out["values"] = _per_head(align(prev.values, ip), align(cur.values, ic))
     if prev.profile is not None and cur.profile is not None:
-        cos = profile_cosine(prev.profile[:, ip_t], cur.profile[:, ic_t])
+        cos = profile_cosine(align(prev.profile, ip), align(cur.profile, ic))
         out["attention"] = {"cosine": cos.tolist(), "mean_cosine": float(cos.mean())}
     out["sharing_candidate"] = bool(out["keys"]["mean_cosine"] >= SHARE_COSINE
                                     and out["values"]["mean_cosine"] >= SHARE_COSINE)
