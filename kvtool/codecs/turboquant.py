@@ -86,9 +86,26 @@ def lookup(packed: np.ndarray, bits: int, count: int, centroids: torch.Tensor) -
     return torch.index_select(table, 0, torch.from_numpy(units.reshape(-1))).view(-1)
 
 
+def _head_segments(start: int, stop: int, tokens: int, shared: bool) -> list[tuple[int, int, int]]:
+    """``(a, b, head)`` slices of rows ``start..stop`` (row = head * tokens + token), relative to ``start``.
+
+    With a basis shared by all heads the whole block is one segment.
+    """
+    if shared:
+        return [(0, stop - start, 0)]
+    first, last = start // tokens, (stop - 1) // tokens
+    return [(max(start, h * tokens) - start, min(stop, (h + 1) * tokens) - start, h) for h in range(first, last + 1)]
+
+
 @dataclass(frozen=True)
 class _Stage:
-    """One TurboQuant instance: ``dim`` channels, integer ``bits``, on rows ``(n, dim)``.
+    """One TurboQuant instance: ``dim`` channels, integer ``bits``.
+
+    It works on full rows ``(n, D)`` (row = head * tokens + token) through a ``basis`` ``(B, dim, D)``:
+    ``y = x @ basis[h].T`` rotates the stage's channels, ``y @ basis[h]`` puts them back. For integer bits
+    ``B = 1`` and the basis is the rotation itself (``D = dim``); for a fractional split each head's basis
+    is the rotation scattered into that head's channel columns, so the channel gather and scatter cost
+    nothing beyond the matmul.
 
     Arrays (names prefixed by ``prefix``): ``codes`` packed mse codes, ``norms`` fp16 ``(n,)``; for prod also
     ``qjl`` packed residual signs and ``residual_norms`` fp16 (not at ``bits = 1``).
@@ -105,28 +122,39 @@ class _Stage:
     def mse_bits(self) -> int:
         return self.bits - 1 if self.prod else self.bits
 
-    def _tables(self) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """Rotation ``(dim, dim)``, boundaries (float32), centroids (float32 tensor)."""
+    def basis(self, channels: np.ndarray | None = None, full_dim: int = 0) -> torch.Tensor:
+        """``(1, dim, dim)`` rotation, or ``(heads, dim, full_dim)`` with it placed at ``channels[h]``."""
         rot = random_rotation(self.dim, self.seed, self.part)
-        if not self.mse_bits:
-            return rot, np.zeros(0, np.float32), torch.zeros(1)
-        cb = sphere_codebook(self.dim, self.mse_bits)
-        return rot, cb.boundaries.astype(np.float32), torch.from_numpy(cb.centroids.astype(np.float32))
+        if channels is None:
+            return rot[None]
+        out = torch.zeros(channels.shape[0], self.dim, full_dim)
+        for h, idx in enumerate(channels):
+            out[h][:, torch.from_numpy(idx.astype(np.int64))] = rot
+        return out
 
-    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays for rows ``x`` ``(n, dim)`` float32."""
-        rot, bounds, centroids = self._tables()
+    def _codebook(self) -> tuple[np.ndarray, torch.Tensor]:
+        """Boundaries (float32 array) and centroids (float32 tensor) of the mse stage."""
+        if not self.mse_bits:
+            return np.zeros(0, np.float32), torch.zeros(1)
+        cb = sphere_codebook(self.dim, self.mse_bits)
+        return cb.boundaries.astype(np.float32), torch.from_numpy(cb.centroids.astype(np.float32))
+
+    def encode(self, rows: torch.Tensor, basis: torch.Tensor, tokens: int) -> dict[str, np.ndarray]:
+        """Arrays for ``rows`` ``(n, D)`` float32."""
+        bounds, centroids = self._codebook()
         proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
-        rows = as_rows(x, self.dim)
         n = rows.shape[0]
         norms = torch.empty(n)
         rnorms = torch.empty(n)
         codes: list[np.ndarray] = []
         signs: list[np.ndarray] = []
         for s in range(0, n, CHUNK):
-            y = rows[s : s + CHUNK] @ rot.T  # (c, dim) rotated; ‖y‖ = ‖x‖
+            e = min(s + CHUNK, n)
+            y = torch.empty(e - s, self.dim)
+            for a, b, h in _head_segments(s, e, tokens, basis.shape[0] == 1):
+                torch.mm(rows[s + a : s + b], basis[h].T, out=y[a:b])  # rotated; ‖y‖ = ‖x‖ (of the channels)
             nrm = torch.linalg.vector_norm(y, dim=1)
-            norms[s : s + CHUNK] = nrm
+            norms[s:e] = nrm
             y.div_(nrm.clamp_min(1e-30)[:, None])  # unit directions (zero rows stay zero)
             if self.mse_bits:
                 c = quantize(y, bounds)  # (c, dim) uint8
@@ -135,7 +163,7 @@ class _Stage:
                 if self.mse_bits:
                     y_mse = torch.index_select(centroids, 0, torch.from_numpy(c).view(-1).int())
                     y.sub_(y_mse.view_as(y))  # residual r of the unit direction
-                    rnorms[s : s + CHUNK] = torch.linalg.vector_norm(y, dim=1)
+                    rnorms[s:e] = torch.linalg.vector_norm(y, dim=1)
                 signs.append(sign_sketch(y, proj))
         out = {"norms": fp16_norms(norms)}
         if self.mse_bits:
@@ -146,29 +174,35 @@ class _Stage:
                 out["residual_norms"] = fp16_norms(rnorms)
         return {self.prefix + k: v for k, v in out.items()}
 
-    def decode(self, arrays: dict[str, np.ndarray], n: int) -> np.ndarray:
-        """Rows ``(n, dim)`` float32 from this stage's arrays."""
-        rot, _, centroids = self._tables()
+    def decode_into(
+        self, out: torch.Tensor, arrays: dict[str, np.ndarray], basis: torch.Tensor, tokens: int, add: bool
+    ) -> None:
+        """Write (``add=False``) or add this stage's part of the rows into ``out`` ``(n, D)``."""
+        _, centroids = self._codebook()
         proj = gaussian_projection(self.dim, self.dim, self.seed, self.part) if self.prod else None
         a = {k[len(self.prefix) :]: v for k, v in arrays.items() if k.startswith(self.prefix)}
         norms = torch.from_numpy(a["norms"].astype(np.float32).reshape(-1))
         rnorms = torch.from_numpy(a["residual_norms"].astype(np.float32).reshape(-1)) if "residual_norms" in a else None
-        out = torch.empty(n, self.dim)
+        n = out.shape[0]
         code_bytes = CHUNK * self.dim * self.mse_bits // 8  # bytes per full block
         sign_bytes = CHUNK * self.dim // 8
         for i, s in enumerate(range(0, n, CHUNK)):
-            k = min(CHUNK, n - s)
+            e = min(s + CHUNK, n)
+            k = e - s
             if self.mse_bits:
                 block = a["codes"][i * code_bytes : (i + 1) * code_bytes]
                 y = lookup(block, self.mse_bits, k * self.dim, centroids).view(k, self.dim)
             else:
                 y = torch.zeros(k, self.dim)
             if self.prod:
-                scale = rnorms[s : s + k] if rnorms is not None else torch.ones(k)
+                scale = rnorms[s:e] if rnorms is not None else torch.ones(k)
                 y += sign_unsketch(a["qjl"][i * sign_bytes : (i + 1) * sign_bytes], k, proj, scale)
-            torch.mm(y, rot, out=out[s : s + k])
-            out[s : s + k] *= norms[s : s + k, None]
-        return out.numpy()
+            y *= norms[s:e, None]  # (y @ B) * norm == (y * norm) @ B, on the narrower side
+            for lo, hi, h in _head_segments(s, e, tokens, basis.shape[0] == 1):
+                if add:
+                    out[s + lo : s + hi].addmm_(y[lo:hi], basis[h])
+                else:
+                    torch.mm(y[lo:hi], basis[h], out=out[s + lo : s + hi])
 
 
 def join_packed(parts: list[np.ndarray]) -> np.ndarray:
@@ -257,19 +291,26 @@ class TurboQuant(Codec):
         x = check_input(x)
         heads, tokens, d = x.shape
         self.validate(d)
-        meta = {"seed": self.seed}
-        if not self.fractional:
-            arrays = self._stage(d, int(self.bits), 0).encode(x.reshape(-1, d))
-            return Encoded(_norms_per_head(arrays, heads, tokens), x.shape, meta)
-        if self._outliers is None:
+        rows = as_rows(x, d)  # (heads * tokens, d)
+        arrays: dict[str, np.ndarray] = {}
+        if self.fractional and self._outliers is None:
             self.fit(x)
+        for stage, basis in self._stages(heads, d):
+            arrays.update(stage.encode(rows, basis, tokens))
+        return Encoded(_norms_per_head(arrays, heads, tokens), x.shape, {"seed": self.seed})
+
+    def _stages(self, heads: int, d: int, seed: int | None = None) -> list[tuple[_Stage, torch.Tensor]]:
+        """The TurboQuant instances of this budget with their bases (see :class:`_Stage`)."""
+        seed = self.seed if seed is None else seed
+        prod = self.variant == "prod"
+        if not self.fractional:
+            stage = _Stage(d, int(self.bits), prod, seed, 0)
+            return [(stage, stage.basis())]
         hi, lo = self._channel_sets(heads, d)
         n_out, b_hi, b_lo = self._split(d)
-        x_hi = _take_channels(x, hi).reshape(-1, n_out)
-        x_lo = _take_channels(x, lo).reshape(-1, d - n_out)
-        arrays = self._stage(d - n_out, b_lo, 0).encode(x_lo)
-        arrays.update(self._stage(n_out, b_hi, 1, OUTLIER).encode(x_hi))
-        return Encoded(_norms_per_head(arrays, heads, tokens), x.shape, meta)
+        normal = _Stage(d - n_out, b_lo, prod, seed, 0)
+        outlier = _Stage(n_out, b_hi, prod, seed, 1, OUTLIER)
+        return [(normal, normal.basis(lo, d)), (outlier, outlier.basis(hi, d))]
 
     def _channel_sets(self, heads: int, d: int) -> tuple[np.ndarray, np.ndarray]:
         """Outlier and normal channel indices per head, ``(heads, n_out)`` and ``(heads, d - n_out)``."""
@@ -290,37 +331,13 @@ class TurboQuant(Codec):
     def decode(self, enc: Encoded) -> np.ndarray:
         """Rebuild float32 ``enc.shape`` ``(heads, tokens, head_dim)``."""
         heads, tokens, d = enc.shape
-        seed = int(enc.meta.get("seed", self.seed))
-        codec = self if seed == self.seed else _with_seed(self, seed)
-        n = heads * tokens
-        if not self.fractional:
-            return codec._stage(d, int(self.bits), 0).decode(enc.arrays, n).reshape(enc.shape)
-        hi, lo = self._channel_sets(heads, d)
-        n_out, b_hi, b_lo = self._split(d)
-        x_lo = codec._stage(d - n_out, b_lo, 0).decode(enc.arrays, n).reshape(heads, tokens, d - n_out)
-        x_hi = codec._stage(n_out, b_hi, 1, OUTLIER).decode(enc.arrays, n).reshape(heads, tokens, n_out)
-        joined = np.concatenate([x_lo, x_hi], axis=2)  # channels in order (lo, hi) per head
-        inverse = np.argsort(np.concatenate([lo, hi], axis=1), axis=1)  # (heads, d): back to channel order
-        return _take_channels(joined, inverse)
+        out = torch.empty(heads * tokens, d)
+        stages = self._stages(heads, d, int(enc.meta.get("seed", self.seed)))
+        for i, (stage, basis) in enumerate(stages):
+            stage.decode_into(out, enc.arrays, basis, tokens, add=i > 0)
+        return out.numpy().reshape(enc.shape)
 
 
 def _norms_per_head(arrays: dict[str, np.ndarray], heads: int, tokens: int) -> dict[str, np.ndarray]:
     """Store the per-vector fp16 norms as ``(heads, tokens)``, the layout the rest of the file uses."""
     return {k: v.reshape(heads, tokens) if k.endswith("norms") else v for k, v in arrays.items()}
-
-
-def _take_channels(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``x[h][:, idx[h]]`` for every head: ``(heads, tokens, k)`` from ``x`` ``(heads, tokens, d)``.
-
-    Per-head ``np.take`` is a plain strided gather, several times faster than ``take_along_axis``.
-    """
-    out = np.empty(x.shape[:2] + idx.shape[1:], dtype=x.dtype)
-    for h in range(x.shape[0]):
-        np.take(x[h], idx[h], axis=1, out=out[h], mode="clip")  # "raise" would buffer `out`
-    return out
-
-
-def _with_seed(codec: TurboQuant, seed: int) -> TurboQuant:
-    other = TurboQuant(codec.bits, seed, codec.variant)
-    other._outliers = codec._outliers
-    return other
