@@ -4,10 +4,7 @@
 encode, decode, measure (:mod:`kvtool.metrics`) and, with ``output``, write the stored arrays to a
 ``kind="compressed"`` file. :func:`decompress` turns such a file back into an ordinary cache file.
 
-Stored arrays of one tensor live in the group ``.../layers/<i>/keys`` (or ``values``) under the names the
-codec gave them; the group's attributes are ``codec`` (canonical spec), ``shape``, ``stored_bytes`` (sum
-of the codec's arrays), ``meta.<name>`` for each scalar of ``Encoded.meta`` and the codec's shared state as
-datasets ``shared.<name>`` (fixed overhead, reported separately from bits per element).
+The layout of the codec groups is defined in :mod:`kvtool.store` (module docstring, "compressed file").
 
 Layers outside ``layers`` are written with the ``fp16`` codec so the file stays complete; the report
 covers only the selected layers.
@@ -26,21 +23,23 @@ from kvtool import metrics
 from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
 from kvtool.errors import CodecError, InputError, StoreError
 from kvtool.store import (
+    CODEC_ATTR,
     KEYS,
     KIND_CACHE,
     KIND_COMPRESSED,
+    META_PREFIX,
     QUERIES,
     QUERY_POSITIONS,
+    SHARED_PREFIX,
+    STORED_BYTES_ATTR,
     VALUES,
     CacheReader,
     CacheWriter,
     LayerData,
-    StoreHeader,
-    StoreInfo,
+    copy_sequence,
+    derived_writer,
 )
 
-SHARED = "shared."
-META = "meta."
 PASSTHROUGH = "fp16"
 Progress = Callable[[int, int], None]
 
@@ -106,48 +105,12 @@ def _joint_mask(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None
 # ------------------------------------------------------------------------------------------- the file
 
 
-def _header(info: StoreInfo, kind: str, extra: dict[str, Any]) -> StoreHeader:
-    return StoreHeader(model=info.model, model_architecture=info.model_architecture,
-                       num_layers=info.num_layers, num_q_heads=info.num_q_heads,
-                       num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
-                       attn_scaling=info.attn_scaling, dtype=info.dtype, model_source=info.model_source,
-                       kind=kind, extra=extra)
-
-
-class _FixedDigest:
-    """Stands in for the writer's running text hash so a derived file keeps its source's text_sha256."""
-
-    def __init__(self, hexdigest: str) -> None:
-        self._hex = hexdigest
-
-    def update(self, data: bytes) -> None:
-        return None
-
-    def hexdigest(self) -> str:
-        return self._hex
-
-
-def _open_writer(output: Path, info: StoreInfo, kind: str, extra: dict[str, Any], force: bool,
-                 source: Path) -> CacheWriter:
-    if output.resolve() == source.resolve():
-        raise InputError(f"{output}: the output must not be the input file")
-    writer = CacheWriter(output, _header(info, kind, extra), force=force)
-    writer._texts = _FixedDigest(info.text_sha256)  # type: ignore[assignment]  # provenance, see class
-    return writer
-
-
-def _copy_sequence(writer: CacheWriter, reader: CacheReader, j: int) -> None:
-    seq = reader.info.sequences[j]
-    writer.add_sequence(reader.tokens(j), source=seq.source)
-    writer._h5[f"sequences/{j}"].attrs["text_sha256"] = seq.text_sha256  # the source text's hash
-
-
 def _write_tensor(writer: CacheWriter, j: int, data: LayerData, name: str, codec: Codec,
                   enc: Encoded) -> None:
     arrays = dict(enc.arrays)
-    arrays.update({SHARED + k: v for k, v in codec.shared_state().items()})
-    attrs: dict[str, Any] = {"codec": codec.spec(), "stored_bytes": enc.nbytes}
-    attrs.update({META + k: v for k, v in enc.meta.items()})
+    arrays.update({SHARED_PREFIX + k: v for k, v in codec.shared_state().items()})
+    attrs: dict[str, Any] = {CODEC_ATTR: codec.spec(), STORED_BYTES_ATTR: enc.nbytes}
+    attrs.update({META_PREFIX + k: v for k, v in enc.meta.items()})
     writer.write_encoded(j, data.layer, name, arrays, attrs, shape=enc.shape, layer_type=data.layer_type,
                          sliding_window=data.sliding_window, key_start=int(data.key_positions[0])
                          if data.key_positions.size else 0)
@@ -236,7 +199,7 @@ def compress(
         writer = None
         if output is not None:
             extra = {"codec_keys": keys_codec.spec(), "codec_values": values_codec.spec()}
-            writer = _open_writer(Path(output), info, KIND_COMPRESSED, extra, force, path)
+            writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
         try:
             rows = _run(reader, keys_codec, values_codec, chosen, sequence, writer, progress, topk)
         except BaseException:
@@ -263,7 +226,7 @@ def _run(reader: CacheReader, keys_codec: Codec, values_codec: Codec, chosen: li
     total, done = len(chosen), 0
     for j in sequences:
         if writer is not None:
-            _copy_sequence(writer, reader, j)
+            copy_sequence(writer, reader, j)
         for i in range(reader.info.num_layers) if writer is not None else chosen:
             data = reader.layer(i, j)
             if i not in selected:
@@ -291,10 +254,10 @@ def decompress(path: Path | str, output: Path | str, *, force: bool = False,
     path = Path(path)
     with CacheReader(path, kinds=(KIND_COMPRESSED,)) as reader:
         info = reader.info
-        with _open_writer(Path(output), info, KIND_CACHE, {}, force, path) as writer:
+        with derived_writer(output, info, kind=KIND_CACHE, force=force) as writer:
             total = len(info.sequences) * info.num_layers
             for j in range(len(info.sequences)):
-                _copy_sequence(writer, reader, j)
+                copy_sequence(writer, reader, j)
                 for i in range(info.num_layers):
                     _decompress_layer(reader, writer, j, i)
                     if progress is not None:
@@ -309,12 +272,12 @@ def read_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0) -
     """Decode the ``keys`` or ``values`` group of one layer of a compressed file: ``(kv_heads, T, d)``."""
     arrays, attrs = reader.read_encoded(layer, name, sequence)
     try:
-        codec = parse_spec(str(attrs["codec"]))
+        codec = parse_spec(str(attrs[CODEC_ATTR]))
     except (KeyError, CodecError) as exc:
         raise StoreError(f"{reader.path}: layer {layer} {name}: cannot rebuild its codec ({exc})") from None
-    stored = {k: v for k, v in arrays.items() if not k.startswith(SHARED)}
-    shared = {k[len(SHARED):]: v for k, v in arrays.items() if k.startswith(SHARED)}
-    meta = {k[len(META):]: _scalar(v) for k, v in attrs.items() if k.startswith(META)}
+    stored = {k: v for k, v in arrays.items() if not k.startswith(SHARED_PREFIX)}
+    shared = {k[len(SHARED_PREFIX):]: v for k, v in arrays.items() if k.startswith(SHARED_PREFIX)}
+    meta = {k[len(META_PREFIX):]: _scalar(v) for k, v in attrs.items() if k.startswith(META_PREFIX)}
     shape = tuple(int(s) for s in attrs["shape"])
     codec.load_shared_state(shared)
     return codec.decode(Encoded(stored, shape, meta))  # type: ignore[arg-type]

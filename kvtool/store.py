@@ -43,9 +43,12 @@ Groups and datasets::
 per chunk, so one head or one layer reads without touching the rest.
 
 In a compressed file (kind="compressed") ``keys`` and ``values`` are *groups* instead of datasets.
-Each holds the codec's stored arrays (packed codes, scales, norms, ...) as datasets, and attributes
-``codec`` (the canonical spec), ``shape`` (heads, tokens, head_dim) and the codec's small scalar state
-(seeds, never matrices). Queries, when present, stay as they were so attention metrics still work.
+Each holds the codec's stored arrays (packed codes, scales, norms, ...) as datasets under the codec's
+names, its shared state (a fixed per-layer overhead such as an index table) as datasets
+``shared.<name>``, and attributes ``codec`` (the canonical spec), ``shape`` (heads, tokens, head_dim),
+``stored_bytes`` (sum of the codec's arrays, shared state excluded) and ``meta.<name>`` for each of the
+codec's small scalars (seeds, never matrices). Queries, when present, stay as they were so attention
+metrics still work. A compressed file keeps its source's ``text_sha256`` values.
 
 Readers validate the schema version, the required attributes and every shape against the root
 attributes, and fail with a :class:`~kvtool.errors.StoreError` that names what was expected.
@@ -626,3 +629,48 @@ def iter_layers(reader: CacheReader, layers: list[int] | None = None, sequence: 
     """Yield LayerData one layer at a time (streaming: only one layer is in memory)."""
     for i in layers if layers is not None else range(reader.info.num_layers):
         yield reader.layer(i, sequence)
+
+
+# ------------------------------------------------------------------------ derived files (compress/decompress)
+
+CODEC_ATTR = "codec"
+STORED_BYTES_ATTR = "stored_bytes"
+SHARED_PREFIX = "shared."
+META_PREFIX = "meta."
+
+
+class _FixedDigest:
+    """Stands in for a writer's running text hash so a derived file keeps its source's text_sha256."""
+
+    def __init__(self, hexdigest: str) -> None:
+        self._hex = hexdigest
+
+    def update(self, data: bytes) -> None:
+        return None
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
+def derived_writer(path: Path | str, source: StoreInfo, *, kind: str, extra: Mapping[str, Any] | None = None,
+                   force: bool = False) -> CacheWriter:
+    """A writer for a file derived from ``source`` (compressed or decompressed): the same model header and
+    text hashes, another ``kind``. Sequences are copied with :func:`copy_sequence`."""
+    if Path(path).resolve() == Path(source.path).resolve():
+        raise StoreError(f"{path}: the output must not be the input file")
+    header = StoreHeader(model=source.model, model_architecture=source.model_architecture,
+                         num_layers=source.num_layers, num_q_heads=source.num_q_heads,
+                         num_kv_heads=source.num_kv_heads, head_dim=source.head_dim,
+                         attn_scaling=source.attn_scaling, dtype=source.dtype, model_source=source.model_source,
+                         kind=kind, extra=dict(extra or {}))
+    writer = CacheWriter(path, header, force=force)
+    writer._texts = _FixedDigest(source.text_sha256)  # type: ignore[assignment]
+    return writer
+
+
+def copy_sequence(writer: CacheWriter, reader: CacheReader, sequence: int) -> int:
+    """Start a sequence in ``writer`` with the tokens, source and text hash of ``reader``'s ``sequence``."""
+    seq = reader.info.sequences[sequence]
+    j = writer.add_sequence(reader.tokens(sequence), source=seq.source)
+    writer._h5[f"{SEQUENCES}/{j}"].attrs["text_sha256"] = seq.text_sha256
+    return j
