@@ -19,7 +19,8 @@ the rest with ``⌊B⌋`` bits, each set by its own TurboQuant instance (own rot
 bits average exactly ``B`` (the paper's 2.5-bit example, 32 channels at 3 bits and 96 at 2 of 128,
 averages 2.25; we size the outlier set from the budget instead). The outlier channels of each head are
 the ones with the largest mean square in the data given to ``fit``; they are shared state (a fixed
-``(heads, n_outlier)`` index table, reported beside the bits). Stored bits: ``B + 32/d`` (mse).
+``(heads, n_outlier)`` index table, reported beside the bits). Stored bits: ``B + 32/d`` (mse) or
+``B + 64/d`` (prod): each channel set stores its own norms.
 """
 
 from __future__ import annotations
@@ -258,9 +259,6 @@ class TurboQuant(Codec):
         low = math.floor(self.bits)
         n_out = round((self.bits - low) * head_dim)
         return n_out, low + 1, low
-
-    def _stage(self, dim: int, bits: int, part: int, prefix: str = "") -> _Stage:
-        return _Stage(dim, bits, self.variant == "prod", self.seed, part, prefix)
 
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> TurboQuant:
