@@ -84,3 +84,21 @@ def test_constant_groups_decode_exactly() -> None:
     x = np.full((1, 8, 64), 0.25, np.float32)
     codec = Uniform(bits=3, group=16)
     np.testing.assert_array_equal(codec.decode(codec.fit(x).encode(x)), x)
+
+
+@pytest.mark.parametrize("spec", ["uniform:bits=3,group=4", "uniform:bits=5,axis=channel,group=8",
+                                  "kivi:bits=2,axis=channel,group=4,residual=5",
+                                  "kivi:bits=7,axis=token,group=6,residual=0"])
+def test_unaligned_shapes_take_the_unfused_path(spec: str) -> None:
+    # 3 heads × 37 tokens × 12 channels: neither per-head codes nor token groups align to whole bytes
+    x = np.random.default_rng(2).standard_normal((3, 37, 12)).astype(np.float32)
+    codec = parse_spec(spec).fit(x)
+    enc = codec.encode(x)
+    y = codec.decode(enc)
+    step = np.abs(x).max() * 2 / ((1 << codec.bits) - 1)
+    assert np.abs(y - x).max() <= step  # within one step everywhere
+    stats = 2 * enc.arrays["scale"].nbytes
+    residual = enc.arrays["residual"].nbytes if "residual" in enc.arrays else 0
+    quantized = x.size - residual // 2
+    assert enc.arrays["codes"].nbytes == -(-quantized * codec.bits // 8)
+    assert enc.nbytes == enc.arrays["codes"].nbytes + stats + residual
