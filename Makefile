@@ -41,6 +41,9 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_capture.py
+	$(BIN)/python benchmarks/bench_codecs.py
+	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_analyze.py
 
 sample-cache: install
 	$(BIN)/kvtool capture --text samples/apache-2.0.txt --max-tokens 256 --queries last:32 \

@@ -4,6 +4,9 @@ The library is importable without the CLI; heavy dependencies (torch, transforme
 
 >>> import kvtool
 >>> keys, values, queries = kvtool.load_layer("cache.h5", layer=0)   # (heads, tokens, head_dim) each
+>>> codec = kvtool.parse_spec("turboquant:bits=3")
+>>> from kvtool.compress import compress
+>>> report = compress("cache.h5", codec, codec)                       # per-layer bits and errors
 """
 
 from __future__ import annotations
@@ -13,8 +16,19 @@ __version__ = "0.1.0"
 from kvtool.errors import CodecError, InputError, KvtoolError, ModelError, StoreError
 from kvtool.store import CacheReader, CacheWriter, LayerData, StoreHeader, load_layer, read_info
 
+
+def __getattr__(name: str):
+    # the codecs pull in torch: import them only when asked for.
+    if name == "parse_spec":
+        from kvtool.codecs import parse_spec
+
+        return parse_spec
+    raise AttributeError(f"module 'kvtool' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "parse_spec",
     "CacheReader",
     "CacheWriter",
     "CodecError",
