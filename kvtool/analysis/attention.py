@@ -32,6 +32,9 @@ RECENT_WINDOWS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
 SINKS = 4  # StreamingLLM's choice; the sink_mass / old_mass figures use it
 RECENT = 64
 COVER = 0.9  # "holds most of the mass": sink + recent and heavy-hitter figures aim at 90 %
+# A static sink + window cache needs no scores at run time, so it is preferred while it keeps at most
+# twice the per-query oracle budget (H2O/SnapKV only approximate that oracle).
+STATIC_SLACK = 2.0
 SINK_MIN = 0.05  # a sink token must draw at least this share of the mass on average
 # Queries per chunk are chosen so one chunk's probabilities hold about this many floats (1 MiB): the
 # handful of (q_heads, chunk, T) temporaries (softmax, sort, prefix sums) stay a few MiB at any T.
@@ -154,13 +157,16 @@ def _recommend(sink: np.ndarray, cover: np.ndarray, heavy: np.ndarray, tokens: i
     row = cover.mean(axis=0)[SINK_COUNTS.index(sinks)]  # (W,)
     recent = next((w for w, m in zip(RECENT_WINDOWS, row, strict=True) if m >= COVER and w < tokens), None)
     covered = float(row[RECENT_WINDOWS.index(recent)]) if recent else None
+    keep = float(heavy.max())  # a uniform per-head budget must satisfy the most spread-out head
+    static = (sinks + recent) / tokens if recent else None
     return {
         "sinks": sinks,
         "recent": recent,  # None: no sink + window cache holds COVER; heavy hitters must be kept
         "sink_recent_mass": covered,
-        # a uniform per-head budget must satisfy the most spread-out head
-        "keep_fraction": float(heavy.max()),
+        "sink_recent_fraction": static,
+        "keep_fraction": keep,
         "keep_fraction_mean": float(heavy.mean()),
+        "method": "sink+recent" if static is not None and static <= STATIC_SLACK * keep else "heavy-hitters",
     }
 
 

@@ -61,10 +61,10 @@ def recommendation_text(rec: dict[str, Any]) -> str:
         parts.append("rank " + " ".join(ranks))
     ev = rec["eviction"]
     if ev is not None:
-        if ev["recent"] is not None:
+        if ev["method"] == "sink+recent":
             parts.append(f"sinks {ev['sinks']} + recent {ev['recent']}")
         else:
-            parts.append(f"keep {ev['keep_fraction']:.0%} heavy hitters")
+            parts.append(f"keep {ev['keep_fraction']:.0%} heavy hitters (H2O/SnapKV)")
     if rec["share_with_layer"] is not None:
         parts.append(f"share with L{rec['share_with_layer']}")
     return "; ".join(parts)
