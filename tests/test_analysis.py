@@ -310,3 +310,59 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
 def _sink_layer_small(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return gaussian(rng, KV_HEADS, 64, HEAD_DIM), gaussian(rng, KV_HEADS, 64, HEAD_DIM), \
         gaussian(rng, Q_HEADS, 8, HEAD_DIM)
+
+
+def test_sliding_layer_uses_its_window_and_aligns_positions(tmp_path: Path) -> None:
+    """A sliding layer that kept only the last 32 keys: attention respects the window, and the
+    comparison with the full layer before it runs on the 32 positions both hold."""
+    from _synth_cache import header
+
+    from kvtool.store import CacheWriter
+
+    rng = np.random.default_rng(16)
+    t, window = 64, 16
+    k, v = gaussian(rng, KV_HEADS, t, HEAD_DIM), gaussian(rng, KV_HEADS, t, HEAD_DIM)
+    q, qpos = gaussian(rng, Q_HEADS, 8, HEAD_DIM), np.arange(t - 8, t)
+    path = tmp_path / "c.h5"
+    with CacheWriter(path, header(2)) as w:
+        w.add_sequence(np.arange(t), source="synthetic")
+        w.write_layer(0, 0, k, v, queries=q, query_positions=qpos)
+        w.write_layer(0, 1, k[:, 32:], v[:, 32:], queries=q, query_positions=qpos, layer_type="sliding",
+                      sliding_window=window, key_start=32)
+    result = analyze(path)
+    sliding = result["layers"][1]
+    assert sliding["tokens"] == 32 and sliding["layer_type"] == "sliding"
+    prev = sliding["similarity"]["previous"]
+    assert prev["common_tokens"] == 32
+    assert prev["keys"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # the same keys, aligned
+    att = sliding["attention"]
+    assert att["sink_mass"] == [0.0] * Q_HEADS  # the first tokens left the window
+    assert att["cover"]["mass"][0][0][0] == pytest.approx(1.0, abs=1e-5)  # all mass within 16 tokens
+
+
+def test_each_layer_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtool.store import CacheReader
+
+    rng = np.random.default_rng(17)
+    path = write_cache(tmp_path / "c.h5", 4, 64, lambda i: (
+        gaussian(rng, KV_HEADS, 64, HEAD_DIM), gaussian(rng, KV_HEADS, 64, HEAD_DIM), None))
+    reads: list[int] = []
+    original = CacheReader.layer
+
+    def counting(self: CacheReader, layer: int, *args: object, **kw: object):
+        reads.append(layer)
+        return original(self, layer, *args, **kw)
+
+    monkeypatch.setattr(CacheReader, "layer", counting)
+    done: list[tuple[int, int]] = []
+    analyze(path, progress=lambda d, n: done.append((d, n)))
+    assert reads == [0, 1, 2, 3]
+    assert done == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_json_safe_drops_nan_and_numpy_types() -> None:
+    from kvtool.analysis import json_safe
+
+    out = json_safe({"a": np.float32(np.nan), "b": [np.int64(3), np.inf], "c": np.array([1.5]), 4: True})
+    assert out == {"a": None, "b": [3, None], "c": [1.5], "4": True}
+    json.dumps(out, allow_nan=False)
