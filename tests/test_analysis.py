@@ -92,7 +92,7 @@ def test_planted_outlier_channel_is_found_and_keys_go_per_channel(tmp_path: Path
     out = analyze(_outlier_cache(tmp_path))["layers"][0]["outliers"]
     keys, values = out["keys"], out["values"]
     assert keys["outlier_channels"] == [[7]] * KV_HEADS
-    assert min(keys["max_over_median"]) > 10
+    assert min(keys["max_over_median"]) > 10 and min(keys["rms_max_over_median"]) > 10
     assert keys["recommended_axis"] == "per-channel"
     assert keys["recommended_scheme"] == "per-channel"
     assert keys["scale_dispersion"]["per_channel"] > keys["scale_dispersion"]["per_token"]

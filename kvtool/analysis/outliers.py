@@ -5,8 +5,9 @@ do not, so keys quantize best with statistics per channel (a group of tokens sha
 channel) and values per token. This module measures that observation on the captured cache instead
 of assuming it:
 
-* per-channel magnitude: the max |x| of every channel over the tokens; a channel whose max exceeds
-  ``OUTLIER_FACTOR`` × the median channel's max is an outlier channel;
+* per-channel magnitude: the max |x| and the RMS of every channel over the tokens; a channel whose RMS
+  exceeds ``OUTLIER_FACTOR`` × the median channel's is an outlier channel. RMS rather than max, because
+  KIVI's outlier channels are large on most tokens (which is what spoils a per-token scale), not on one;
 * per-token vs per-channel variance: how much the mean energy varies across channels vs across
   tokens (a dispersion, 0 for perfectly even scale);
 * the decision itself: a simulated ``SIM_BITS``-bit min-max quantizer grouped per token (one token's
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-OUTLIER_FACTOR = 4.0  # a channel max ≥ 4× the median channel max; Gaussian channels stay within ~1.3×
+OUTLIER_FACTOR = 4.0  # channel RMS ≥ 4× the median channel's; Gaussian channels stay within ~1.2×
 SIM_BITS = 4  # KIVI's and most evaluations' default width
 AXIS_MARGIN = 1.2  # one axis must beat the other by 20 % to be recommended over the default
 HEAVY_TAILED = 4.0  # kurtosis above this is heavy-tailed (Gaussian 3)
@@ -39,10 +40,15 @@ def channel_absmax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(dim=1), x.amin(dim=1).neg())
 
 
-def outlier_channels(absmax: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[list[int]]:
-    """Indices of outlier channels per head, from absmax (heads, d)."""
-    med = absmax.median(dim=1, keepdim=True).values  # (heads, 1)
-    return [torch.nonzero(row > factor * m).flatten().tolist() for row, m in zip(absmax, med, strict=True)]
+def channel_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square of every channel over the tokens: (heads, tokens, d) → (heads, d)."""
+    return torch.stack([head.square().mean(dim=0, dtype=torch.float64).sqrt() for head in x]).float()
+
+
+def outlier_channels(magnitude: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[list[int]]:
+    """Indices of channels above ``factor`` × the head's median channel, from magnitudes (heads, d)."""
+    med = magnitude.median(dim=1, keepdim=True).values  # (heads, 1)
+    return [torch.nonzero(row > factor * m).flatten().tolist() for row, m in zip(magnitude, med, strict=True)]
 
 
 def _kurtosis_head(head: torch.Tensor) -> float:
@@ -151,16 +157,17 @@ def recommend_scheme(errors: dict[str, float]) -> str:
 
 def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
     """Outlier figures of keys or values x: (heads, tokens, d); rotation: (d, d) orthogonal."""
-    absmax = channel_absmax(x)  # (heads, d)
-    med = absmax.median(dim=1).values
+    absmax, rms = channel_absmax(x), channel_rms(x)  # (heads, d) each
     kurt = kurtosis(x)
     kurt_rot, err_rot = rotated_figures(x, rotation)
     err_tok, err_ch = quant_rel_mse(x, "per-token"), quant_rel_mse(x, "per-channel")
     errors = {"per-token": err_tok, "per-channel": err_ch, "per-token-rotated": err_rot}
     return {
-        "channel_absmax": absmax.tolist(),  # (heads, d): the magnitude profile the plots draw
-        "max_over_median": (absmax.amax(dim=1) / med.clamp_min(1e-30)).tolist(),
-        "outlier_channels": outlier_channels(absmax),
+        "channel_absmax": absmax.tolist(),  # (heads, d)
+        "channel_rms": rms.tolist(),  # (heads, d): the magnitude profile the plots draw
+        "max_over_median": _max_over_median(absmax),  # largest channel max ÷ median channel max
+        "rms_max_over_median": _max_over_median(rms),
+        "outlier_channels": outlier_channels(rms),
         "kurtosis": kurt.tolist(),
         "kurtosis_rotated": kurt_rot.tolist(),
         "scale_dispersion": scale_dispersion(x),
@@ -169,6 +176,11 @@ def tensor_outliers(x: torch.Tensor, rotation: torch.Tensor) -> dict[str, Any]:
         "recommended_scheme": recommend_scheme(errors),
         "rotation_helps": _rotation_helps(kurt, kurt_rot),
     }
+
+
+def _max_over_median(m: torch.Tensor) -> list[float]:
+    """(heads, d) → (heads,): the largest channel over the median one."""
+    return (m.amax(dim=1) / m.median(dim=1).values.clamp_min(1e-30)).tolist()
 
 
 def _rotation_helps(kurt: torch.Tensor, kurt_rot: torch.Tensor) -> bool:

@@ -135,7 +135,7 @@ def _depth_colorbar(fig: Figure, axes: Any, layers: list[dict[str, Any]]) -> Non
 
 
 def _channels(result: dict[str, Any]) -> Figure:
-    """Per-channel max |x| ÷ the layer's median channel, as layers × (kv_head, channel).
+    """Per-channel RMS ÷ the layer's median channel, as layers × (kv_head, channel).
 
     Dividing by each layer's median keeps depth-wise scale changes from hiding the outlier channels,
     which show as bright columns (KIVI's picture for keys).
@@ -144,14 +144,14 @@ def _channels(result: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(14, 1.8 + 0.22 * len(labels)), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, name in zip(axes, ("keys", "values"), strict=True):
-        grid = np.array([np.ravel(e["outliers"][name]["channel_absmax"]) for e in result["layers"]], float)
+        grid = np.array([np.ravel(e["outliers"][name]["channel_rms"]) for e in result["layers"]], float)
         med = np.median(grid, axis=1, keepdims=True)
         grid = np.divide(grid, med, out=np.full_like(grid, np.nan), where=med > 0)
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="inferno",
                        norm=LogNorm(0.25, max(4.0, float(np.nanmax(grid, initial=4.0)))))
         for h in range(1, grid.shape[1] // d):
             ax.axvline(h * d - 0.5, color="cyan", lw=0.6)
-        ax.set_title(f"{name}: channel max |x| ÷ layer median (heads split by lines)", fontsize=10)
+        ax.set_title(f"{name}: channel RMS ÷ layer median (heads split by lines)", fontsize=10)
         ax.set_xlabel("kv head × channel")
         ax.set_ylabel("layer")
         step = max(1, len(labels) // 16)

@@ -12,7 +12,8 @@ from rich.table import Table
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("layer", "layer index (s: sliding-window layer)"),
     ("rank95 K/V", "mean per-head effective rank of keys/values at 95 % energy (of head_dim)"),
-    ("K outl.", "outlier key channels (distinct over heads) and the largest max/median channel ratio"),
+    ("K outl.", "outlier key channels (RMS ≥ 4× the median channel; distinct over heads) and the "
+                "largest RMS ratio"),
     ("kurt K→rot", "kurtosis of keys (Gaussian 3) before → after a random rotation"),
     ("sink", "attention mass on the first 4 tokens (mean over query heads)"),
     ("local", "attention mass on the last 64 tokens"),
@@ -33,7 +34,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 def _outlier_cell(o: dict[str, Any]) -> str:
     channels = sorted({c for head in o["outlier_channels"] for c in head})
-    ratio = max((r for r in o["max_over_median"] if r is not None), default=None)
+    ratio = max((r for r in o["rms_max_over_median"] if r is not None), default=None)
     return f"{len(channels)} (×{_fmt(ratio, '.0f')})" if channels else "0"
 
 
