@@ -9,6 +9,7 @@ analysis streams one layer at a time and keeps only the previous one).
 
     python benchmarks/bench_analyze.py                  # synthetic 30 layers × 2048 tokens
     python benchmarks/bench_analyze.py --cache my.h5 --label "what it is"   # a real capture, appended
+    python benchmarks/bench_analyze.py --layers 10 --tokens 8192 --append   # 4× bigger layers
 
 Prints a markdown table and writes it to benchmarks/results/analyze.md (``--out`` to change).
 """
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--label", help="how to describe --cache in the heading (default: its path)")
+    ap.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "analyze.md")
     args = ap.parse_args()
     load = os.getloadavg()
@@ -169,7 +171,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.out.exists() and args.cache else "w"
+    mode = "a" if args.out.exists() and (args.cache or args.append) else "w"
     with args.out.open(mode) as f:
         f.write(text + "\n")
 

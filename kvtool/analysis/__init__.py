@@ -39,7 +39,9 @@ def analyze(path: Path | str, layers: Sequence[int] | str | None = None,
     """Analyse a kvtool cache file; returns a JSON-safe dict (no NaN, plain Python types).
 
     ``layers``: indices, a spec such as ``"0-5,29"``, or None for all. ``plots_dir``: write PNG figures
-    there (checked before any work). Peak memory is about two layers of (kv_heads, T, head_dim) arrays.
+    there (checked before any work). Memory: the current and the previous layer of (kv_heads, T,
+    head_dim) arrays plus per-head / per-chunk temporaries, whatever the number of layers
+    (benchmarks/bench_analyze.py measures it).
     """
     plots = _prepare_plots_dir(plots_dir) if plots_dir is not None else None
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
