@@ -1,6 +1,8 @@
 """Capture benchmark: `capture` (forward + recording + HDF5 write) vs a plain forward, and model load times.
 
-Both sides run in the same process on the same tokens, interleaved, median of REPEATS. The plain
+Both sides run in the same process on the same tokens, interleaved, REPEATS rounds after a warm-up;
+the table gives the median and the minimum wall time of each side (the minimum is the least disturbed
+by other processes on a shared machine) and the ratio of process CPU time. The plain
 forward is the model's own call with its default attention and cache (``use_cache=True``) and, like
 capture, only the last position's logits. Model load: a fresh process loading the bundled GGUF with
 an empty conversion cache (first run) and again with the converted copy present (second run).
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REPEATS = 3
+REPEATS = 5
 LENGTHS = (512, 2048)
 
 LOAD_SNIPPET = """
@@ -49,27 +51,31 @@ def load_times() -> list[tuple[float, float]]:
     return out
 
 
-def capture_vs_forward(n_tokens: int, loaded, text) -> tuple[float, float]:
+def capture_vs_forward(n_tokens: int, loaded, text) -> dict[str, tuple[float, float]]:
+    """{"median"|"min"|"cpu": (plain, capture)} seconds."""
     import torch
 
     from kvtool.capture import capture, tokenize
 
     ids, _ = tokenize(loaded, text, n_tokens)
     input_ids = torch.as_tensor(ids).unsqueeze(0)
-    plain, cap = [], []
+    plain, cap, cpu_plain, cpu_cap = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(REPEATS + 1):  # the first round warms up both paths
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 loaded.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            t_plain = time.perf_counter() - t
-            t = time.perf_counter()
+            t_plain, c_plain = time.perf_counter() - t, time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
             capture(loaded, [text], Path(tmp) / "c.h5", max_tokens=n_tokens, queries="last:128", force=True)
-            t_cap = time.perf_counter() - t
+            t_cap, c_cap = time.perf_counter() - t, time.process_time() - c
             if r:
                 plain.append(t_plain)
                 cap.append(t_cap)
-    return statistics.median(plain), statistics.median(cap)
+                cpu_plain.append(c_plain)
+                cpu_cap.append(c_cap)
+    return {"median": (statistics.median(plain), statistics.median(cap)), "min": (min(plain), min(cap)),
+            "cpu": (statistics.median(cpu_plain), statistics.median(cpu_cap))}
 
 
 def main() -> None:
@@ -84,15 +90,18 @@ def main() -> None:
     text = read_text(ROOT / "samples" / "gpl-3.0.txt")
     rows = []
     for n in LENGTHS:
-        plain, cap = capture_vs_forward(n, loaded, text)
-        rows.append(f"| {n} | {plain:.3f} | {cap:.3f} | {cap / plain:.2f}× |")
+        m = capture_vs_forward(n, loaded, text)
+        (pm, cm), (pn, cn), (pc, cc) = m["median"], m["min"], m["cpu"]
+        rows.append(f"| {n} | {pm:.3f} | {cm:.3f} | **{cm / pm:.2f}×** | {pn:.3f} | {cn:.3f} | {cn / pn:.2f}× "
+                    f"| {cc / pc:.2f}× |")
     lines = [
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
         f"SmolLM2-135M-Instruct (bundled GGUF, float32 compute), queries last:128, float16 storage; "
-        f"median of {REPEATS}.",
+        f"{REPEATS} interleaved rounds after a warm-up; load average {os.getloadavg()[0]:.1f} at the end.",
         "",
-        "| tokens | plain forward (s) | capture incl. write (s) | ratio |",
-        "|---:|---:|---:|---:|",
+        "| tokens | plain forward, median (s) | capture incl. write, median (s) | ratio (median) "
+        "| plain, min (s) | capture, min (s) | ratio (min) | ratio (CPU time) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "| model load, fresh process | `load_model` (s) | imports of torch+transformers before it (s) |",
