@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_codecs.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_analyze.py
+	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install
 	$(BIN)/kvtool capture --text samples/apache-2.0.txt --max-tokens 256 --queries last:32 \

@@ -1,0 +1,45 @@
+"""Assemble BENCHMARKS.md from the result files the benchmarks wrote (benchmarks/results/*.md).
+
+Every figure in BENCHMARKS.md comes from one of those files; the prose around them lives in
+benchmarks/results/_targets.md (verdicts against the issues' targets, written after a run).
+
+Run: ``.venv/bin/python benchmarks/collect.py``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SECTIONS = [
+    ("capture.md", "Capture vs plain forward, model load", "benchmarks/bench_capture.py"),
+    ("codecs.md", "Codec throughput (with public packages side by side)", "benchmarks/bench_codecs.py"),
+    ("quality.md", "Codec quality on a real cache", "benchmarks/bench_quality.py"),
+    ("analyze.md", "`kvtool analyze`: wall time and peak memory", "benchmarks/bench_analyze.py"),
+]
+
+
+def main() -> None:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Measured on this project's machine kind (2 CPU cores, 24 GiB, no GPU), which is shared with other",
+        "jobs: wall times vary from run to run, so every speed figure is a ratio against a baseline measured",
+        "in the same run. Regenerate with `make bench`, then `.venv/bin/python benchmarks/collect.py`.",
+        "",
+    ]
+    targets = RESULTS / "_targets.md"
+    if targets.exists():
+        parts += [targets.read_text().strip(), ""]
+    for name, title, script in SECTIONS:
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        parts += [f"## {title}", "", f"From `{script}`.", "", path.read_text().strip(), ""]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
