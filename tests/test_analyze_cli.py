@@ -8,27 +8,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _cli import one_line_error
+from _cli import run as cli_run
 from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, write_cache
-from typer.testing import CliRunner
 
-from kvtool.cli import app
-
-runner = CliRunner()
 SAMPLES = Path(__file__).parents[1] / "samples"
 SAMPLE_CACHES = sorted(SAMPLES.glob("*.h5"))
 LAYERS, TOKENS = 3, 96
 
 
 def run(*args: object):
-    return runner.invoke(app, ["analyze", *(str(a) for a in args)])
+    return cli_run("analyze", *args)
 
-
-def one_line_error(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

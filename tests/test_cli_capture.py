@@ -7,24 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from _cli import assert_one_line_error, run
 
-from kvtool.cli import app
-
-runner = CliRunner()
 SAMPLES = Path(__file__).parents[1] / "samples"
 
 
-def run(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
-    assert result.exit_code == code, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from _cli import assert_one_line_error, run
 from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, header, write_cache
-from typer.testing import CliRunner
 
-from kvtool.cli import app
 from kvtool.codecs import REGISTRY, parse_pair
 from kvtool.compress import compress, decompress
 from kvtool.errors import InputError, StoreError
 from kvtool.store import CacheReader, CacheWriter
 
-runner = CliRunner()
 LAYERS, TOKENS, N_Q = 3, 96, 16
 
 
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment: str, code: int = 2) -> None:
-    assert result.exit_code == code, result.output
-    lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, result.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def _layers(seed: int, queries: bool):
