@@ -36,6 +36,8 @@ TABLE: list[tuple[str, object]] = [
     ("turboquant:bits=2.5", lambda d, t: 2.5 + 32 / d),  # two channel sets, one norm each
     ("turboquant:bits=3,variant=prod", lambda d, t: 3 + 32 / d),  # + fp16 residual norm
     ("turboquant:bits=1,variant=prod", lambda d, t: 1 + 16 / d),  # QJL alone: no residual norm
+    # fp16 first token, fp16 per-head mean, the rest coded as usual
+    ("turboquant:bits=3,center=true,sink=1", lambda d, t: (16 + (t - 1) * (3 + 16 / d)) / t + 16 / t),
     ("qjl", lambda d, t: 1 + 16 / d),
     ("qjl:sketch=128", lambda d, t: (128 + 16) / d),
     ("polarquant", lambda d, t: 4 / 2 + 2 * (1 / 2 - 1 / 16) + 16 / 16),  # 3.875

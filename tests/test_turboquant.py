@@ -11,6 +11,7 @@ from kvtool.codecs import parse_spec
 from kvtool.codecs.lloydmax import sphere_codebook
 from kvtool.codecs.turboquant import TurboQuant
 from kvtool.errors import CodecError
+from kvtool.metrics import attention
 
 #: D_mse of the exact-marginal Lloyd-Max codebook at d = 64, b = 1..4, to the digits the issue states
 #: (the paper's Theorem 1 table rounds them to 0.36, 0.117, 0.03, 0.009).
@@ -169,6 +170,8 @@ def test_blocks_longer_than_one_chunk_round_trip() -> None:
         ("turboquant:bits=2.7", "got 2.7"),
         ("turboquant:variant=fast", "variant must be one of mse, prod"),
         ("turboquant:seed=-1", "seed"),
+        ("turboquant:sink=-1", "sink must be one of 0..4096, got -1"),
+        ("turboquant:center=maybe", "center must be one of true, false, got maybe"),
     ],
 )
 def test_bad_parameters(spec: str, message: str) -> None:
@@ -181,3 +184,67 @@ def test_quarter_bits_need_whole_outlier_count() -> None:
     with pytest.raises(CodecError, match=r"at head_dim 66, got 2.25"):
         parse_spec("turboquant:bits=2.25").fit(x)
     parse_spec("turboquant:bits=2.5").fit(x)  # 33 outlier channels: fine
+
+
+def sink_and_shared_mean(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys ``(2, 512, 64)`` like a real layer's: a large mean shared by every token (orthogonal to the
+    queries' mean) and token 0 an attention sink — short, far from the mean, drawing about a quarter of
+    the attention. Returns queries ``(2, 32, 64)``, keys, values."""
+    rng = np.random.default_rng(seed)
+    qbar = rng.standard_normal((2, 1, 64))
+    qbar *= 16 / np.linalg.norm(qbar, axis=-1, keepdims=True)
+    mean = 3 * rng.standard_normal((2, 1, 64))
+    mean -= (mean * qbar).sum(-1, keepdims=True) / 256 * qbar
+    keys = (mean + rng.standard_normal((2, 512, 64))).astype(np.float32)
+    keys[:, 0] = 3 * qbar[:, 0] / 16
+    queries = (qbar + rng.standard_normal((2, 32, 64))).astype(np.float32)
+    return queries, keys, rng.standard_normal((2, 512, 64)).astype(np.float32)
+
+
+def test_center_and_sink_cut_attention_error() -> None:
+    """Why ``center=true`` helps on real keys: a vector's error scales with its norm, and the shared mean is
+    most of the norm but adds nothing to softmax. Centring every token would code the sink (short, far from
+    the mean, heavily attended) worse, so each token is centred only where that makes it shorter;
+    ``sink=1`` stores token 0 exactly. Extra stored bits: 16/T for the mean, (16 − 3.25)/T for the sink."""
+    q, k, v = sink_and_shared_mean()
+
+    def attention_error(k_hat: np.ndarray) -> float:
+        m = attention(q, k, v, k_hat, v, np.arange(480, 512), np.arange(512), scaling=0.125)
+        return m["attention_output_rel_error"]
+
+    plain = parse_spec("turboquant:bits=3")
+    k_plain = plain.decode(plain.encode(k))
+    codec = parse_spec("turboquant:bits=3,center=true")
+    enc = codec.encode(k)
+    k_centred = codec.decode(enc)
+    mean = enc.arrays["mean"].astype(np.float32)[:, None, :]
+    k_all = plain.decode(plain.encode(k - mean)) + mean  # every token centred
+    centred = np.signbit(enc.arrays["norms"])  # (heads, tokens): which tokens were coded minus the mean
+    assert not centred[:, 0].any() and centred[:, 1:].mean() > 0.95
+    def sink_error(k_hat: np.ndarray) -> float:
+        return float(np.linalg.norm(k_hat[:, 0] - k[:, 0]))
+
+    assert sink_error(k_all) > 3 * sink_error(k_plain) and sink_error(k_centred) == sink_error(k_plain)
+    assert attention_error(k_centred) < 0.5 * attention_error(k_plain)
+    assert attention_error(k_centred) < 0.6 * attention_error(k_all)
+    assert enc.bits_per_element() == pytest.approx(3.25 + 16 / 512)  # the mean, counted
+
+    both = parse_spec("turboquant:bits=3,center=true,sink=1")
+    enc = both.encode(k)
+    np.testing.assert_array_equal(both.decode(enc)[:, 0], k[:, 0].astype(np.float16))
+    assert enc.bits_per_element() == pytest.approx(3.25 + 16 / 512 + (16 - 3.25) / 512)
+
+
+def test_center_and_sink_store_their_arrays() -> None:
+    x = np.random.default_rng(4).standard_normal((3, 100, 64)).astype(np.float32) + 5
+    enc = parse_spec("turboquant:bits=4,center=true,sink=4").encode(x)
+    assert enc.arrays["sink_rows"].shape == (3, 4, 64) and enc.arrays["sink_rows"].dtype == np.float16
+    assert enc.arrays["mean"].shape == (3, 64) and enc.arrays["mean"].dtype == np.float16
+    assert enc.arrays["norms"].shape == (3, 96)
+    assert sorted(parse_spec("turboquant:bits=4").encode(x).arrays) == ["codes", "norms"]  # the paper's codec
+    codec = parse_spec("turboquant:bits=2.5,center=true,sink=2").fit(x)  # outliers picked on the coded rows
+    enc = codec.encode(x)
+    fresh = parse_spec(codec.spec()).load_shared_state(codec.shared_state())
+    np.testing.assert_array_equal(fresh.decode(enc), codec.decode(enc))
+    short = parse_spec("turboquant:bits=3,sink=8").encode(x[:, :5])  # fewer tokens than the sink: all fp16
+    assert short.arrays["sink_rows"].shape == (3, 5, 64) and short.arrays["norms"].shape == (3, 0)

@@ -21,6 +21,17 @@ averages 2.25; we size the outlier set from the budget instead). The outlier cha
 the ones with the largest mean square in the data given to ``fit``; they are shared state (a fixed
 ``(heads, n_outlier)`` index table, reported beside the bits). Stored bits: ``B + 32/d`` (mse) or
 ``B + 64/d`` (prod): each channel set stores its own norms.
+
+Opt-in real-cache options (not in the paper; defaults off, so ``turboquant:bits=3`` is exactly Alg. 1).
+TurboQuant's error on a vector scales with its norm. Real keys share a large per-channel mean ``μ`` that
+adds the same logit ``q·μ`` to every key (softmax ignores it), so coding ``x − μ`` cuts the error of most
+keys — but not of the keys attention needs most: the attention sink (token 0) and other heavily attended
+tokens are short vectors far from the mean, and centring them makes their error larger.
+``center=true`` therefore stores each head's per-channel mean over the coded tokens (fp16, ``(heads, d)``)
+and codes every token as ``x − μ`` or as ``x``, whichever is shorter; the choice is the sign bit of its
+fp16 norm (a norm is never negative, so the bit is free). ``sink=n`` stores the first ``n`` token rows in
+fp16 instead of coding them. Measured on SmolLM2 in ``docs/CODECS.md``. Stored bits:
+``(16·n + (T − n)·(b + 16/d))/T``, plus ``16/T`` for the mean.
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ CHUNK = 16384
 COMPARE_MAX_BITS = 5
 #: Prefix of the arrays of the outlier channel set in a fractional-bit encoding.
 OUTLIER = "outlier_"
+#: Largest ``sink`` (tokens kept in fp16 at the start of the sequence).
+MAX_SINK = 4096
 ALLOWED_BITS = "1..8 or a quarter step between them (1.25, 1.5, 1.75, 2, ..., 7.75)"
 
 
@@ -219,11 +232,15 @@ class TurboQuant(Codec):
     ``bits``: 1..8, or a quarter step between (2.5, 3.25, ...) for the §4.3 outlier-channel split, which
     needs ``bits·head_dim`` to be a whole number. ``variant=prod`` spends one of the bits on a QJL sketch of
     the residual for unbiased inner products. ``seed`` picks the rotation (and QJL projection).
+    ``sink=n`` keeps the first ``n`` tokens in fp16; ``center=true`` codes each token minus its head's
+    per-channel mean where that is shorter (both off by default; see the module docstring).
     """
 
     bits: float = 3
     seed: int = 0
     variant: Literal["mse", "prod"] = "mse"
+    center: bool = False
+    sink: int = 0
     name: ClassVar[str] = "turboquant"
 
     def __post_init__(self) -> None:
@@ -239,6 +256,10 @@ class TurboQuant(Codec):
             raise CodecError(f"variant must be one of mse, prod, got {self.variant}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
+        if not isinstance(self.center, bool):
+            raise CodecError(f"center must be one of true, false, got {self.center}")
+        if not isinstance(self.sink, int) or isinstance(self.sink, bool) or not 0 <= self.sink <= MAX_SINK:
+            raise CodecError(f"sink must be one of 0..{MAX_SINK}, got {self.sink}")
         if head_dim is not None and not (bits * head_dim).is_integer():
             raise CodecError(
                 f"bits must be one of {self._allowed_at(head_dim)} at head_dim {head_dim}, "
@@ -263,10 +284,11 @@ class TurboQuant(Codec):
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> TurboQuant:
         """Validate against ``x`` ``(heads, tokens, head_dim)``; with fractional bits, pick each head's
-        outlier channels: the ``n_outlier`` with the largest mean square over tokens."""
+        outlier channels: the ``n_outlier`` with the largest mean square over the coded tokens."""
         x = check_input(x)
         self.validate(x.shape[-1])
         if self.fractional:
+            x = self._body(x)[0]  # the rows that are coded
             n_out = self._split(x.shape[-1])[0]
             energy = np.einsum("htd,htd->hd", x, x)  # (heads, head_dim)
             top = np.argpartition(-energy, n_out - 1, axis=1)[:, :n_out]
@@ -287,15 +309,37 @@ class TurboQuant(Codec):
     def encode(self, x: np.ndarray) -> Encoded:
         """Encode ``x`` ``(heads, tokens, head_dim)``; fractional bits use the fitted channels (or fit x)."""
         x = check_input(x)
-        heads, tokens, d = x.shape
+        heads, _, d = x.shape
         self.validate(d)
-        rows = as_rows(x, d)  # (heads * tokens, d)
-        arrays: dict[str, np.ndarray] = {}
         if self.fractional and self._outliers is None:
             self.fit(x)
+        body, arrays, centred = self._body(x)  # body (heads, tokens - sink, d), centred (heads, tokens)
+        tokens = body.shape[1]
+        rows = as_rows(body, d)  # (heads * tokens, d)
+        coded: dict[str, np.ndarray] = {}
         for stage, basis in self._stages(heads, d):
-            arrays.update(stage.encode(rows, basis, tokens))
-        return Encoded(_norms_per_head(arrays, heads, tokens), x.shape, {"seed": self.seed})
+            coded.update(stage.encode(rows, basis, tokens))
+        coded = _norms_per_head(coded, heads, tokens)
+        if centred is not None:
+            np.negative(coded["norms"], out=coded["norms"], where=centred)  # the sign bit says "add the mean"
+        arrays.update(coded)
+        return Encoded(arrays, x.shape, {"seed": self.seed})
+
+    def _body(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+        """The rows to code ``(heads, tokens - sink, d)``, the fp16 arrays stored beside them
+        (``sink_rows`` ``(heads, sink, d)``, ``mean`` ``(heads, d)``) and, with ``center``, which rows
+        are coded minus the mean ``(heads, tokens - sink)`` bool."""
+        n_sink = min(self.sink, x.shape[1])
+        arrays: dict[str, np.ndarray] = {}
+        if n_sink:
+            arrays["sink_rows"] = x[:, :n_sink].astype(np.float16)
+        body = x[:, n_sink:]
+        if not (self.center and body.shape[1]):
+            return body, arrays, None
+        arrays["mean"] = body.mean(axis=1, dtype=np.float64).astype(np.float16)  # (heads, d)
+        mean = arrays["mean"].astype(np.float32)[:, None, :]  # coded against the stored fp16 mean
+        centred = np.einsum("htd,htd->ht", body - mean, body - mean) < np.einsum("htd,htd->ht", body, body)
+        return body - np.where(centred[:, :, None], mean, 0), arrays, centred
 
     def _stages(self, heads: int, d: int, seed: int | None = None) -> list[tuple[_Stage, torch.Tensor]]:
         """The TurboQuant instances of this budget with their bases (see :class:`_Stage`)."""
@@ -328,12 +372,24 @@ class TurboQuant(Codec):
 
     def decode(self, enc: Encoded) -> np.ndarray:
         """Rebuild float32 ``enc.shape`` ``(heads, tokens, head_dim)``."""
-        heads, tokens, d = enc.shape
+        heads, total, d = enc.shape
+        sink = enc.arrays.get("sink_rows")
+        n_sink = 0 if sink is None else sink.shape[1]
+        tokens = total - n_sink
         out = torch.empty(heads * tokens, d)
+        arrays = dict(enc.arrays)
+        centred = np.signbit(arrays["norms"]) if "mean" in arrays else None  # (heads, tokens)
+        if centred is not None:
+            arrays["norms"] = np.abs(arrays["norms"])
         stages = self._stages(heads, d, int(enc.meta.get("seed", self.seed)))
         for i, (stage, basis) in enumerate(stages):
-            stage.decode_into(out, enc.arrays, basis, tokens, add=i > 0)
-        return out.numpy().reshape(enc.shape)
+            stage.decode_into(out, arrays, basis, tokens, add=i > 0)
+        body = out.numpy().reshape(heads, tokens, d)
+        if centred is not None:
+            body += np.where(centred[:, :, None], arrays["mean"].astype(np.float32)[:, None, :], 0)
+        if sink is None:
+            return body
+        return np.concatenate([sink.astype(np.float32), body], axis=1)
 
 
 def _norms_per_head(arrays: dict[str, np.ndarray], heads: int, tokens: int) -> dict[str, np.ndarray]:
