@@ -337,9 +337,10 @@ class TurboQuant(Codec):
         if not (self.center and body.shape[1]):
             return body, arrays, None
         arrays["mean"] = body.mean(axis=1, dtype=np.float64).astype(np.float16)  # (heads, d)
-        mean = arrays["mean"].astype(np.float32)[:, None, :]  # coded against the stored fp16 mean
-        centred = np.einsum("htd,htd->ht", body - mean, body - mean) < np.einsum("htd,htd->ht", body, body)
-        return body - np.where(centred[:, :, None], mean, 0), arrays, centred
+        mean = arrays["mean"].astype(np.float32)  # (heads, d): coded against the stored fp16 mean
+        # ‖x − μ‖² < ‖x‖²  ⇔  2 x·μ > ‖μ‖²
+        centred = 2 * np.einsum("htd,hd->ht", body, mean) > np.einsum("hd,hd->h", mean, mean)[:, None]
+        return body - centred[:, :, None] * mean[:, None, :], arrays, centred
 
     def _stages(self, heads: int, d: int, seed: int | None = None) -> list[tuple[_Stage, torch.Tensor]]:
         """The TurboQuant instances of this budget with their bases (see :class:`_Stage`)."""
@@ -386,7 +387,7 @@ class TurboQuant(Codec):
             stage.decode_into(out, arrays, basis, tokens, add=i > 0)
         body = out.numpy().reshape(heads, tokens, d)
         if centred is not None:
-            body += np.where(centred[:, :, None], arrays["mean"].astype(np.float32)[:, None, :], 0)
+            body += centred[:, :, None] * arrays["mean"].astype(np.float32)[:, None, :]
         if sink is None:
             return body
         return np.concatenate([sink.astype(np.float32), body], axis=1)
