@@ -43,6 +43,10 @@ bench: install
 	$(BIN)/python benchmarks/bench_capture.py
 	$(BIN)/python benchmarks/bench_codecs.py
 	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_quality_layers.py
+	$(BIN)/python benchmarks/bench_quality_layers.py --layers 15 --seeds 8 turboquant:bits=3 \
+		turboquant:bits=3,center=true,sink=1 turboquant:bits=4 turboquant:bits=4,center=true,sink=1 \
+		--output benchmarks/results/quality_layer15_seeds.md
 	$(BIN)/python benchmarks/bench_analyze.py
 	$(BIN)/python benchmarks/collect.py
 

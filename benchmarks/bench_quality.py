@@ -23,16 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = [
     "fp8", "kivi:bits=4", "kivi:bits=2", "uniform:bits=4,group=64", "uniform:bits=3,group=32",
     "turboquant:bits=4", "turboquant:bits=3", "turboquant:bits=2.5",
+    "turboquant:bits=4,center=true,sink=1", "turboquant:bits=3,center=true,sink=1",
     "turboquant:bits=4,variant=prod", "turboquant:bits=3,variant=prod", "polarquant", "qjl",
 ]
 
 
-def ensure_cache(path: Path) -> None:
+def ensure_cache(path: Path, text: str = "gpl-3.0") -> None:
+    """Capture 2048 tokens of ``samples/<text>.txt`` with the last 128 queries into ``path`` if missing."""
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(Path(sys.executable).parent / "kvtool"), "capture", "--text",
-                    str(ROOT / "samples" / "gpl-3.0.txt"), "--max-tokens", "2048", "--queries", "last:128",
+                    str(ROOT / "samples" / f"{text}.txt"), "--max-tokens", "2048", "--queries", "last:128",
                     "--output", str(path)], check=True)
 
 

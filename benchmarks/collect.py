@@ -16,6 +16,11 @@ SECTIONS = [
     ("capture.md", "Capture vs plain forward, model load", "benchmarks/bench_capture.py"),
     ("codecs.md", "Codec throughput (with public packages side by side)", "benchmarks/bench_codecs.py"),
     ("quality.md", "Codec quality on a real cache", "benchmarks/bench_quality.py"),
+    ("quality_layers.md", "TurboQuant options over every layer, two texts, three seeds",
+     "benchmarks/bench_quality_layers.py"),
+    ("quality_layer15_seeds.md", "Seed spread at layer 15 (8 rotation seeds)",
+     "benchmarks/bench_quality_layers.py --layers 15 --seeds 8 ... --output "
+     "benchmarks/results/quality_layer15_seeds.md"),
     ("analyze.md", "`kvtool analyze`: wall time and peak memory", "benchmarks/bench_analyze.py"),
 ]
 
