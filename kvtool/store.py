@@ -451,6 +451,7 @@ class StoreHeader:
     model_source: str = ""
     kind: str = KIND_CACHE
     extra: dict[str, Any] = field(default_factory=dict)
+    text_sha256: str | None = None  # a derived file keeps its source's; otherwise hashed from the texts
 
 
 def check_output_path(path: Path | str, force: bool) -> Path:
@@ -530,14 +531,18 @@ class CacheWriter:
         else:
             self.abort()
 
-    def add_sequence(self, tokens: np.ndarray, *, source: str, text: str | bytes = b"") -> int:
-        """Start sequence j (returned); ``tokens`` (T,) int. Layers are written with :meth:`write_layer`."""
+    def add_sequence(self, tokens: np.ndarray, *, source: str, text: str | bytes = b"",
+                     text_sha256: str | None = None) -> int:
+        """Start sequence j (returned); ``tokens`` (T,) int. Layers are written with :meth:`write_layer`.
+
+        ``text_sha256`` overrides the hash of ``text`` (a derived file copying its source's sequences).
+        """
         raw = text.encode() if isinstance(text, str) else text
         self._texts.update(raw)
         j = self._sequences
         g = self._h5.create_group(f"{SEQUENCES}/{j}")
         g.attrs["source"] = source
-        g.attrs["text_sha256"] = hashlib.sha256(raw).hexdigest()
+        g.attrs["text_sha256"] = text_sha256 or hashlib.sha256(raw).hexdigest()
         g.attrs["num_tokens"] = int(len(tokens))
         g.create_dataset(TOKENS, data=np.asarray(tokens, dtype=np.int32))
         g.create_group(LAYERS)
@@ -604,7 +609,7 @@ class CacheWriter:
     def commit(self) -> Path:
         if self._done:
             return self.path
-        self._h5.attrs["text_sha256"] = self._texts.hexdigest()
+        self._h5.attrs["text_sha256"] = self.header.text_sha256 or self._texts.hexdigest()
         self._h5.close()
         # mkstemp creates 0600; give the finished file the permissions a plain open() would.
         umask = os.umask(0)
@@ -639,19 +644,6 @@ SHARED_PREFIX = "shared."
 META_PREFIX = "meta."
 
 
-class _FixedDigest:
-    """Stands in for a writer's running text hash so a derived file keeps its source's text_sha256."""
-
-    def __init__(self, hexdigest: str) -> None:
-        self._hex = hexdigest
-
-    def update(self, data: bytes) -> None:
-        return None
-
-    def hexdigest(self) -> str:
-        return self._hex
-
-
 def derived_writer(path: Path | str, source: StoreInfo, *, kind: str, extra: Mapping[str, Any] | None = None,
                    force: bool = False) -> CacheWriter:
     """A writer for a file derived from ``source`` (compressed or decompressed): the same model header and
@@ -662,15 +654,11 @@ def derived_writer(path: Path | str, source: StoreInfo, *, kind: str, extra: Map
                          num_layers=source.num_layers, num_q_heads=source.num_q_heads,
                          num_kv_heads=source.num_kv_heads, head_dim=source.head_dim,
                          attn_scaling=source.attn_scaling, dtype=source.dtype, model_source=source.model_source,
-                         kind=kind, extra=dict(extra or {}))
-    writer = CacheWriter(path, header, force=force)
-    writer._texts = _FixedDigest(source.text_sha256)  # type: ignore[assignment]
-    return writer
+                         kind=kind, extra=dict(extra or {}), text_sha256=source.text_sha256)
+    return CacheWriter(path, header, force=force)
 
 
 def copy_sequence(writer: CacheWriter, reader: CacheReader, sequence: int) -> int:
     """Start a sequence in ``writer`` with the tokens, source and text hash of ``reader``'s ``sequence``."""
     seq = reader.info.sequences[sequence]
-    j = writer.add_sequence(reader.tokens(sequence), source=seq.source)
-    writer._h5[f"{SEQUENCES}/{j}"].attrs["text_sha256"] = seq.text_sha256
-    return j
+    return writer.add_sequence(reader.tokens(sequence), source=seq.source, text_sha256=seq.text_sha256)

@@ -72,6 +72,7 @@ def test_compress_report_output_and_decompress(cache: Path, tmp_path: Path) -> N
     assert r.exit_code == 0, r.output
     with CacheReader(back) as dec, CacheReader(cache) as src:
         assert dec.info.kind == "cache" and dec.info.text_sha256 == src.info.text_sha256
+        assert [s.text_sha256 for s in dec.info.sequences] == [s.text_sha256 for s in src.info.sequences]
         for i in range(LAYERS):
             a, b = src.layer(i), dec.layer(i)
             err = float(((a.keys - b.keys) ** 2).sum() / (a.keys**2).sum())
