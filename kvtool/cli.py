@@ -352,17 +352,29 @@ def decompress(
 
 
 @app.command()
-def codecs() -> None:
+def codecs(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON instead of a table.")]
+    = False,
+) -> None:
     """List the registered codecs and their parameters (spec syntax: name:key=value,...)."""
     from kvtool.codecs import REGISTRY, codec_parameters, format_value
 
+    rows = []
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        # docstrings open with the spec in ``…`` then " — " and what the codec does: keep the prose
+        doc = doc.split(" — ", 1)[-1].replace("``", "")
+        params = {k: {"type": t, "default": format_value(d)} for k, (t, d) in codec_parameters(cls).items()}
+        rows.append({"name": name, "parameters": params, "description": doc})
+    if as_json:
+        write_json(rows, Path("-"))
+        return
     table = Table(title="codecs (compose a token selector with '+')")
     for col in ("name", "parameters (default)", "description"):
         table.add_column(col)
-    for name, cls in sorted(REGISTRY.items()):
-        params = ", ".join(f"{k}={format_value(d)} ({t})" for k, (t, d) in codec_parameters(cls).items())
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, params or "—", doc)
+    for row in rows:
+        params = ", ".join(f"{k}={p['default']} ({p['type']})" for k, p in row["parameters"].items())
+        table.add_row(row["name"], params or "—", row["description"])
     console.print(table)
 
 

@@ -186,3 +186,16 @@ def test_decompress_rebuilds_every_codec_from_the_file(cache: Path, tmp_path: Pa
     for name, x, y in (("keys", a.keys, b.keys), ("values", a.values, b.values)):
         err = float(((x - y) ** 2).sum() / (x**2).sum())
         assert err == pytest.approx(report["layers"][0][name]["rel_mse"], rel=1e-2, abs=1e-6), name
+
+
+def test_codecs_json_lists_every_registered_codec():
+    import json
+
+    from kvtool.codecs import REGISTRY
+
+    r = run("codecs", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == sorted(REGISTRY)
+    tq = next(row for row in rows if row["name"] == "turboquant")
+    assert tq["parameters"]["bits"]["default"] == "3" and "variant" in tq["parameters"]

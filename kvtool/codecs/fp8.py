@@ -32,7 +32,7 @@ def _blocks(n: int) -> list[tuple[int, int]]:
 @register
 @dataclass
 class FP8(Codec):
-    """``fp8:format=e4m3`` (or ``e5m2``): float8 codes and a per-head fp32 scale."""
+    """``fp8:format=e4m3`` (or ``e5m2``) — float8 codes and a per-head fp32 scale."""
 
     format: Literal["e4m3", "e5m2"] = "e4m3"
     name = "fp8"

@@ -21,7 +21,7 @@ ROLE_AXIS = {"keys": "channel", "values": "token"}
 @register
 @dataclass
 class Kivi(Uniform):
-    """``kivi:bits=2,axis=auto,group=32,residual=128``.
+    """``kivi:bits=2,axis=auto,group=32,residual=128`` — keys per channel, values per token, recent tokens in fp16.
 
     ``axis=auto`` is resolved by the pair parser (:meth:`for_role`): channel for keys, token for values.
     Stored bits per element ≈ ``b + 32/group`` on the quantized tokens and 16 on the residual window.
