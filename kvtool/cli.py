@@ -390,6 +390,7 @@ def analyze(
                                                "(created if missing).")] = None,
     layers: Annotated[str, typer.Option("--layers", help="Layers to analyse, e.g. '0-5,29' (default all).")]
     = "all",
+    sequence: Annotated[int, typer.Option("--sequence", help="Which captured sequence to analyse.")] = 0,
 ) -> None:
     """Where the cache is redundant — rank, outlier channels, attention sinks/locality, cross-layer
     similarity — with a compression recommendation per layer."""
@@ -400,7 +401,7 @@ def analyze(
 
         quiet = json_path is not None and str(json_path) == "-"
         with _layer_progress("analysing", quiet) as progress:
-            result = run(path, layers=layers, plots_dir=plots, progress=progress)
+            result = run(path, layers=layers, plots_dir=plots, progress=progress, sequence=sequence)
         write_json(result, json_path)
         if not quiet:
             render_analysis(result, console)

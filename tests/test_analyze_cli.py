@@ -100,3 +100,22 @@ def test_sample_cache_smoke(tmp_path: Path) -> None:
     assert data["summary"]["keys_per_channel_layers"] >= data["num_layers"] // 2
     if data["has_queries"]:
         assert data["summary"]["mean_sink_mass"] is not None
+
+
+def test_sequence_option(tmp_path):
+    from kvtool.store import CacheWriter, StoreHeader
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "two.h5"
+    header = StoreHeader(model="synthetic", model_architecture="Synthetic", num_layers=2, num_q_heads=Q_HEADS,
+                         num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, attn_scaling=HEAD_DIM ** -0.5)
+    with CacheWriter(path, header) as w:
+        for n in (40, 24):
+            j = w.add_sequence(np.arange(n), source=f"s{n}")
+            for i in range(2):
+                w.write_layer(j, i, gaussian(rng, KV_HEADS, n, HEAD_DIM), gaussian(rng, KV_HEADS, n, HEAD_DIM))
+    first = json.loads(run(path, "--json", "-").stdout)
+    second = json.loads(run(path, "--json", "-", "--sequence", "1").stdout)
+    assert (first["sequence"], first["num_tokens"]) == (0, 40)
+    assert (second["sequence"], second["num_tokens"]) == (1, 24)
+    assert "sequence 5 out of range" in one_line_error(run(path, "--sequence", "5"))
