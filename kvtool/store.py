@@ -62,7 +62,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -627,13 +627,6 @@ class CacheWriter:
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
         self._done = True
-
-
-def iter_layers(reader: CacheReader, layers: list[int] | None = None, sequence: int = 0
-                ) -> Iterator[LayerData]:
-    """Yield LayerData one layer at a time (streaming: only one layer is in memory)."""
-    for i in layers if layers is not None else range(reader.info.num_layers):
-        yield reader.layer(i, sequence)
 
 
 # ------------------------------------------------------------------------ derived files (compress/decompress)
