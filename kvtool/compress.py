@@ -21,6 +21,7 @@ import numpy as np
 
 from kvtool import metrics
 from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
+from kvtool.codecs.assignment import Assignment
 from kvtool.errors import CodecError, InputError, StoreError
 from kvtool.store import (
     CODEC_ATTR,
@@ -165,8 +166,8 @@ def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compress(
     path: Path | str,
-    keys_codec: Codec,
-    values_codec: Codec,
+    keys_codec: Codec | None = None,
+    values_codec: Codec | None = None,
     output: Path | str | None = None,
     layers: list[int] | None = None,
     progress: Progress | None = None,
@@ -175,8 +176,12 @@ def compress(
     sequence: int = 0,
     require_attention: bool = False,
     topk: int = 8,
+    assignment: Assignment | None = None,
 ) -> dict[str, Any]:
     """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
+
+    ``assignment`` (instead of the codec pair) chooses the codec of each layer and role; every layer is
+    coded by a fresh codec instance either way.
 
     Measures every layer in ``layers`` (default: all) of sequence ``sequence``; with ``output`` writes a
     compressed file holding every sequence and layer (unselected layers as fp16). ``progress(done, total)``
@@ -185,23 +190,26 @@ def compress(
     """
     started = time.perf_counter()
     path = Path(path)
+    if assignment is None:
+        if keys_codec is None or values_codec is None:
+            raise CodecError("compress needs keys_codec and values_codec, or an assignment")
+        assignment = Assignment.of(keys_codec, values_codec)
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         info = reader.info
         reader.check_layer(0, sequence)
         chosen = list(range(info.num_layers)) if layers is None else sorted(set(layers))
         for i in chosen:
             reader.check_layer(i, sequence)
-        for codec in (keys_codec, values_codec):
-            codec.validate(info.head_dim)
+        assignment.validate(info.head_dim, info.num_layers)
         if require_attention and not info.has_queries:
             raise InputError(f"{path}: the cache has no captured queries, so attention metrics cannot be "
                              "computed; capture with --queries last:N")
         writer = None
         if output is not None:
-            extra = {"codec_keys": keys_codec.spec(), "codec_values": values_codec.spec()}
+            extra = {"codec_keys": assignment.keys, "codec_values": assignment.values}
             writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
         try:
-            rows = _run(reader, keys_codec, values_codec, chosen, sequence, writer, progress, topk)
+            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -209,7 +217,8 @@ def compress(
         if writer is not None:
             writer.commit()
     report: dict[str, Any] = {"source": str(path), "output": str(output) if output is not None else None,
-                              "keys_spec": keys_codec.spec(), "values_spec": values_codec.spec(),
+                              "keys_spec": assignment.keys, "values_spec": assignment.values,
+                              "assignment": assignment.describe(),
                               "sequence": sequence, "layers": rows, "total": totals(rows), "notes": []}
     report["attention"] = any("attention_output_rel_error" in r for r in rows)
     if not report["attention"]:
@@ -218,7 +227,7 @@ def compress(
     return report
 
 
-def _run(reader: CacheReader, keys_codec: Codec, values_codec: Codec, chosen: list[int], sequence: int,
+def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,
          writer: CacheWriter | None, progress: Progress | None, topk: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     selected = set(chosen)
@@ -232,6 +241,7 @@ def _run(reader: CacheReader, keys_codec: Codec, values_codec: Codec, chosen: li
             if i not in selected:
                 _passthrough(writer, j, data)  # type: ignore[arg-type]  # only reached with a writer
                 continue
+            keys_codec, values_codec = assignment.codec(i, "keys"), assignment.codec(i, "values")
             keys = (keys_codec, *encode_tensor(keys_codec, data.keys, _context(data, "keys")))
             values = (values_codec, *encode_tensor(values_codec, data.values, _context(data, "values")))
             if writer is not None:
