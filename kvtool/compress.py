@@ -23,6 +23,7 @@ from kvtool import metrics
 from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.errors import CodecError, InputError, StoreError
+from kvtool.report import json_safe, store_header
 from kvtool.store import (
     CODEC_ATTR,
     KEYS,
@@ -216,7 +217,8 @@ def compress(
             raise
         if writer is not None:
             writer.commit()
-    report: dict[str, Any] = {"source": str(path), "output": str(output) if output is not None else None,
+    report: dict[str, Any] = {**store_header("compress", info), "source": str(path),
+                              "output": str(output) if output is not None else None,
                               "keys_spec": assignment.keys, "values_spec": assignment.values,
                               "assignment": assignment.describe(),
                               "sequence": sequence, "layers": rows, "total": totals(rows), "notes": []}
@@ -224,7 +226,7 @@ def compress(
     if not report["attention"]:
         report["notes"].append("no captured queries: attention metrics skipped")
     report["seconds"] = time.perf_counter() - started
-    return report
+    return json_safe(report)
 
 
 def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,

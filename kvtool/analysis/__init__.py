@@ -12,12 +12,10 @@ at a time; only the previous layer is kept, for the adjacent-layer comparison.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvtool.analysis.attention import analyze_attention
@@ -26,6 +24,7 @@ from kvtool.analysis.recommend import recommend_layer, summarize
 from kvtool.analysis.similarity import AdjacentLayers, LayerState, analyze_heads
 from kvtool.analysis.spectrum import analyze_spectrum
 from kvtool.errors import InputError
+from kvtool.report import json_safe, store_header
 from kvtool.store import KEYS_PREROPE, KIND_CACHE, CacheReader, StoreInfo
 
 __all__ = ["analyze", "analyze_layer", "json_safe"]
@@ -54,7 +53,7 @@ def analyze(path: Path | str, layers: Sequence[int] | str | None = None,
             if progress is not None:
                 progress(n + 1, len(chosen))
     result["summary"] = summarize(result["layers"])
-    result = json_safe(result)
+    result = json_safe(result, digits=6)
     if plots is not None:
         from kvtool.analysis.plots import write_plots  # matplotlib loads only when plots are asked for
 
@@ -114,9 +113,8 @@ def _header(info: StoreInfo, chosen: list[int], sequence: int, prerope: bool) ->
         notes.append(f"keys are post-RoPE and the file holds no '{KEYS_PREROPE}': pre- vs post-RoPE "
                      "ranks skipped (capture with --pre-rope-keys)")
     return {
+        **store_header("analyze", info),
         "file": str(info.path),
-        "model": info.model,
-        "model_architecture": info.model_architecture,
         "num_layers": info.num_layers,
         "num_q_heads": info.num_q_heads,
         "num_kv_heads": info.num_kv_heads,
@@ -145,22 +143,3 @@ def _prepare_plots_dir(plots_dir: Path | str) -> Path:
     except OSError as exc:
         raise InputError(f"{p}: plots directory is not writable ({exc.strerror or exc})") from None
     return p
-
-
-def json_safe(obj: Any, digits: int = 6) -> Any:
-    """Plain-Python copy of ``obj`` for json.dump: numpy/torch scalars and arrays become numbers and lists,
-    non-finite floats become None, floats keep ``digits`` significant digits."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v, digits) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return json_safe(obj.tolist(), digits)
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else None
-    return obj
