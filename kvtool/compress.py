@@ -60,15 +60,21 @@ def tensor_report(codec: Codec, x: np.ndarray, enc: Encoded, x_hat: np.ndarray) 
     """Bits, bytes and reconstruction error of one tensor; ``heads`` holds per-head rel_mse/cosine."""
     rec = metrics.reconstruction(x, x_hat)
     before = x.size * 2  # the same elements in fp16
-    return {
+    state = int(sum(a.nbytes for a in codec.shared_state().values()))
+    report = {
         "spec": codec.spec(),
         "bits_per_element": enc.bits_per_element(),
+        "bits_per_element_with_state": 8.0 * (enc.nbytes + state) / max(enc.elements, 1),
         "bytes_before": before,
         "bytes_after": enc.nbytes,
         "ratio": before / enc.nbytes if enc.nbytes else float("inf"),
-        "shared_state_bytes": int(sum(a.nbytes for a in codec.shared_state().values())),
+        "shared_state_bytes": state,
         **rec,
     }
+    resolved = codec.report(enc)
+    if resolved:
+        report["resolved"] = resolved
+    return report
 
 
 def _context(data: LayerData, role: str) -> LayerContext:
@@ -140,18 +146,22 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 def _tensor_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     before = sum(r["bytes_before"] for r in rows)
     after = sum(r["bytes_after"] for r in rows)
-    return {"bits_per_element": 16.0 * after / before if before else 0.0, "bytes_before": before,
-            "bytes_after": after, "ratio": before / after if after else float("inf"),
-            "shared_state_bytes": sum(r["shared_state_bytes"] for r in rows),
-            "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
+    state = sum(r["shared_state_bytes"] for r in rows)
+    return {"bits_per_element": 16.0 * after / before if before else 0.0,
+            "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
+            "bytes_before": before, "bytes_after": after, "ratio": before / after if after else float("inf"),
+            "shared_state_bytes": state, "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
 
 
 def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Bytes summed over layers; error metrics averaged over layers (``*_max``: the worst layer)."""
     keys, values = _tensor_total([r["keys"] for r in layers]), _tensor_total([r["values"] for r in layers])
     before, after = keys["bytes_before"] + values["bytes_before"], keys["bytes_after"] + values["bytes_after"]
+    state = keys["shared_state_bytes"] + values["shared_state_bytes"]
     total: dict[str, Any] = {"keys": keys, "values": values, "bytes_before": before, "bytes_after": after,
+                             "shared_state_bytes": state,
                              "bits_per_element": 16.0 * after / before if before else 0.0,
+                             "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
                              "ratio": before / after if after else float("inf"),
                              "averaging": "mean over layers"}
     with_att = [r for r in layers if "attention_output_rel_error" in r]

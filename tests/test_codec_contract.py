@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from kvtool.codecs import REGISTRY, Composed, Encoded, LayerContext, Selector, parse_pair, parse_spec
+from kvtool.codecs import REGISTRY, Composed, Encoded, LayerContext, Selector, Stage, parse_pair, parse_spec
 from kvtool.codecs.uniform import Uniform
 from kvtool.errors import CodecError
 
@@ -227,3 +227,68 @@ def test_composed_selector_then_quantizer() -> None:
     enc = nested.fit(x).encode(x)
     assert nested.token_mask(enc).sum() == HEADS * 50
     assert (nested.decode(enc)[:, :-50] == 0).all()
+
+
+# -- generalised stages: a transform whose payload is not rows of x (test-only) -----------------------------
+
+
+@dataclass
+class SplitHalf(Stage):
+    """Stores the upper half of the channels in fp16 and hands the lower half (``d/2`` wide) on."""
+
+    name = "splithalf"
+    payload_name = "lower"
+
+    def payload_dim(self, head_dim: int | None) -> int | None:
+        return None if head_dim is None else head_dim // 2
+
+    def split(self, x: np.ndarray):
+        d = x.shape[-1]
+        return {"upper": x[:, :, d // 2:].astype(np.float16)}, x[:, :, : d // 2], {"half": d // 2}
+
+    def merge(self, own: Encoded, payload: np.ndarray) -> np.ndarray:
+        return np.concatenate([payload, own.arrays["upper"].astype(np.float32)], axis=-1)
+
+    def payload_shape(self, own: Encoded) -> tuple[int, int, int]:
+        return own.shape[0], own.shape[1], int(own.meta["half"])
+
+
+def test_stage_alone_stores_its_payload_in_fp16() -> None:
+    x = cache_like(7)
+    codec = SplitHalf()
+    enc = codec.fit(x).encode(x)
+    assert set(enc.arrays) == {"upper", "lower"} and enc.bits_per_element() == 16
+    np.testing.assert_allclose(codec.decode(enc), x, rtol=1e-3, atol=1e-2)
+    assert codec.token_mask(enc) is None
+
+
+def test_transform_stage_then_quantizer_counts_both_and_validates_the_payload_dim() -> None:
+    x = cache_like(8)
+    codec = Composed(SplitHalf(), Uniform(bits=4, group=32))
+    enc = codec.fit(x).encode(x)
+    assert set(enc.arrays) == {"upper", "inner.codes", "inner.scale", "inner.zero"}
+    assert enc.meta == {"half": DIM // 2}
+    # upper half fp16 (8 bits per element overall) + lower half 4-bit with fp16 scale/zero per 32
+    assert enc.bits_per_element() == pytest.approx(8 + (4 + 32 / 32) / 2)
+    y = codec.decode(enc)
+    np.testing.assert_array_equal(y[:, :, DIM // 2:], x[:, :, DIM // 2:].astype(np.float16))
+    assert 0 < rel_mse(x[:, :, : DIM // 2], y[:, :, : DIM // 2]) < 0.05
+    with pytest.raises(CodecError, match="'uniform' after 'splithalf' codes vectors of 32 values.*group must"):
+        Composed(SplitHalf(), Uniform(bits=4, group=64)).validate(DIM)
+    Composed(SplitHalf(), Uniform(bits=4, group=64)).validate(2 * DIM)  # 64 wide payload: fine
+
+
+def test_three_stages_nest_and_mask_through_every_stage() -> None:
+    x = cache_like(9)
+    codec = Composed(KeepRecent(keep=100), Composed(SplitHalf(), Uniform(bits=8)))
+    enc = codec.fit(x).encode(x)
+    assert set(enc.arrays) == {"kept", "inner.upper", "inner.inner.codes", "inner.inner.scale",
+                               "inner.inner.zero"}
+    assert enc.meta == {"inner.half": DIM // 2}
+    assert enc.nbytes == HEADS * 100 * (1 + DIM // 2 * 2 + DIM // 2 + 4)  # idx, fp16 upper, 8-bit, scale+zero
+    y = codec.decode(enc)
+    assert (y[:, :-100] == 0).all() and rel_mse(x[:, -100:], y[:, -100:]) < 1e-3
+    mask = codec.token_mask(enc)
+    assert mask[:, -100:].all() and not mask[:, :-100].any()
+    fresh = Composed(KeepRecent(keep=100), Composed(SplitHalf(), Uniform(bits=8)))
+    np.testing.assert_array_equal(fresh.decode(Encoded(dict(enc.arrays), enc.shape, dict(enc.meta))), y)

@@ -199,3 +199,25 @@ def test_codecs_json_lists_every_registered_codec():
     assert [row["name"] for row in rows] == sorted(REGISTRY)
     tq = next(row for row in rows if row["name"] == "turboquant")
     assert tq["parameters"]["bits"]["default"] == "3" and "variant" in tq["parameters"]
+
+
+def test_shared_state_is_amortized_over_this_cache(cache: Path, tmp_path: Path) -> None:
+    # fractional TurboQuant keeps an outlier-channel table per layer and tensor: shared state
+    report_path = tmp_path / "r.json"
+    r = run("compress", cache, "--method", "turboquant:bits=2.5", "--json", report_path)
+    assert r.exit_code == 0, r.output
+    assert "b+st" in r.stdout and "shared state" in r.stdout
+    report = json.loads(report_path.read_text())
+    elements = KV_HEADS * TOKENS * HEAD_DIM
+    for row in report["layers"]:
+        for role in ("keys", "values"):
+            t = row[role]
+            assert t["shared_state_bytes"] == KV_HEADS * (HEAD_DIM // 2) * 2  # (heads, 16) uint16 channels
+            assert t["bits_per_element_with_state"] == pytest.approx(
+                8 * (t["bytes_after"] + t["shared_state_bytes"]) / elements)
+    total = report["total"]
+    state = sum(row[role]["shared_state_bytes"] for row in report["layers"] for role in ("keys", "values"))
+    assert total["shared_state_bytes"] == state
+    assert total["bits_per_element_with_state"] == pytest.approx(
+        16 * (total["bytes_after"] + state) / total["bytes_before"])
+    assert total["keys"]["bits_per_element_with_state"] > total["keys"]["bits_per_element"]

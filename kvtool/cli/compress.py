@@ -57,33 +57,51 @@ def compress(
     run_guarded(work)
 
 
+def _resolved_text(tensor: dict[str, Any]) -> str:
+    """The scalar items a codec resolved (``rank=24``), for the table."""
+    items = tensor.get("resolved", {}).items()
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in items
+                    if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+
+
 def _render_compress(r: dict[str, Any]) -> None:
     from rich import box
 
     att = r["attention"]
+    t = r["total"]
+    state = t.get("shared_state_bytes", 0) > 0
+    resolved = any(_resolved_text(row[role]) for row in r["layers"] for role in ("keys", "values"))
     table = Table(title=f"keys {r['keys_spec']} | values {r['values_spec']}", box=box.SIMPLE_HEAD,
                   pad_edge=False, show_edge=False, collapse_padding=True)
-    cols = ["layer", "K bits", "V bits", "K mse", "V mse"]
+    cols = ["layer", "K bits", "V bits"] + (["K b+st", "V b+st"] if state else []) + ["K mse", "V mse"]
     cols += ["out err", "out cos", "KL", "top-k"] if att else ["K cos", "V cos"]
+    cols += ["K resolved", "V resolved"] if resolved else []
     for col in cols:
-        table.add_column(col, justify="right", no_wrap=True)
-    rows = [*r["layers"], {**r["total"], "layer": "total"}]
+        table.add_column(col, justify="left" if "resolved" in col else "right", no_wrap=True)
+    rows = [*r["layers"], {**t, "layer": "total"}]
     for n, row in enumerate(rows):
         k, v = row["keys"], row["values"]
-        cells = [str(row["layer"]), f"{k['bits_per_element']:.2f}", f"{v['bits_per_element']:.2f}",
-                 f"{k['rel_mse']:.1e}", f"{v['rel_mse']:.1e}"]
+        cells = [str(row["layer"]), f"{k['bits_per_element']:.2f}", f"{v['bits_per_element']:.2f}"]
+        if state:
+            cells += [f"{k['bits_per_element_with_state']:.2f}", f"{v['bits_per_element_with_state']:.2f}"]
+        cells += [f"{k['rel_mse']:.1e}", f"{v['rel_mse']:.1e}"]
         if att:
             cells += [f"{row['attention_output_rel_error']:.4f}", f"{row['attention_output_cosine']:.4f}",
                       f"{row['attention_kl']:.1e}", f"{row['topk_overlap']:.3f}"]
         else:
             cells += [f"{k['cosine']:.4f}", f"{v['cosine']:.4f}"]
+        if resolved:
+            cells += [_resolved_text(k), _resolved_text(v)]
         table.add_row(*cells, end_section=n == len(rows) - 2)
     console.print(table)
     console.print("mse: relative MSE of keys/values; out: attention output ‖ô−o‖/‖o‖ and cosine; "
                   "KL(p‖p̂) and top-k overlap of attention" if att else "mse: relative MSE; cos: mean cosine")
-    t = r["total"]
+    if state:
+        console.print("b+st: bits per element with the shared state (bases, codebooks) amortized over this cache")
+    with_state = (f"; {t['bits_per_element_with_state']:.3f} with {human_bytes(t['shared_state_bytes'])} of "
+                  "shared state" if state else "")
     console.print(f"{human_bytes(t['bytes_before'])} as fp16 → {human_bytes(t['bytes_after'])} stored "
-                  f"({t['bits_per_element']:.3f} bits/element, {t['ratio']:.2f}× smaller) "
+                  f"({t['bits_per_element']:.3f} bits/element{with_state}, {t['ratio']:.2f}× smaller) "
                   f"in {r['seconds']:.1f} s" + (f"; wrote {r['output']}" if r["output"] else ""))
     for note in r["notes"]:
         console.print(f"note: {note}")

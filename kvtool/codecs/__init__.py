@@ -1,7 +1,10 @@
 """KV-cache codecs: the registry and the one spec parser.
 
-A spec is ``name`` or ``name:key=value,key=value``; ``+`` composes stages (``snapkv:keep=0.5+kivi:bits=4``,
-a token selector then a codec for the kept rows). Values are coerced to the codec dataclass's field types.
+A spec is ``name`` or ``name:key=value,key=value``; ``+`` composes stages, left to right: every codec but
+the last must be a :class:`Stage` (a token selector, a low-rank projection), whose payload the next one
+codes — ``snapkv:keep=0.5+kivi:bits=4`` (the kept rows), ``lowrank:rank=24+turboquant:bits=4`` (the rank-24
+coefficients, so TurboQuant's head_dim is 24), ``snapkv:keep=0.5+lowrank:rank=32+turboquant:bits=4``.
+Every stage's stored bytes are counted. Values are coerced to the codec dataclass's field types.
 
 Adding a codec: write ``kvtool/codecs/<module>.py`` with a ``@register``-decorated dataclass subclass of
 :class:`Codec`, add the module name to ``_MODULES`` below, and add a row to the table in
@@ -22,6 +25,7 @@ from kvtool.codecs.base import (
     Encoded,
     LayerContext,
     Selector,
+    Stage,
     format_value,
     register,
 )
@@ -34,6 +38,7 @@ __all__ = [
     "Encoded",
     "LayerContext",
     "Selector",
+    "Stage",
     "codec_parameters",
     "format_value",
     "parse_pair",

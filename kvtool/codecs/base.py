@@ -20,21 +20,33 @@ Rules every codec follows:
   ``kvtool decompress`` can rebuild a cache from a file with a freshly parsed codec.
 * Fitted state that is a fixed overhead independent of the number of tokens (a codebook, a PCA basis) is
   returned by :meth:`Codec.shared_state`, stored once per layer and tensor, and reported beside the bits per
-  element, not inside them. A rotation is stored as its seed in ``meta``, not as a matrix.
+  element (and amortized over the cache in ``bits_per_element_with_state``). A rotation is stored as its
+  seed in ``meta``, not as a matrix.
+* State restored with :meth:`Codec.load_shared_state` *before* ``fit`` is kept: ``fit`` then only binds
+  what belongs to the tensor itself (positions, selector scores). That is how ``compress --fit-on``
+  applies a basis or codebook fitted on another cache (compress also restores it again after ``fit``, so
+  a codec that refits regardless still codes with the calibration state).
 * Invalid parameters raise :class:`kvtool.errors.CodecError` naming the allowed values, from
   :meth:`Codec.validate` (called on construction with ``head_dim=None`` and by ``fit`` with the real
   head_dim).
 
-Hooks for the codec families still to come:
+Composition and stages:
 
-* Token selection (SnapKV, H2O, StreamingLLM) subclasses :class:`Selector`: ``fit`` receives a
-  :class:`LayerContext` carrying the captured queries, positions and the layer's original keys; it stores
-  ``arrays["kept"]`` — per-head indices of the tokens kept, shape ``(heads, n_keep)`` — and ``decode``
-  returns the full token length with evicted rows zeroed. :meth:`Codec.token_mask` tells the metrics which
-  rows exist (evicted keys are masked out of attention, not treated as zero vectors).
-* Composition ``a+b`` (:class:`Composed`) runs selectors first and gives the kept rows to the last codec.
+* A :class:`Stage` turns ``x`` into arrays it stores itself plus a *payload* for the next codec; alone it
+  stores the payload in fp16. :class:`Composed` (``a+b``, built by the spec parser from ``+``) hands the
+  head's payload to the tail and counts both: ``snapkv:keep=0.5+kivi:bits=4`` (a token selector's kept
+  rows), ``lowrank:rank=24+turboquant:bits=4`` (low-rank coefficients, so TurboQuant's head_dim is 24),
+  ``snapkv:keep=0.5+lowrank:rank=32+turboquant:bits=4`` (stages chain). Only the last codec may be a
+  plain quantizer.
+* Token selection (SnapKV, H2O, StreamingLLM) subclasses :class:`Selector`, the stage whose payload is
+  the kept rows: ``fit`` receives a :class:`LayerContext` carrying the captured queries, positions and the
+  layer's original keys; ``select(x)`` returns per-head indices of the tokens kept, shape
+  ``(heads, n_keep)``, stored as ``arrays["kept"]``; ``decode`` returns the full token length with evicted
+  rows zeroed and :meth:`Codec.token_mask` tells the metrics which rows exist (evicted keys are masked out
+  of attention, not treated as zero vectors).
 * Per-layer state (a low-rank basis, a learned codebook) is fitted in ``fit`` and exposed through
-  ``shared_state``; cross-layer sharing can key its state on ``context.layer``.
+  ``shared_state``; cross-layer sharing can key its state on ``context.layer``. What a codec resolved while
+  fitting (a rank chosen from an energy target) is reported through :meth:`Codec.report`.
 """
 
 from __future__ import annotations
@@ -178,6 +190,11 @@ class Codec(ABC):
         """Boolean ``(heads, tokens)``: which token rows ``decode`` really restores; ``None`` = all."""
         return None
 
+    def report(self, enc: Encoded) -> dict[str, object]:
+        """What the codec resolved for this tensor, for the compress report (e.g. ``{"rank": 24}``); JSON
+        values only. Scalars also show in the compress table."""
+        return {}
+
     # -- fixed overhead -----------------------------------------------------------------------------
     def shared_state(self) -> dict[str, np.ndarray]:
         """Fitted arrays stored once per layer and tensor (codebook, basis); reported beside the bits."""
@@ -211,8 +228,61 @@ def check_int_range(param: str, value: int, lo: int, hi: int) -> None:
         raise choice_error(param, f"{lo}..{hi}", value)
 
 
-class Selector(Codec):
-    """Base of token-selection codecs (eviction). Not registered itself.
+class Stage(Codec):
+    """Intermediate base of codecs that can run before another codec in a composition ``a+b``.
+
+    A stage splits ``x`` ``(heads, tokens, head_dim)`` into arrays it stores itself (kept indices, fp16
+    sink rows...) and a *payload* ``(heads', tokens', dim')`` that the next stage codes: the kept rows of
+    a token selector, the coefficients of a low-rank projection. On its own (no next stage) the payload is
+    stored in fp16 as ``arrays[payload_name]``. Subclasses implement :meth:`split`, :meth:`merge` and
+    :meth:`payload_shape`; :class:`Selector` is the stage whose payload is a subset of token rows.
+    """
+
+    #: The array the payload is stored under when the stage stands alone.
+    payload_name: ClassVar[str] = "payload"
+
+    @abstractmethod
+    def split(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int | float | str]]:
+        """``x`` ``(heads, tokens, head_dim)`` float32 → (own stored arrays, payload float32, own meta)."""
+
+    @abstractmethod
+    def merge(self, own: Encoded, payload: np.ndarray) -> np.ndarray:
+        """Rebuild ``own.shape`` from the stage's stored arrays and meta (``own.arrays``, ``own.meta``) and
+        the decoded payload ``(heads', tokens', dim')``."""
+
+    @abstractmethod
+    def payload_shape(self, own: Encoded) -> tuple[int, int, int]:
+        """The payload's shape, from the stage's own stored arrays/meta and its parameters and state."""
+
+    def payload_dim(self, head_dim: int | None) -> int | None:
+        """The payload's last dimension for input ``head_dim`` (``None`` = known only after ``fit``);
+        a composition validates the next stage against it."""
+        return head_dim
+
+    def payload_mask(self, own: Encoded, inner: np.ndarray | None) -> np.ndarray | None:
+        """Boolean ``(heads, tokens)`` of rows restored, given the next stage's mask over the payload."""
+        return None if inner is None else inner
+
+    def payload_context(self, context: LayerContext | None) -> LayerContext | None:
+        """The context the next stage is fitted with (default: this stage's own)."""
+        return context
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        x = check_input(x)
+        own, payload, meta = self.split(x)
+        return Encoded({**own, self.payload_name: payload.astype(np.float16)}, x.shape, dict(meta))
+
+    def decode(self, enc: Encoded) -> np.ndarray:
+        own = Encoded({k: v for k, v in enc.arrays.items() if k != self.payload_name}, enc.shape, enc.meta)
+        return self.merge(own, enc.arrays[self.payload_name].astype(np.float32))
+
+    def token_mask(self, enc: Encoded) -> np.ndarray | None:
+        own = Encoded({k: v for k, v in enc.arrays.items() if k != self.payload_name}, enc.shape, enc.meta)
+        return self.payload_mask(own, None)
+
+
+class Selector(Stage):
+    """Base of token-selection codecs (eviction): a :class:`Stage` whose payload is the kept rows.
 
     Subclasses implement :meth:`select`; the base stores the kept indices (``arrays["kept"]``, smallest
     unsigned dtype that fits, counted in the bytes) and the kept rows in fp16 (``arrays["rows"]``). In a
@@ -220,22 +290,27 @@ class Selector(Codec):
     position with evicted rows zeroed; :meth:`token_mask` says which rows were kept.
     """
 
+    payload_name: ClassVar[str] = "rows"
+
     @abstractmethod
     def select(self, x: np.ndarray) -> np.ndarray:
         """Indices of the kept tokens per head, ``(heads, n_keep)`` int, ascending within each head."""
 
-    def encode(self, x: np.ndarray) -> Encoded:
-        x = check_input(x)
+    def split(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int | float | str]]:
         kept = self.select(x)
-        rows = np.take_along_axis(x, kept[:, :, None], axis=1)  # (heads, n_keep, head_dim)
-        arrays = {"kept": pack_indices(kept, x.shape[1]), "rows": rows.astype(np.float16)}
-        return Encoded(arrays, x.shape)
+        rows = np.take_along_axis(x, np.asarray(kept, dtype=np.int64)[:, :, None], axis=1)  # (heads, n_keep, d)
+        return {"kept": pack_indices(kept, x.shape[1])}, rows, {}
 
-    def decode(self, enc: Encoded) -> np.ndarray:
-        return scatter_rows(enc.arrays["rows"].astype(np.float32), enc.arrays["kept"], enc.shape)
+    def merge(self, own: Encoded, payload: np.ndarray) -> np.ndarray:
+        return scatter_rows(payload, own.arrays["kept"], own.shape)
 
-    def token_mask(self, enc: Encoded) -> np.ndarray | None:
-        return kept_mask(enc.arrays["kept"], enc.shape)
+    def payload_shape(self, own: Encoded) -> tuple[int, int, int]:
+        return own.shape[0], own.arrays["kept"].shape[1], own.shape[2]
+
+    def payload_mask(self, own: Encoded, inner: np.ndarray | None) -> np.ndarray | None:
+        mask = np.zeros(own.shape[:2], dtype=bool)
+        np.put_along_axis(mask, own.arrays["kept"].astype(np.int64), True if inner is None else inner, axis=1)
+        return mask
 
 
 def pack_indices(kept: np.ndarray, tokens: int) -> np.ndarray:
@@ -261,13 +336,25 @@ def kept_mask(kept: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 INNER = "inner."
 
 
+def _strip(mapping: dict, prefix: str = INNER) -> dict:
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
+def _own(mapping: dict, prefix: str = INNER) -> dict:
+    return {k: v for k, v in mapping.items() if not k.startswith(prefix)}
+
+
 @dataclass
 class Composed(Codec):
-    """``head+tail``: a token selector, then any codec on the kept rows (``snapkv:keep=0.5+kivi:bits=4``).
+    """``head+tail``: a :class:`Stage`, then any codec on its payload.
 
-    Built by the spec parser from ``+``; not registered. Stored arrays: the selector's ``kept`` plus the
-    tail's arrays prefixed ``inner.``. Chaining two quantizers is rejected: the second would only see the
-    first one's codes.
+    ``snapkv:keep=0.5+kivi:bits=4`` codes the kept rows with KIVI; ``lowrank:rank=24+turboquant:bits=4``
+    codes the rank-24 coefficients with TurboQuant (whose head_dim is then 24, and is validated as such);
+    stages chain (``snapkv:keep=0.5+lowrank:rank=32+turboquant:bits=4`` nests as ``snapkv+(lowrank+tq)``).
+    Built by the spec parser from ``+``; not registered. Stored arrays, meta and shared state: the head's
+    under their own names, the tail's prefixed ``inner.`` (``inner.inner.`` two stages down). Every byte
+    of both is counted. A codec that is not a stage (a quantizer) can only come last: a second quantizer
+    would only see the first one's codes.
     """
 
     head: Codec
@@ -275,13 +362,20 @@ class Composed(Codec):
     name: ClassVar[str] = "+"
 
     def validate(self, head_dim: int | None = None) -> None:
-        if not isinstance(self.head, Selector):
+        if not isinstance(self.head, Stage):
             raise CodecError(
-                f"in '{self.head.name}+{self.tail.name}' every stage but the last must select tokens; "
-                f"'{self.head.name}' is a quantizer (two quantizers cannot be chained)"
+                f"in '{self.head.name}+{self.tail.name}' every stage but the last must select tokens or "
+                f"transform them (a Stage); '{self.head.name}' is a quantizer (two quantizers cannot be chained)"
             )
         self.head.validate(head_dim)
-        self.tail.validate(head_dim)
+        inner_dim = self.head.payload_dim(head_dim)
+        try:
+            self.tail.validate(inner_dim)
+        except CodecError as exc:
+            if inner_dim is None or inner_dim == head_dim:
+                raise
+            raise CodecError(f"'{self.tail.name}' after '{self.head.name}' codes vectors of {inner_dim} "
+                             f"values, not head_dim: {exc}") from None
 
     def spec(self) -> str:
         return f"{self.head.spec()}+{self.tail.spec()}"
@@ -291,44 +385,50 @@ class Composed(Codec):
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Codec:
         x = check_input(x)
-        self.head.fit(x, context)
-        self.tail.fit(self._kept_rows(x)[1], context)
+        self.validate(x.shape[-1])
+        head: Stage = self.head  # type: ignore[assignment]
+        head.fit(x, context)
+        payload = head.split(x)[1]
+        try:
+            self.tail.fit(payload, head.payload_context(context))
+        except CodecError as exc:
+            if payload.shape[-1] == x.shape[-1]:
+                raise
+            raise CodecError(f"'{self.tail.name}' after '{self.head.name}' codes vectors of "
+                             f"{payload.shape[-1]} values, not head_dim: {exc}") from None
         return self
-
-    def _kept_rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        kept = self.head.select(x)  # type: ignore[attr-defined]
-        return kept, np.take_along_axis(x, kept[:, :, None], axis=1)
 
     def encode(self, x: np.ndarray) -> Encoded:
         x = check_input(x)
-        kept, rows = self._kept_rows(x)
-        inner = self.tail.encode(rows)
-        arrays = {"kept": pack_indices(kept, x.shape[1])}
+        own, payload, meta = self.head.split(x)  # type: ignore[attr-defined]
+        inner = self.tail.encode(payload)
+        arrays = dict(own)
         arrays.update({INNER + k: v for k, v in inner.arrays.items()})
-        meta = {INNER + k: v for k, v in inner.meta.items()}
+        meta = {**meta, **{INNER + k: v for k, v in inner.meta.items()}}
         return Encoded(arrays, x.shape, meta)
 
-    def _inner(self, enc: Encoded) -> Encoded:
-        kept = enc.arrays["kept"]
-        strip = len(INNER)
-        arrays = {k[strip:]: v for k, v in enc.arrays.items() if k.startswith(INNER)}
-        meta = {k[strip:]: v for k, v in enc.meta.items() if k.startswith(INNER)}
-        return Encoded(arrays, (enc.shape[0], kept.shape[1], enc.shape[2]), meta)
+    def _parts(self, enc: Encoded) -> tuple[Encoded, Encoded]:
+        """(the head's own stored part, the tail's Encoded) of a composed ``enc``."""
+        own = Encoded(_own(enc.arrays), enc.shape, _own(enc.meta))
+        shape = self.head.payload_shape(own)  # type: ignore[attr-defined]
+        return own, Encoded(_strip(enc.arrays), shape, _strip(enc.meta))
 
     def decode(self, enc: Encoded) -> np.ndarray:
-        rows = self.tail.decode(self._inner(enc))
-        return scatter_rows(rows, enc.arrays["kept"], enc.shape)
+        own, inner = self._parts(enc)
+        return self.head.merge(own, self.tail.decode(inner))  # type: ignore[attr-defined]
 
     def token_mask(self, enc: Encoded) -> np.ndarray | None:
-        kept = enc.arrays["kept"].astype(np.int64)  # (heads, n_keep)
-        inner = self.tail.token_mask(self._inner(enc))  # (heads, n_keep) or None
-        mask = np.zeros(enc.shape[:2], dtype=bool)
-        np.put_along_axis(mask, kept, True if inner is None else inner, axis=1)
-        return mask
+        own, inner = self._parts(enc)
+        return self.head.payload_mask(own, self.tail.token_mask(inner))  # type: ignore[attr-defined]
+
+    def report(self, enc: Encoded) -> dict[str, object]:
+        own, inner = self._parts(enc)
+        return {**self.head.report(own), **{INNER + k: v for k, v in self.tail.report(inner).items()}}
 
     def shared_state(self) -> dict[str, np.ndarray]:
-        return {INNER + k: v for k, v in self.tail.shared_state().items()}
+        return {**self.head.shared_state(), **{INNER + k: v for k, v in self.tail.shared_state().items()}}
 
     def load_shared_state(self, state: dict[str, np.ndarray]) -> Codec:
-        self.tail.load_shared_state({k[len(INNER):]: v for k, v in state.items() if k.startswith(INNER)})
+        self.head.load_shared_state(_own(state))
+        self.tail.load_shared_state(_strip(state))
         return self
