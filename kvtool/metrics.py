@@ -19,6 +19,10 @@ a query iff ``key_pos <= query_pos`` and, for a sliding-window layer, ``key_pos 
 Evicted keys (``key_mask`` False, from token-selection codecs) are removed from p̂ and from the logit error;
 KL floors their log-probability at ``log(1e-12)`` so a dropped key with real mass costs a finite amount.
 Everything is computed in torch float32, one KV head and a bounded block of queries at a time.
+
+:func:`attention` is :func:`reference_attention` (the exact logits, probabilities, top-k and outputs of one
+layer) followed by :func:`compare_attention` (one compressed version against it). ``sweep`` and ``plan``
+compute the reference once per layer and compare every codec with it; the figures are the same.
 """
 
 from __future__ import annotations
@@ -104,31 +108,136 @@ def visibility(
     return visible
 
 
-def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor, v_hat: torch.Tensor,
-           visible: torch.Tensor, kept: torch.Tensor, scaling: float, topk: int) -> _Sums:
-    """Sums for queries ``q`` ``(g, c, d)`` of one KV head (``k, v, k_hat, v_hat`` ``(Tk, d)``),
-    ``visible`` ``(c, Tk)``, ``kept`` ``(Tk,)``."""
+@dataclass
+class _RefBlock:
+    """The exact attention of one KV head's query group over a block of ``c`` queries."""
+
+    q: torch.Tensor  # (g, c, d)
+    visible: torch.Tensor  # (c, Tk)
+    s: torch.Tensor  # (g, c, Tk) logits, unmasked
+    logp: torch.Tensor  # (g, c, Tk) log-softmax over the visible keys
+    p: torch.Tensor  # (g, c, Tk)
+    top: torch.Tensor  # (g, c, Tk) bool: the top-k keys of each query
+    out: torch.Tensor  # (g, c, d) the attention output p V
+
+
+@dataclass
+class AttentionReference:
+    """The exact attention of one layer, computed once by :func:`reference_attention` and compared with
+    any number of compressed versions by :func:`compare_attention` (``sweep`` and ``plan`` do that)."""
+
+    keys: torch.Tensor  # (kv_heads, Tk, d)
+    values: torch.Tensor  # (kv_heads, Tk, d)
+    blocks: list[list[_RefBlock]]  # per KV head, per query block
+    scaling: float
+    topk: int
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.keys.shape[0])
+
+    def output_energy(self) -> list[float]:
+        """``‖p V‖²`` per KV head, summed over its query heads and queries (the denominator of the
+        attention-output error)."""
+        return [float(sum(float(b.out.square().sum()) for b in head)) for head in self.blocks]
+
+
+def _reference_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                     scaling: float, topk: int) -> _RefBlock:
+    """Queries ``q`` ``(g, c, d)`` of one KV head, ``k, v`` ``(Tk, d)``, ``visible`` ``(c, Tk)``."""
     s = torch.matmul(q, k.T) * scaling  # (g, c, Tk)
-    s_hat = torch.matmul(q, k_hat.T) * scaling
-    vis_hat = visible & kept  # (c, Tk)
+    masked = s.masked_fill(~visible, -math.inf)
+    logp = torch.log_softmax(masked, dim=-1)
+    k_eff = min(topk, k.shape[0])
+    top = torch.zeros(s.shape, dtype=torch.bool).scatter_(-1, masked.topk(k_eff, dim=-1).indices, True)
+    p = logp.exp()
+    return _RefBlock(q, visible, s, logp, p, top, torch.matmul(p, v))
+
+
+def _compare_block(ref: _RefBlock, k_hat: torch.Tensor | None, v_hat: torch.Tensor, values_exact: bool,
+                   kept: torch.Tensor | None, scaling: float, topk: int) -> _Sums:
+    """Sums for one reference block against ``k_hat`` (None: exact) and ``v_hat`` ``(Tk, d)``
+    (``values_exact``: it is the reference's own), and ``kept`` ``(Tk,)`` (None: every key kept)."""
+    s, visible = ref.s, ref.visible
+    n_k = s.shape[-1]
+    exact_logits = k_hat is None and kept is None
+    s_hat = s if k_hat is None else torch.matmul(ref.q, k_hat.T) * scaling
+    vis_hat = visible if kept is None else visible & kept  # (c, Tk)
     logit_err = torch.where(vis_hat, s_hat - s, 0.0).square().sum()
     logit_ref = torch.where(vis_hat, s, 0.0).square().sum()
-    s, s_hat = s.masked_fill(~visible, -math.inf), s_hat.masked_fill(~vis_hat, -math.inf)
-    logp, logp_hat = torch.log_softmax(s, dim=-1), torch.log_softmax(s_hat, dim=-1)
-    p = logp.exp()
-    p_hat = torch.nan_to_num(logp_hat.exp())  # a query with every visible key evicted attends to nothing
+    logp, p = ref.logp, ref.p
+    k_eff = min(topk, n_k)
+    if exact_logits:  # the same logits: reuse what the reference computed from them
+        logp_hat, p_hat, top_hat = logp, p, ref.top
+    else:
+        s_hat = s_hat.masked_fill(~vis_hat, -math.inf)
+        logp_hat = torch.log_softmax(s_hat, dim=-1)
+        p_hat = torch.nan_to_num(logp_hat.exp())  # a query with every visible key evicted attends to nothing
+        top_hat = torch.zeros_like(ref.top).scatter_(-1, s_hat.topk(k_eff, dim=-1).indices, True)
     kl = torch.where(visible, p * (logp - logp_hat.clamp(min=LOG_FLOOR)), 0.0).sum(-1)  # (g, c)
-    k_eff = min(topk, k.shape[0])
-    top = torch.zeros(s.shape, dtype=torch.bool).scatter_(-1, s.topk(k_eff, dim=-1).indices, True)
-    top_hat = torch.zeros_like(top).scatter_(-1, s_hat.topk(k_eff, dim=-1).indices, True)
-    hits = (top & top_hat & vis_hat).sum(-1).double()
+    hits = (ref.top & top_hat & vis_hat).sum(-1).double()
     overlap = hits / visible.sum(-1).clamp(max=k_eff, min=1).double()  # (g, c) / (c,)
-    out = torch.matmul(p, v)  # (g, c, d)
-    out_hat = torch.matmul(p_hat, v_hat)
+    out = ref.out  # (g, c, d)
+    out_hat = out if exact_logits and values_exact else torch.matmul(p_hat, v_hat)
     cos = torch.nn.functional.cosine_similarity(out, out_hat, dim=-1, eps=1e-12)
     return _Sums(float(logit_err), float(logit_ref), float(kl.sum()), float(overlap.sum()),
                  float((out_hat - out).square().sum()), float(out.square().sum()), float(cos.sum()),
                  int(cos.numel()))
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def reference_attention(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    query_positions: np.ndarray,
+    key_positions: np.ndarray,
+    *,
+    scaling: float | None = None,
+    sliding_window: int = 0,
+    topk: int = 8,
+) -> AttentionReference:
+    """The exact attention of one layer (logits, probabilities, top-k, outputs), for
+    :func:`compare_attention`. Shapes as in :func:`attention`."""
+    q_heads, n_q, dim = queries.shape
+    kv_heads, n_k, _ = keys.shape
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    group = q_heads // kv_heads
+    scale = dim**-0.5 if scaling is None else float(scaling)
+    q, k, v = _tensor(queries), _tensor(keys), _tensor(values)
+    visible = visibility(query_positions, key_positions, sliding_window)  # (Tq, Tk)
+    chunk = max(1, BLOCK_ELEMENTS // max(group * n_k, 1))
+    blocks = [[_reference_block(q[h * group:(h + 1) * group, start:min(start + chunk, n_q)], k[h], v[h],
+                                visible[start:min(start + chunk, n_q)], scale, topk)
+               for start in range(0, n_q, chunk)] for h in range(kv_heads)]
+    return AttentionReference(k, v, blocks, scale, topk)
+
+
+def compare_attention(
+    ref: AttentionReference,
+    keys_hat: np.ndarray | None = None,
+    values_hat: np.ndarray | None = None,
+    *,
+    key_mask: np.ndarray | None = None,
+) -> dict[str, object]:
+    """The metrics of :func:`attention` for compressed ``keys_hat``/``values_hat`` ``(kv_heads, Tk, d)``
+    against a reference computed once; ``None`` leaves that tensor exact (what one role's error needs)."""
+    kh = None if keys_hat is None else _tensor(keys_hat)
+    vh = None if values_hat is None else _tensor(values_hat)
+    kept = None if key_mask is None else torch.from_numpy(np.asarray(key_mask, dtype=bool))
+    total, heads = _Sums(), []
+    for h, blocks in enumerate(ref.blocks):
+        sums = _Sums()
+        for block in blocks:
+            sums.add(_compare_block(block, None if kh is None else kh[h], ref.values[h] if vh is None else vh[h],
+                                    vh is None, None if kept is None else kept[h], ref.scaling, ref.topk))
+        total.add(sums)
+        heads.append(sums.result())
+    return {**total.result(), "topk": ref.topk, "heads": heads}
 
 
 def attention(
@@ -152,25 +261,6 @@ def attention(
     Returns the totals of :data:`ATTENTION_KEYS`, ``topk`` and ``heads``: the same metrics per KV head
     (aggregated over the query heads that read it).
     """
-    q_heads, n_q, dim = queries.shape
-    kv_heads, n_k, _ = keys.shape
-    if q_heads % kv_heads:
-        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
-    group = q_heads // kv_heads
-    scale = dim**-0.5 if scaling is None else float(scaling)
-    t = {name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for name, a in
-         (("q", queries), ("k", keys), ("v", values), ("kh", keys_hat), ("vh", values_hat))}
-    visible = visibility(query_positions, key_positions, sliding_window)  # (Tq, Tk)
-    kept = (torch.from_numpy(np.asarray(key_mask, dtype=bool)) if key_mask is not None
-            else torch.ones(kv_heads, n_k, dtype=torch.bool))
-    chunk = max(1, BLOCK_ELEMENTS // max(group * n_k, 1))
-    total, heads = _Sums(), []
-    for h in range(kv_heads):
-        sums = _Sums()
-        for start in range(0, n_q, chunk):
-            stop = min(start + chunk, n_q)
-            sums.add(_block(t["q"][h * group:(h + 1) * group, start:stop], t["k"][h], t["v"][h], t["kh"][h],
-                            t["vh"][h], visible[start:stop], kept[h], scale, topk))
-        total.add(sums)
-        heads.append(sums.result())
-    return {**total.result(), "topk": topk, "heads": heads}
+    ref = reference_attention(queries, keys, values, query_positions, key_positions, scaling=scaling,
+                              sliding_window=sliding_window, topk=topk)
+    return compare_attention(ref, keys_hat, values_hat, key_mask=key_mask)

@@ -136,3 +136,30 @@ def test_evicted_keys_leave_attention() -> None:
     assert r["attention_logit_rel_error"] == 0.0  # measured on kept keys only
     assert r["attention_kl"] > 0 and np.isfinite(r["attention_kl"])
     assert r["attention_output_rel_error"] > 0
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_a_shared_reference_gives_the_same_figures(window: int) -> None:
+    """sweep/plan compute the exact attention once per layer and compare many codecs against it."""
+    q, k, v, qpos, kpos = rng_arrays(8, n_q=6, n_k=16)
+    ref = metrics.reference_attention(q, k, v, qpos, kpos, scaling=0.4, sliding_window=window, topk=3)
+    rng = np.random.default_rng(9)
+    mask = np.ones(k.shape[:2], bool)
+    mask[0, 2] = False
+    for trial in range(3):
+        k_hat = k + 0.2 * rng.standard_normal(k.shape).astype(np.float32)
+        v_hat = v + 0.2 * rng.standard_normal(v.shape).astype(np.float32)
+        key_mask = mask if trial == 2 else None
+        direct = metrics.attention(q, k, v, k_hat, v_hat, qpos, kpos, scaling=0.4, sliding_window=window,
+                                   key_mask=key_mask, topk=3)
+        assert metrics.compare_attention(ref, k_hat, v_hat, key_mask=key_mask) == direct
+    # None = that tensor exact: the same figures as passing the exact tensor itself
+    for k_hat, v_hat in ((None, v * 1.1), (k * 1.1, None), (None, None)):
+        explicit = metrics.attention(q, k, v, k if k_hat is None else k_hat, v if v_hat is None else v_hat,
+                                     qpos, kpos, scaling=0.4, sliding_window=window, topk=3)
+        assert metrics.compare_attention(ref, k_hat, v_hat) == explicit
+    energy = ref.output_energy()  # ‖pV‖² per KV head: the denominator of the output error
+    assert len(energy) == 2 and all(e > 0 for e in energy)
+    out = metrics.compare_attention(ref, None, v * 1.1)["heads"]
+    for h in range(2):  # values scaled by 1.1 move every output by exactly 10 %
+        assert out[h]["attention_output_rel_error"] == pytest.approx(0.1, rel=1e-5)
