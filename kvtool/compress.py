@@ -83,8 +83,12 @@ def _context(data: LayerData, role: str) -> LayerContext:
                         keys=data.keys, scaling=data.scaling, sliding_window=data.sliding_window)
 
 
-def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int) -> dict[str, Any]:
-    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total."""
+def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int,
+                  reference: metrics.AttentionReference | None = None) -> dict[str, Any]:
+    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total.
+
+    ``reference``: the layer's exact attention when the caller already computed it (``sweep`` compares
+    many codecs with one reference; the figures are those of a fresh one)."""
     (kc, ke, kx), (vc, ve, vx) = keys, values
     k_rep, v_rep = tensor_report(kc, data.keys, ke, kx), tensor_report(vc, data.values, ve, vx)
     heads = [{"head": h, "keys_rel_mse": kh["rel_mse"], "keys_cosine": kh["cosine"],
@@ -94,9 +98,11 @@ def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int) -> dic
                               "layer_type": data.layer_type, "keys": k_rep, "values": v_rep}
     if data.queries is not None:
         mask = _joint_mask(kc.token_mask(ke), vc.token_mask(ve))
-        att = metrics.attention(data.queries, data.keys, data.values, kx, vx, data.query_positions,
-                                data.key_positions, scaling=data.scaling, sliding_window=data.sliding_window,
-                                key_mask=mask, topk=topk)
+        if reference is None:
+            reference = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
+                                                    data.key_positions, scaling=data.scaling,
+                                                    sliding_window=data.sliding_window, topk=topk)
+        att = metrics.compare_attention(reference, kx, vx, key_mask=mask)
         for row, head_att in zip(heads, att.pop("heads"), strict=True):
             row.update(head_att)
         report.update(att)

@@ -242,6 +242,8 @@ class TurboQuant(Codec):
     center: bool = False
     sink: int = 0
     name: ClassVar[str] = "turboquant"
+    #: parameter sets `kvtool sweep`'s presets add beside the defaults at each width (kvtool.codecs.presets)
+    sweep_variants: ClassVar[tuple[str, ...]] = ("center=true,sink=1",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

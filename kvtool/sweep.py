@@ -1,0 +1,190 @@
+"""Many codec specs over one cache in one pass: stored bits against error, and the Pareto frontier.
+
+:func:`sweep` reads each layer once, computes its exact attention once
+(:func:`kvtool.metrics.reference_attention`) and measures every spec against it with the very functions
+:func:`kvtool.compress.compress` uses, so a spec's figures here are the figures ``compress --method SPEC``
+reports. Each spec codes keys and values (KIVI picks its axis per role, as with ``--method``).
+
+Bits: ``stored_bits`` counts every byte written for a tensor — the codec's arrays *and* its shared state
+(outlier tables, bases, codebooks) — over the elements; compress's ``bits_per_element`` (arrays only) is kept
+beside it. The frontier is drawn on ``stored_bits`` against the attention-output error (mean over layers;
+the keys/values relative MSE when the cache holds no queries).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kvtool import metrics
+from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.presets import expand
+from kvtool.compress import _context, _layer_report, encode_tensor, totals
+from kvtool.errors import CodecError, InputError
+from kvtool.report import json_safe, store_header
+from kvtool.store import KIND_CACHE, CacheReader
+
+Progress = Callable[[int, int], None]
+ATTENTION_ERROR = "attention_output_rel_error"
+RECONSTRUCTION_ERROR = "rel_mse"
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For ``(cost, error)`` points: True where no other point is at most as costly and at most as wrong
+    and strictly better in one of the two (equal points are all on the frontier)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    on = [False] * len(points)
+    best = float("inf")  # lowest error among strictly cheaper points seen so far
+    i = 0
+    while i < len(order):
+        j = i
+        cost = points[order[i]][0]
+        while j < len(order) and points[order[j]][0] == cost:
+            j += 1
+        group = order[i:j]  # equal cost, ascending error: only the lowest error(s) of the group can win
+        low = points[group[0]][1]
+        for k in group:
+            on[k] = points[k][1] == low and low < best
+        best = min(best, low)
+        i = j
+    return on
+
+
+def stored_bits(total: dict[str, Any]) -> float:
+    """Bits per element of a compress ``total`` counting the shared state too."""
+    before = total["bytes_before"]
+    shared = total["keys"]["shared_state_bytes"] + total["values"]["shared_state_bytes"]
+    return 16.0 * (total["bytes_after"] + shared) / before if before else 0.0
+
+
+def _compact(row: dict[str, Any]) -> dict[str, Any]:
+    keep = {"layer": row["layer"], "keys_bits": row["keys"]["bits_per_element"],
+            "values_bits": row["values"]["bits_per_element"], "keys_rel_mse": row["keys"]["rel_mse"],
+            "values_rel_mse": row["values"]["rel_mse"]}
+    keep.update({k: row[k] for k in metrics.ATTENTION_KEYS if k in row})
+    return keep
+
+
+def _error(total: dict[str, Any], attention: bool) -> float:
+    if attention:
+        return float(total[ATTENTION_ERROR])
+    return 0.5 * (total["keys"]["rel_mse"] + total["values"]["rel_mse"])
+
+
+def sweep(
+    path: Path | str,
+    specs: Sequence[str],
+    *,
+    layers: list[int] | None = None,
+    sequence: int = 0,
+    topk: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure every spec in ``specs`` (codec specs or preset names, see :mod:`kvtool.codecs.presets`) on
+    ``layers`` (default all) of ``sequence``; one read and one reference attention per layer.
+
+    Returns a ``sweep`` report: ``results`` sorted by ``stored_bits``, each with the spec, ``stored_bits``,
+    ``error`` (``error_metric``), ``frontier`` (on the Pareto frontier), compress's ``total`` and compact
+    per-layer rows. ``progress(done, total)`` counts (layer, spec) pairs.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    names = expand(specs)
+    if not names:
+        raise CodecError("no codec specs to sweep; give specs or a preset name")
+    assignments = [Assignment.of(s, s) for s in names]
+    with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
+        info = reader.info
+        chosen = list(range(info.num_layers)) if layers is None else sorted(set(layers))
+        if not chosen:
+            raise InputError("no layers to sweep")
+        for i in chosen:
+            reader.check_layer(i, sequence)
+        for a in assignments:
+            a.validate(info.head_dim, info.num_layers)
+        rows: list[list[dict[str, Any]]] = [[] for _ in names]
+        done, steps = 0, len(chosen) * len(names)
+        for i in chosen:
+            data = reader.layer(i, sequence)
+            ref = None
+            if data.queries is not None:
+                ref = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
+                                                  data.key_positions, scaling=data.scaling,
+                                                  sliding_window=data.sliding_window, topk=topk)
+            for n, a in enumerate(assignments):
+                kc, vc = a.codec(i, "keys"), a.codec(i, "values")
+                keys = (kc, *encode_tensor(kc, data.keys, _context(data, "keys")))
+                values = (vc, *encode_tensor(vc, data.values, _context(data, "values")))
+                rows[n].append(_layer_report(data, keys, values, topk, ref))
+                done += 1
+                if progress is not None:
+                    progress(done, steps)
+    attention = info.has_queries
+    results = []
+    for name, spec_rows in zip(names, rows, strict=True):
+        total = totals(spec_rows)
+        results.append({"spec": name, "keys_spec": spec_rows[0]["keys"]["spec"],
+                        "values_spec": spec_rows[0]["values"]["spec"], "stored_bits": stored_bits(total),
+                        "bits_per_element": total["bits_per_element"], "error": _error(total, attention),
+                        "total": total, "layers": [_compact(r) for r in spec_rows]})
+    results.sort(key=lambda r: (r["stored_bits"], r["error"]))
+    for r, on in zip(results, pareto_frontier([(r["stored_bits"], r["error"]) for r in results]), strict=True):
+        r["frontier"] = on
+    report = {**store_header("sweep", info), "source": str(path), "sequence": sequence, "layers": chosen,
+              "attention": attention, "error_metric": ATTENTION_ERROR if attention else RECONSTRUCTION_ERROR,
+              "topk": topk, "results": results, "seconds": time.perf_counter() - started}
+    return json_safe(report)
+
+
+def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
+    """A PNG of a sweep report: every spec as a point (stored bits, error), the frontier joined and named.
+
+    Written to a temporary file beside ``output`` and renamed, so no partial PNG is left behind.
+    """
+    import os
+    import tempfile
+
+    from matplotlib.figure import Figure
+
+    output = Path(output)
+    results = report["results"]
+    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    families = sorted({r["spec"].split(":")[0].split("+")[0] for r in results})
+    colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    for fam in families:
+        pts = [r for r in results if r["spec"].split(":")[0].split("+")[0] == fam]
+        ax.scatter([r["stored_bits"] for r in pts], [r["error"] for r in pts], s=22, color=colours[fam],
+                   label=fam, alpha=0.8)
+    front = [r for r in results if r["frontier"] and r["error"] > 0]  # a log axis has no room for 0
+    ax.step([r["stored_bits"] for r in front], [r["error"] for r in front], where="post", color="black",
+            lw=1, zorder=0, label="Pareto frontier")
+    for r in front:
+        ax.annotate(r["spec"], (r["stored_bits"], r["error"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    exact = [r["spec"] for r in results if r["error"] == 0]
+    if exact:
+        ax.text(0.99, 0.01, f"error 0, not drawn: {', '.join(exact)}", transform=ax.transAxes, fontsize=7,
+                ha="right", va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per element (arrays + shared state)")
+    metric = "attention-output error ‖ô−o‖/‖o‖ (mean over layers)" if report["attention"] else \
+        "relative MSE of keys and values (mean over layers)"
+    ax.set_ylabel(metric)
+    ax.set_title(f"kvtool sweep: {Path(report['source']).name}, {len(results)} specs", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write the plot ({exc.strerror or exc})") from None
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
