@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
 from kvtool.errors import InputError
 
 
@@ -35,3 +40,22 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             raise InputError(f"--layers {spec!r}: range {a}-{b} runs backwards")
         chosen.update(range(a, b + 1))
     return sorted(chosen)
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so the file is
+    either absent/old or complete. Creates missing parent folders; InputError naming the path on failure."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
