@@ -22,6 +22,7 @@ import numpy as np
 from kvtool import metrics
 from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.base import ROLES
 from kvtool.errors import CodecError, InputError, StoreError
 from kvtool.report import json_safe, store_header
 from kvtool.store import (
@@ -38,6 +39,7 @@ from kvtool.store import (
     CacheReader,
     CacheWriter,
     LayerData,
+    StoreInfo,
     copy_sequence,
     derived_writer,
 )
@@ -57,7 +59,10 @@ def encode_tensor(codec: Codec, x: np.ndarray, context: LayerContext) -> tuple[E
 
 
 def tensor_report(codec: Codec, x: np.ndarray, enc: Encoded, x_hat: np.ndarray) -> dict[str, Any]:
-    """Bits, bytes and reconstruction error of one tensor; ``heads`` holds per-head rel_mse/cosine."""
+    """Bits, bytes and reconstruction error of one tensor; ``heads`` holds per-head rel_mse/cosine.
+
+    For a token selector also ``kept_fraction``, ``kept_tokens`` (per head) and ``rel_mse_kept`` (the
+    error of the rows that exist; ``rel_mse`` counts evicted rows as lost)."""
     rec = metrics.reconstruction(x, x_hat)
     before = x.size * 2  # the same elements in fp16
     state = int(sum(a.nbytes for a in codec.shared_state().values()))
@@ -74,21 +79,57 @@ def tensor_report(codec: Codec, x: np.ndarray, enc: Encoded, x_hat: np.ndarray) 
     resolved = codec.report(enc)
     if resolved:
         report["resolved"] = resolved
+    mask = codec.token_mask(enc)
+    if mask is not None:
+        kept = x[mask]  # (kept rows, head_dim)
+        ref = float(np.square(kept, dtype=np.float64).sum())
+        err = float(np.square(kept - x_hat[mask], dtype=np.float64).sum())
+        report.update(kept_fraction=float(mask.mean()), kept_tokens=mask.sum(axis=1).tolist(),
+                      rel_mse_kept=err / ref if ref > 0 else float(err > 0))
     return report
 
 
-def _context(data: LayerData, role: str) -> LayerContext:
-    return LayerContext(layer=data.layer, role=role, queries=data.queries,
-                        query_positions=data.query_positions, key_positions=data.key_positions,
-                        keys=data.keys, scaling=data.scaling, sliding_window=data.sliding_window)
+Queries = tuple[np.ndarray, np.ndarray] | None  # (queries (q_heads, n, d), positions (n,)) or none
+
+
+def split_queries(data: LayerData, observe: int) -> tuple[Queries, Queries]:
+    """(observed, held out): the first ``observe`` captured queries and the rest (either may be None)."""
+    if data.queries is None or data.query_positions is None:
+        return None, None
+    q, pos = data.queries, data.query_positions
+    seen = (q[:, :observe], pos[:observe]) if observe > 0 else None
+    held = (q[:, observe:], pos[observe:]) if observe < pos.size else None
+    return seen, held
+
+
+def _context(data: LayerData, role: str, observed: Queries = None) -> LayerContext:
+    """The context codecs are fitted with: the layer's keys, values and positions, and only the
+    ``observed`` queries (None: no queries)."""
+    queries, positions = observed if observed is not None else (None, None)
+    return LayerContext(layer=data.layer, role=role, queries=queries,
+                        query_positions=positions, key_positions=data.key_positions,
+                        keys=data.keys, values=data.values, scaling=data.scaling,
+                        sliding_window=data.sliding_window)
+
+
+def reference_for(data: LayerData, heldout: Queries, topk: int) -> metrics.AttentionReference | None:
+    """The exact attention of the ``heldout`` queries of a layer (None without them)."""
+    if heldout is None:
+        return None
+    queries, positions = heldout
+    return metrics.reference_attention(queries, data.keys, data.values, positions, data.key_positions,
+                                       scaling=data.scaling, sliding_window=data.sliding_window, topk=topk,
+                                       reference_mask=data.kept)
 
 
 def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int,
-                  reference: metrics.AttentionReference | None = None) -> dict[str, Any]:
-    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total.
+                  reference: metrics.AttentionReference | None = None,
+                  heldout: Queries | None = None) -> dict[str, Any]:
+    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total; attention
+    is scored on the ``heldout`` queries (default: all the layer's queries).
 
-    ``reference``: the layer's exact attention when the caller already computed it (``sweep`` compares
-    many codecs with one reference; the figures are those of a fresh one)."""
+    ``reference``: the exact attention of those queries when the caller already computed it (``sweep``
+    compares many codecs with one reference; the figures are those of a fresh one)."""
     (kc, ke, kx), (vc, ve, vx) = keys, values
     k_rep, v_rep = tensor_report(kc, data.keys, ke, kx), tensor_report(vc, data.values, ve, vx)
     heads = [{"head": h, "keys_rel_mse": kh["rel_mse"], "keys_cosine": kh["cosine"],
@@ -96,12 +137,14 @@ def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int,
              for h, (kh, vh) in enumerate(zip(k_rep.pop("heads"), v_rep.pop("heads"), strict=True))]
     report: dict[str, Any] = {"layer": data.layer, "tokens": int(data.keys.shape[1]),
                               "layer_type": data.layer_type, "keys": k_rep, "values": v_rep}
-    if data.queries is not None:
-        mask = _joint_mask(kc.token_mask(ke), vc.token_mask(ve))
-        if reference is None:
-            reference = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
-                                                    data.key_positions, scaling=data.scaling,
-                                                    sliding_window=data.sliding_window, topk=topk)
+    mask = _joint_mask(kc.token_mask(ke), vc.token_mask(ve))
+    if mask is not None:
+        report["kept_fraction"] = float(mask.mean())
+    if reference is None:
+        if heldout is None and data.queries is not None:
+            heldout = (data.queries, data.query_positions)
+        reference = reference_for(data, heldout, topk)
+    if reference is not None:
         att = metrics.compare_attention(reference, kx, vx, key_mask=mask)
         for row, head_att in zip(heads, att.pop("heads"), strict=True):
             row.update(head_att)
@@ -149,14 +192,23 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([r[key] for r in rows])) if rows else 0.0
 
 
+def _kept_total(rows: list[dict[str, Any]], total: dict[str, Any], weights: list[int]) -> None:
+    """Token-weighted kept fraction over the rows that have one (token selectors)."""
+    pairs = [(r["kept_fraction"], w) for r, w in zip(rows, weights, strict=True) if "kept_fraction" in r]
+    if pairs:
+        total["kept_fraction"] = sum(f * w for f, w in pairs) / max(sum(w for _, w in pairs), 1)
+
+
 def _tensor_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     before = sum(r["bytes_before"] for r in rows)
     after = sum(r["bytes_after"] for r in rows)
     state = sum(r["shared_state_bytes"] for r in rows)
-    return {"bits_per_element": 16.0 * after / before if before else 0.0,
-            "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
-            "bytes_before": before, "bytes_after": after, "ratio": before / after if after else float("inf"),
-            "shared_state_bytes": state, "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
+    total = {"bits_per_element": 16.0 * after / before if before else 0.0,
+             "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
+             "bytes_before": before, "bytes_after": after, "ratio": before / after if after else float("inf"),
+             "shared_state_bytes": state, "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
+    _kept_total(rows, total, [r["bytes_before"] for r in rows])
+    return total
 
 
 def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,6 +222,7 @@ def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
                              "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
                              "ratio": before / after if after else float("inf"),
                              "averaging": "mean over layers"}
+    _kept_total(layers, total, [r["tokens"] for r in layers])
     with_att = [r for r in layers if "attention_output_rel_error" in r]
     if with_att:
         total.update({k: _mean(with_att, k) for k in metrics.ATTENTION_KEYS})
@@ -194,6 +247,7 @@ def compress(
     require_attention: bool = False,
     topk: int = 8,
     assignment: Assignment | None = None,
+    observe: int | None = None,
 ) -> dict[str, Any]:
     """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
 
@@ -203,6 +257,12 @@ def compress(
     Measures every layer in ``layers`` (default: all) of sequence ``sequence``; with ``output`` writes a
     compressed file holding every sequence and layer (unselected layers as fp16). ``progress(done, total)``
     is called after each layer. ``require_attention`` raises InputError when the cache has no queries.
+
+    ``observe`` splits the captured queries of each layer (see :func:`query_split`): codecs are fitted
+    with the first ``observe`` (token selectors score keys with them), the attention metrics use the
+    rest, so no codec is scored on the queries it chose with. ``None`` means half of them when a codec
+    uses queries (:meth:`Codec.uses_queries`), else none. The report's ``query_split`` records the
+    positions that served each purpose.
     Returns the report dict (see ``docs`` / the module docstring of :mod:`kvtool.compress`).
     """
     started = time.perf_counter()
@@ -218,6 +278,7 @@ def compress(
         for i in chosen:
             reader.check_layer(i, sequence)
         assignment.validate(info.head_dim, info.num_layers)
+        split = query_split(info, assignment, chosen, sequence, observe)
         if require_attention and not info.has_queries:
             raise InputError(f"{path}: the cache has no captured queries, so attention metrics cannot be "
                              "computed; capture with --queries last:N")
@@ -226,7 +287,7 @@ def compress(
             extra = {"codec_keys": assignment.keys, "codec_values": assignment.values}
             writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
         try:
-            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk)
+            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk, split["observe"])
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -237,16 +298,59 @@ def compress(
                               "output": str(output) if output is not None else None,
                               "keys_spec": assignment.keys, "values_spec": assignment.values,
                               "assignment": assignment.describe(),
-                              "sequence": sequence, "layers": rows, "total": totals(rows), "notes": []}
+                              "sequence": sequence, "query_split": split, "layers": rows,
+                              "total": totals(rows), "notes": []}
     report["attention"] = any("attention_output_rel_error" in r for r in rows)
-    if not report["attention"]:
+    if not info.has_queries:
         report["notes"].append("no captured queries: attention metrics skipped")
+    if split["observe"]:
+        report["notes"].append(split["note"])
     report["seconds"] = time.perf_counter() - started
     return json_safe(report)
 
 
+def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chosen: list[int], sequence: int,
+                observe: int | None) -> dict[str, Any]:
+    """Check ``observe`` against the captured queries and describe the split (the report's ``query_split``).
+
+    ``observe`` of the ``Tq`` queries of each layer (the earliest) are given to the codecs; the other
+    ``Tq − observe`` (the latest) score attention. Default (``None``): ``Tq // 2`` when a codec of the
+    assignment (of any of a list of assignments: a sweep scores every spec on the same queries) uses
+    queries, else 0. Raises InputError for a split that leaves no held-out query, or a
+    query-using codec on a cache without queries.
+    """
+    layer_info = info.sequences[sequence].layers[chosen[0]] if chosen else None
+    tq = layer_info.num_queries if layer_info is not None else 0
+    assignments = assignment if isinstance(assignment, list) else [assignment]
+    wants = any(a.codec(i, role).uses_queries() for a in assignments for i in chosen for role in ROLES)
+    if tq == 0:
+        if observe:
+            raise InputError(f"--observe {observe}: the cache holds no captured queries; capture with "
+                             "`kvtool capture --queries last:N`")
+        if wants:
+            raise InputError("a codec of this spec scores tokens with the model's queries, but the cache "
+                             "holds none; capture with `kvtool capture --queries last:N`")
+        return {"observe": 0, "captured": 0, "default": observe is None, "observed_positions": [],
+                "heldout_positions": []}
+    default = observe is None
+    if default:
+        observe = tq // 2 if wants else 0
+    if not 0 <= observe < tq:  # type: ignore[operator]
+        raise InputError(f"--observe {observe} leaves no held-out queries for the attention metrics: the "
+                         f"cache holds {tq} queries per layer; use 0..{tq - 1}")
+    with CacheReader(info.path) as reader:
+        positions = reader.layer_group(chosen[0], sequence)[QUERY_POSITIONS][()].astype(int).tolist()
+    seen, held = positions[:observe], positions[observe:]
+    note = (f"codecs saw the first {observe} of the {tq} captured queries (positions {seen[0]}..{seen[-1]}); "
+            f"attention metrics use the other {len(held)} (positions {held[0]}..{held[-1]})"
+            if observe else "")
+    return {"observe": observe, "captured": tq, "default": default, "observed_positions": seen,
+            "heldout_positions": held, "note": note}
+
+
 def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,
-         writer: CacheWriter | None, progress: Progress | None, topk: int) -> list[dict[str, Any]]:
+         writer: CacheWriter | None, progress: Progress | None, topk: int,
+         observe: int = 0) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     selected = set(chosen)
     sequences = range(len(reader.info.sequences)) if writer is not None else [sequence]
@@ -259,13 +363,14 @@ def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequenc
             if i not in selected:
                 _passthrough(writer, j, data)  # type: ignore[arg-type]  # only reached with a writer
                 continue
+            seen, held = split_queries(data, observe)
             keys_codec, values_codec = assignment.codec(i, "keys"), assignment.codec(i, "values")
-            keys = (keys_codec, *encode_tensor(keys_codec, data.keys, _context(data, "keys")))
-            values = (values_codec, *encode_tensor(values_codec, data.values, _context(data, "values")))
+            keys = (keys_codec, *encode_tensor(keys_codec, data.keys, _context(data, "keys", seen)))
+            values = (values_codec, *encode_tensor(values_codec, data.values, _context(data, "values", seen)))
             if writer is not None:
                 _write_layer(writer, j, data, keys, values)
             if j == sequence:
-                rows.append(_layer_report(data, keys, values, topk))
+                rows.append(_layer_report(data, keys, values, topk, heldout=held))
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -298,6 +403,12 @@ def decompress(path: Path | str, output: Path | str, *, force: bool = False,
 
 def read_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0) -> np.ndarray:
     """Decode the ``keys`` or ``values`` group of one layer of a compressed file: ``(kv_heads, T, d)``."""
+    return decode_tensor(reader, layer, name, sequence)[0]
+
+
+def decode_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`read_tensor` and the codec's token mask ``(kv_heads, T)`` (None when every row exists)."""
     arrays, attrs = reader.read_encoded(layer, name, sequence)
     try:
         codec = parse_spec(str(attrs[CODEC_ATTR]))
@@ -308,7 +419,8 @@ def read_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0) -
     meta = {k[len(META_PREFIX):]: _scalar(v) for k, v in attrs.items() if k.startswith(META_PREFIX)}
     shape = tuple(int(s) for s in attrs["shape"])
     codec.load_shared_state(shared)
-    return codec.decode(Encoded(stored, shape, meta))  # type: ignore[arg-type]
+    enc = Encoded(stored, shape, meta)  # type: ignore[arg-type]
+    return codec.decode(enc), codec.token_mask(enc)
 
 
 def _scalar(v: Any) -> int | float | str:
@@ -322,7 +434,9 @@ def _decompress_layer(reader: CacheReader, writer: CacheWriter, j: int, i: int) 
     layer_info = reader.info.sequences[j].layers[i]
     queries = g[QUERIES][()] if QUERIES in g else None
     qpos = g[QUERY_POSITIONS][()] if QUERIES in g else None
-    writer.write_layer(j, i, read_tensor(reader, i, KEYS, j), read_tensor(reader, i, VALUES, j),
-                       queries=queries, query_positions=qpos, layer_type=layer_info.layer_type,
-                       sliding_window=layer_info.sliding_window, key_start=layer_info.key_start)
+    keys, keys_mask = decode_tensor(reader, i, KEYS, j)
+    values, values_mask = decode_tensor(reader, i, VALUES, j)
+    writer.write_layer(j, i, keys, values, queries=queries, query_positions=qpos,
+                       layer_type=layer_info.layer_type, sliding_window=layer_info.sliding_window,
+                       key_start=layer_info.key_start, kept=_joint_mask(keys_mask, values_mask))
 

@@ -18,6 +18,8 @@ a query iff ``key_pos <= query_pos`` and, for a sliding-window layer, ``key_pos 
 
 Evicted keys (``key_mask`` False, from token-selection codecs) are removed from p̂ and from the logit error;
 KL floors their log-probability at ``log(1e-12)`` so a dropped key with real mass costs a finite amount.
+Keys already missing from the reference (``reference_mask`` False: the rows a decompressed evicted cache
+marks as not kept) are removed from both p and p̂.
 Everything is computed in torch float32, one KV head and a bounded block of queries at a time.
 
 :func:`attention` is :func:`reference_attention` (the exact logits, probabilities, top-k and outputs of one
@@ -199,9 +201,11 @@ def reference_attention(
     scaling: float | None = None,
     sliding_window: int = 0,
     topk: int = 8,
+    reference_mask: np.ndarray | None = None,
 ) -> AttentionReference:
     """The exact attention of one layer (logits, probabilities, top-k, outputs), for
-    :func:`compare_attention`. Shapes as in :func:`attention`."""
+    :func:`compare_attention`. Shapes as in :func:`attention`; ``reference_mask`` ``(kv_heads, Tk)`` bool
+    removes keys the reference itself lacks (a decompressed evicted cache's ``kept``)."""
     q_heads, n_q, dim = queries.shape
     kv_heads, n_k, _ = keys.shape
     if q_heads % kv_heads:
@@ -210,9 +214,11 @@ def reference_attention(
     scale = dim**-0.5 if scaling is None else float(scaling)
     q, k, v = _tensor(queries), _tensor(keys), _tensor(values)
     visible = visibility(query_positions, key_positions, sliding_window)  # (Tq, Tk)
+    exists = None if reference_mask is None else torch.from_numpy(np.asarray(reference_mask, dtype=bool))
     chunk = max(1, BLOCK_ELEMENTS // max(group * n_k, 1))
     blocks = [[_reference_block(q[h * group:(h + 1) * group, start:min(start + chunk, n_q)], k[h], v[h],
-                                visible[start:min(start + chunk, n_q)], scale, topk)
+                                visible[start:min(start + chunk, n_q)] & (True if exists is None else exists[h]),
+                                scale, topk)
                for start in range(0, n_q, chunk)] for h in range(kv_heads)]
     return AttentionReference(k, v, blocks, scale, topk)
 
@@ -253,14 +259,16 @@ def attention(
     sliding_window: int = 0,
     key_mask: np.ndarray | None = None,
     topk: int = 8,
+    reference_mask: np.ndarray | None = None,
 ) -> dict[str, object]:
     """Attention-score and attention-output metrics of compressed keys/values (see module docstring).
 
     queries ``(q_heads, Tq, d)``; keys, values, keys_hat, values_hat ``(kv_heads, Tk, d)``;
-    query_positions ``(Tq,)``; key_positions ``(Tk,)``; key_mask ``(kv_heads, Tk)`` bool or None.
+    query_positions ``(Tq,)``; key_positions ``(Tk,)``; key_mask and reference_mask ``(kv_heads, Tk)`` bool
+    or None.
     Returns the totals of :data:`ATTENTION_KEYS`, ``topk`` and ``heads``: the same metrics per KV head
     (aggregated over the query heads that read it).
     """
     ref = reference_attention(queries, keys, values, query_positions, key_positions, scaling=scaling,
-                              sliding_window=sliding_window, topk=topk)
+                              sliding_window=sliding_window, topk=topk, reference_mask=reference_mask)
     return compare_attention(ref, keys_hat, values_hat, key_mask=key_mask)

@@ -38,6 +38,10 @@ Groups and datasets::
     /sequences/<j>/layers/<i>/keys_prerope (kv_heads, T_i, head_dim) optional: the same keys before RoPE
                                          (after the key norm where the model has one)
     /sequences/<j>/layers/<i>/query_positions  int32 (Tq,)          required iff queries exist
+    /sequences/<j>/layers/<i>/kept       bool (kv_heads, T_i)        optional: written by decompress for a
+                                         token-selecting codec (eviction); True where the key and value
+                                         rows exist. Rows marked False were evicted: they hold zeros and
+                                         readers must give them no attention (mask, not zero vectors)
 
 ``<j>`` and ``<i>`` are decimal indices starting at 0. Keys, values and queries are chunked one head
 per chunk, so one head or one layer reads without touching the rest.
@@ -85,6 +89,7 @@ VALUES = "values"
 QUERIES = "queries"
 QUERY_POSITIONS = "query_positions"
 KEYS_PREROPE = "keys_prerope"
+KEPT = "kept"
 
 LAYER_FULL = "full"
 LAYER_SLIDING = "sliding"
@@ -173,6 +178,7 @@ class LayerData:
 
     keys, values: (kv_heads, T_i, head_dim); queries: (q_heads, Tq, head_dim) or None;
     keys_prerope: (kv_heads, T_i, head_dim) or None (only when captured with --pre-rope-keys).
+    kept: (kv_heads, T_i) bool or None: the rows that exist in a decompressed evicted cache.
     ``key_positions`` (T_i,) and ``query_positions`` (Tq,) are absolute token positions, which is
     what a causal mask needs when a sliding-window layer kept only its window.
     """
@@ -187,6 +193,7 @@ class LayerData:
     sliding_window: int
     scaling: float
     keys_prerope: np.ndarray | None = None
+    kept: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -339,6 +346,8 @@ class CacheReader:
         if key_start < 0 or key_start + t_i > n_tok:
             raise _fail(path, f"{g.name}: keys cover positions {key_start}..{key_start + t_i - 1} but the "
                         f"sequence has {n_tok} tokens")
+        if KEPT in g and tuple(g[KEPT].shape) != (kv_heads, t_i):
+            raise _fail(path, f"{g[KEPT].name} has shape {g[KEPT].shape}, expected ({kv_heads}, {t_i})")
         if KEYS_PREROPE in g and tuple(g[KEYS_PREROPE].shape) != (kv_heads, t_i, d):
             raise _fail(path, f"{g[KEYS_PREROPE].name} has shape {g[KEYS_PREROPE].shape}, expected "
                         f"({kv_heads}, {t_i}, {d}) like the keys")
@@ -384,6 +393,7 @@ class CacheReader:
             q = g[QUERIES][()].astype(np.float32, copy=False) if queries and QUERIES in g else None
             qpos = g[QUERY_POSITIONS][()].astype(np.int64) if q is not None else None
             pre = g[KEYS_PREROPE][()].astype(np.float32, copy=False) if KEYS_PREROPE in g else None
+            kept = g[KEPT][()].astype(bool) if KEPT in g else None
         except OSError as exc:
             raise _fail(self.path, f"cannot read {g.name} (truncated or corrupt: {exc})") from None
         return LayerData(
@@ -397,6 +407,7 @@ class CacheReader:
             sliding_window=info.sliding_window,
             scaling=self.info.attn_scaling,
             keys_prerope=pre,
+            kept=kept,
         )
 
     def read_encoded(self, layer: int, name: str, sequence: int = 0) -> tuple[dict[str, np.ndarray],
@@ -568,8 +579,9 @@ class CacheWriter:
     def write_layer(self, sequence: int, layer: int, keys: np.ndarray, values: np.ndarray, *,
                     queries: np.ndarray | None = None, query_positions: np.ndarray | None = None,
                     layer_type: str = LAYER_FULL, sliding_window: int = 0, key_start: int = 0,
-                    keys_prerope: np.ndarray | None = None) -> None:
-        """Write one layer: keys/values (and keys_prerope) (kv_heads, T_i, head_dim), queries (q_heads, Tq, d)."""
+                    keys_prerope: np.ndarray | None = None, kept: np.ndarray | None = None) -> None:
+        """Write one layer: keys/values (and keys_prerope) (kv_heads, T_i, head_dim), queries (q_heads, Tq, d),
+        ``kept`` (kv_heads, T_i) bool for a decompressed evicted cache."""
         h = self.header
         for name, x in ((KEYS, keys), (VALUES, values)):
             if np.shape(x)[0] != h.num_kv_heads:
@@ -581,6 +593,10 @@ class CacheWriter:
             if np.shape(keys_prerope) != np.shape(keys):
                 raise StoreError(f"keys_prerope shape {np.shape(keys_prerope)} differs from keys {np.shape(keys)}")
             self._put(g, KEYS_PREROPE, keys_prerope)
+        if kept is not None:
+            if np.shape(kept) != np.shape(keys)[:2]:
+                raise StoreError(f"kept mask shape {np.shape(kept)} differs from keys {np.shape(keys)[:2]}")
+            g.create_dataset(KEPT, data=np.asarray(kept, dtype=bool))
         if queries is not None:
             self.write_queries(sequence, layer, queries, query_positions)
 

@@ -42,6 +42,16 @@ TABLE: list[tuple[str, object]] = [
     ("qjl:sketch=128", lambda d, t: (128 + 16) / d),
     ("polarquant", lambda d, t: 4 / 2 + 2 * (1 / 2 - 1 / 16) + 16 / 16),  # 3.875
     ("polarquant:bits=3,upper_bits=3,levels=2", lambda d, t: 3 / 2 + 3 / 4 + 16 / 4),
+    # token selectors: n = round(keep·t) kept rows in fp16 plus one uint8 index each (t <= 256)
+    ("streaming:keep=0.25", lambda d, t: _kept(0.25, t) * (16 * d + 8) / (t * d)),
+    ("streaming:recent=60,sink=4", lambda d, t: 64 * (16 * d + 8) / (t * d)),
+    ("knorm:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
+    ("h2o:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
+    ("snapkv:keep=0.25,window=8", lambda d, t: _kept(0.25, t) * (16 * d + 8) / (t * d)),
+    ("tova:keep=0.75,sink=1", lambda d, t: _kept(0.75, t) * (16 * d + 8) / (t * d)),
+    ("expected:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
+    ("h2o:keep=0.5+turboquant:bits=3", lambda d, t: _kept(0.5, t) * (8 + 3 * d + 16) / (t * d)),
+    ("snapkv:keep=0.25+uniform:bits=4", lambda d, t: _kept(0.25, t) * (8 + 4 * d + 32) / (t * d)),
 ]
 
 # (spec template with {} for the bit width, bit widths in increasing order)
@@ -54,7 +64,13 @@ MONOTONE: list[tuple[str, list[object]]] = [
     ("turboquant:bits={},variant=prod", list(range(1, 9))),
     ("qjl:sketch={}", [16, 64, 256]),
     ("polarquant:bits={0},upper_bits={0}", list(range(1, 7))),
+    ("knorm:keep={}", [0.125, 0.25, 0.5, 1.0]),
+    ("snapkv:keep={},window=8", [0.125, 0.25, 0.5, 1.0]),
 ]
+
+
+def _kept(keep: float, tokens: int) -> int:
+    return max(1, int(keep * tokens + 0.5))
 
 
 def cache_like(seed: int = 0, heads: int = HEADS, tokens: int = TOKENS, dim: int = DIM) -> np.ndarray:
@@ -69,8 +85,19 @@ def rel_mse(x: np.ndarray, y: np.ndarray) -> float:
     return float(((x - y) ** 2).sum() / (x**2).sum())
 
 
+def context_for(x: np.ndarray, seed: int = 0) -> LayerContext:
+    """A keys context with 2 query heads per kv head at the last (up to) 16 positions, like a capture."""
+    heads, tokens, dim = x.shape
+    n = min(16, tokens)
+    rng = np.random.default_rng(seed)
+    queries = rng.standard_normal((2 * heads, n, dim)).astype(np.float32)
+    return LayerContext(layer=0, role="keys", queries=queries, query_positions=np.arange(tokens - n, tokens),
+                        key_positions=np.arange(tokens), keys=x, values=rng.standard_normal(x.shape),
+                        rope_inv_freq=10000.0 ** (-np.arange(dim // 2) * 2.0 / dim))
+
+
 def roundtrip(spec: str, x: np.ndarray) -> tuple[Encoded, np.ndarray]:
-    codec = parse_spec(spec).fit(x, LayerContext(layer=0, role="keys"))
+    codec = parse_spec(spec).fit(x, context_for(x))
     enc = codec.encode(x)
     return enc, codec.decode(enc)
 
@@ -103,7 +130,7 @@ def test_decode_needs_only_the_stored_arrays(spec: str) -> None:
     enc, y = roundtrip(spec, x)
     stored = Encoded({k: np.array(v) for k, v in enc.arrays.items()}, enc.shape, dict(enc.meta))
     fresh = parse_spec(parse_spec(spec).spec())
-    fresh.load_shared_state(parse_spec(spec).fit(x).shared_state())
+    fresh.load_shared_state(parse_spec(spec).fit(x, context_for(x)).shared_state())
     np.testing.assert_array_equal(fresh.decode(stored), y)
 
 
@@ -112,7 +139,8 @@ def test_spec_round_trips(spec: str) -> None:
     codec = parse_spec(spec)
     again = parse_spec(codec.spec())
     assert again == codec and again.spec() == codec.spec()
-    assert codec.spec().startswith(codec.name)
+    first = codec.head if isinstance(codec, Composed) else codec  # a chain starts with its first stage
+    assert codec.spec().startswith(first.name)
 
 
 @pytest.mark.parametrize("spec", [row[0] for row in TABLE])

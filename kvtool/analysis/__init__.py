@@ -25,7 +25,7 @@ from kvtool.analysis.similarity import AdjacentLayers, LayerState, analyze_heads
 from kvtool.analysis.spectrum import analyze_spectrum
 from kvtool.errors import InputError
 from kvtool.report import json_safe, store_header
-from kvtool.store import KEYS_PREROPE, KIND_CACHE, CacheReader, StoreInfo
+from kvtool.store import KEPT, KEYS_PREROPE, KIND_CACHE, CacheReader, StoreInfo
 
 __all__ = ["analyze", "analyze_layer", "json_safe"]
 
@@ -46,7 +46,8 @@ def analyze(path: Path | str, layers: Sequence[int] | str | None = None,
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         reader.check_layer(0, sequence)
         chosen = _select_layers(layers, reader.info.num_layers, reader)
-        result = _header(reader.info, chosen, sequence, _has_prerope(reader, chosen, sequence))
+        result = _header(reader.info, chosen, sequence, _has_prerope(reader, chosen, sequence),
+                         any(KEPT in reader.layer_group(i, sequence) for i in chosen))
         adjacent = AdjacentLayers()
         for n, i in enumerate(chosen):
             result["layers"].append(analyze_layer(reader, i, sequence, adjacent, seed))
@@ -79,7 +80,7 @@ def analyze_layer(reader: CacheReader, layer: int, sequence: int = 0, adjacent: 
     if data.queries is not None and data.query_positions is not None:
         entry["attention"], profile = analyze_attention(
             torch.from_numpy(data.queries), keys, data.query_positions, data.key_positions,
-            data.scaling, data.sliding_window if data.layer_type == "sliding" else 0)
+            data.scaling, data.sliding_window if data.layer_type == "sliding" else 0, kept=data.kept)
     state = LayerState(layer, keys, values, data.key_positions, profile)
     entry["similarity"] = {"heads": analyze_heads(keys, values, profile),
                            "previous": (adjacent or AdjacentLayers()).step(state)}
@@ -102,13 +103,17 @@ def _select_layers(layers: Sequence[int] | str | None, num_layers: int, reader: 
     return chosen
 
 
-def _header(info: StoreInfo, chosen: list[int], sequence: int, prerope: bool) -> dict[str, Any]:
+def _header(info: StoreInfo, chosen: list[int], sequence: int, prerope: bool,
+            evicted: bool = False) -> dict[str, Any]:
     notes = []
     if not info.has_queries:
         notes.append("the file holds no queries: attention sections skipped "
                      "(capture with queries to get sinks, locality and eviction budgets)")
     if len(info.sequences) > 1:
         notes.append(f"the file holds {len(info.sequences)} sequences; sequence {sequence} analysed")
+    if evicted:
+        notes.append("a decompressed evicted cache: evicted rows ('kept' false) get no attention; the "
+                     "spectrum, outlier and similarity sections see them as zero rows")
     if not prerope:
         notes.append(f"keys are post-RoPE and the file holds no '{KEYS_PREROPE}': pre- vs post-RoPE "
                      "ranks skipped (capture with --pre-rope-keys)")

@@ -49,12 +49,14 @@ def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor
 
 
 def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                     scaling: float, window: int = 0, chunk: int | None = None
+                     scaling: float, window: int = 0, chunk: int | None = None,
+                     kept: torch.Tensor | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (probs (q_heads, c, T), qpos (c,), visible (c, T)) for successive chunks of queries.
 
     q: (q_heads, Tq, d), k: (kv_heads, T, d). Query heads are grouped onto their kv head without
-    copying the keys: heads kv·g .. kv·g + g-1 share kv head kv.
+    copying the keys: heads kv·g .. kv·g + g-1 share kv head kv. ``kept`` (kv_heads, T) bool masks out
+    the evicted rows of a decompressed evicted cache (they get no attention).
     """
     hq, tq, d = q.shape
     hkv, t = k.shape[0], k.shape[1]
@@ -67,6 +69,8 @@ def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos:
         logits = torch.bmm(qc.reshape(hkv, group * c, d), kt).reshape(hq, c, t) * scaling
         vis = visible(qpos[s:s + chunk], kpos, window)
         logits = logits.masked_fill(~vis, float("-inf"))
+        if kept is not None:
+            logits = logits.masked_fill(~kept.repeat_interleave(group, dim=0)[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no visible key → zeros
         yield probs, qpos[s:s + chunk], vis
 
@@ -171,15 +175,18 @@ def _recommend(sink: np.ndarray, cover: np.ndarray, heavy: np.ndarray, tokens: i
 
 
 def analyze_attention(queries: torch.Tensor, keys: torch.Tensor, qpos: np.ndarray, kpos: np.ndarray,
-                      scaling: float, window: int = 0) -> tuple[dict[str, Any], torch.Tensor]:
+                      scaling: float, window: int = 0, kept: np.ndarray | None = None
+                      ) -> tuple[dict[str, Any], torch.Tensor]:
     """Attention section of one layer and the per-head key-importance profile.
 
-    queries: (q_heads, Tq, d), keys: (kv_heads, T, d), qpos (Tq,), kpos (T,) absolute positions.
+    queries: (q_heads, Tq, d), keys: (kv_heads, T, d), qpos (Tq,), kpos (T,) absolute positions; kept
+    (kv_heads, T) bool: rows that exist in a decompressed evicted cache (the others get no attention).
     Returns (section, profile (q_heads, T) float64 summing to 1 per head).
     """
     qp, kp = torch.from_numpy(np.asarray(qpos, np.int64)), torch.from_numpy(np.asarray(kpos, np.int64))
     sums = _Sums(heads=queries.shape[0], tokens=keys.shape[1])
-    for probs, qc, vis in attention_chunks(queries, keys, qp, kp, scaling, window):
+    mask = torch.from_numpy(np.asarray(kept, dtype=bool)) if kept is not None else None
+    for probs, qc, vis in attention_chunks(queries, keys, qp, kp, scaling, window, kept=mask):
         _accumulate(sums, probs, qc, vis, kp)
     n = max(sums.n, 1)
     cover = (sums.cover / n).numpy()  # (heads, S, W)

@@ -31,6 +31,10 @@ def compress(
                                           "--output).")] = 0,
     require_attention: Annotated[bool, typer.Option("--require-attention", help="Fail when the cache has "
                                                     "no captured queries.")] = False,
+    observe: Annotated[int | None, typer.Option("--observe", metavar="N", help="Give codecs (token "
+                                                "selectors) only the first N captured queries of each layer "
+                                                "and score attention on the rest. Default: half of them "
+                                                "when a codec uses queries, else none.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,
 ) -> None:
     """Fit and apply codecs to every layer; report stored bits, reconstruction and attention error."""
@@ -45,11 +49,14 @@ def compress(
         keys_codec, values_codec = parse_pair(method, keys, values)
         if topk < 1:
             raise InputError(f"--topk must be >= 1, got {topk}")
+        if observe is not None and observe < 0:
+            raise InputError(f"--observe must be >= 0, got {observe}")
         chosen = parse_layers(layers, read_info(path).num_layers)
         quiet = json_path is not None and str(json_path) == "-"
         with layer_progress("compressing", quiet) as progress:
             report = run(path, keys_codec, values_codec, output=output, layers=chosen, progress=progress,
-                         force=force, sequence=sequence, require_attention=require_attention, topk=topk)
+                         force=force, sequence=sequence, require_attention=require_attention, topk=topk,
+                         observe=observe)
         write_json(report, json_path)
         if not quiet:
             _render_compress(report)
@@ -73,7 +80,9 @@ def _render_compress(r: dict[str, Any]) -> None:
     resolved = any(_resolved_text(row[role]) for row in r["layers"] for role in ("keys", "values"))
     table = Table(title=f"keys {r['keys_spec']} | values {r['values_spec']}", box=box.SIMPLE_HEAD,
                   pad_edge=False, show_edge=False, collapse_padding=True)
+    kept = "kept_fraction" in t
     cols = ["layer", "K bits", "V bits"] + (["K b+st", "V b+st"] if state else []) + ["K mse", "V mse"]
+    cols += ["kept"] if kept else []
     cols += ["out err", "out cos", "KL", "top-k"] if att else ["K cos", "V cos"]
     cols += ["K resolved", "V resolved"] if resolved else []
     for col in cols:
@@ -85,6 +94,8 @@ def _render_compress(r: dict[str, Any]) -> None:
         if state:
             cells += [f"{k['bits_per_element_with_state']:.2f}", f"{v['bits_per_element_with_state']:.2f}"]
         cells += [f"{k['rel_mse']:.1e}", f"{v['rel_mse']:.1e}"]
+        if kept:
+            cells.append(f"{row.get('kept_fraction', 1.0):.3f}")
         if att:
             cells += [f"{row['attention_output_rel_error']:.4f}", f"{row['attention_output_cosine']:.4f}",
                       f"{row['attention_kl']:.1e}", f"{row['topk_overlap']:.3f}"]
@@ -98,6 +109,9 @@ def _render_compress(r: dict[str, Any]) -> None:
                   "KL(p‖p̂) and top-k overlap of attention" if att else "mse: relative MSE; cos: mean cosine")
     if state:
         console.print("b+st: bits per element with the shared state (bases, codebooks) amortized over this cache")
+    if kept:
+        console.print("kept: fraction of token rows kept by the selector (evicted rows count as lost in "
+                      "mse and get no attention)")
     with_state = (f"; {t['bits_per_element_with_state']:.3f} with {human_bytes(t['shared_state_bytes'])} of "
                   "shared state" if state else "")
     console.print(f"{human_bytes(t['bytes_before'])} as fp16 → {human_bytes(t['bytes_after'])} stored "

@@ -113,7 +113,10 @@ class LayerContext:
 
     Data-oblivious codecs ignore it. Token selectors read ``queries`` (``(q_heads, Tq, head_dim)``, the last
     ``Tq`` positions, post-RoPE) with ``query_positions`` ``(Tq,)`` and ``key_positions`` ``(T,)``; a value
-    codec that needs attention weights reads the layer's original ``keys`` ``(kv_heads, T, head_dim)``.
+    codec that needs attention weights reads the layer's original ``keys`` ``(kv_heads, T, head_dim)``, and
+    a key codec that weighs tokens by their values reads ``values`` (same shape). ``rope_inv_freq``
+    ``(head_dim // 2,)`` are the layer's rotary inverse frequencies (rotate-half pairing ``i``, ``i + d/2``)
+    when known, for codecs that move queries to other positions.
     """
 
     layer: int = 0
@@ -124,6 +127,8 @@ class LayerContext:
     keys: np.ndarray | None = None
     scaling: float | None = None
     sliding_window: int | None = None
+    values: np.ndarray | None = None
+    rope_inv_freq: np.ndarray | None = None
 
 
 def check_input(x: np.ndarray) -> np.ndarray:
@@ -194,6 +199,14 @@ class Codec(ABC):
         """What the codec resolved for this tensor, for the compress report (e.g. ``{"rank": 24}``); JSON
         values only. Scalars also show in the compress table."""
         return {}
+
+    def uses_queries(self) -> bool:
+        """True when :meth:`fit` reads ``context.queries`` (a query-aware selector or basis).
+
+        ``kvtool compress`` then hands it only the observed queries (``--observe``) and scores the
+        attention metrics on the held-out ones, so no codec is scored on the queries it was fitted to.
+        """
+        return False
 
     # -- fixed overhead -----------------------------------------------------------------------------
     def shared_state(self) -> dict[str, np.ndarray]:
@@ -284,10 +297,12 @@ class Stage(Codec):
 class Selector(Stage):
     """Base of token-selection codecs (eviction): a :class:`Stage` whose payload is the kept rows.
 
-    Subclasses implement :meth:`select`; the base stores the kept indices (``arrays["kept"]``, smallest
-    unsigned dtype that fits, counted in the bytes) and the kept rows in fp16 (``arrays["rows"]``). In a
-    composition ``selector+quantizer`` the rows go to the quantizer instead. ``decode`` returns every token
-    position with evicted rows zeroed; :meth:`token_mask` says which rows were kept.
+    Subclasses implement :meth:`select` (the same number of tokens in every head) or override
+    :meth:`keep_mask` (head-adaptive budgets: heads may keep different numbers of tokens). The base stores
+    the kept indices (``arrays["kept"]``, smallest unsigned dtype that fits, counted in the bytes; see
+    :func:`pack_selection`) and the kept rows in fp16 (``arrays["rows"]``). In a composition
+    ``selector+quantizer`` the rows go to the quantizer instead. ``decode`` returns every token position
+    with evicted rows zeroed; :meth:`token_mask` says which rows were kept.
     """
 
     payload_name: ClassVar[str] = "rows"
@@ -296,20 +311,33 @@ class Selector(Stage):
     def select(self, x: np.ndarray) -> np.ndarray:
         """Indices of the kept tokens per head, ``(heads, n_keep)`` int, ascending within each head."""
 
+    def keep_mask(self, x: np.ndarray) -> np.ndarray:
+        """Boolean ``(heads, tokens)``: the tokens to keep. Heads may keep different numbers of tokens."""
+        return kept_mask(self.select(x), x.shape)
+
     def split(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int | float | str]]:
-        kept = self.select(x)
-        rows = np.take_along_axis(x, np.asarray(kept, dtype=np.int64)[:, :, None], axis=1)  # (heads, n_keep, d)
-        return {"kept": pack_indices(kept, x.shape[1])}, rows, {}
+        mask = self.keep_mask(x)
+        own = pack_selection(mask)
+        rows = x[mask]  # (kept rows of every head, head_dim), head-major, ascending within a head
+        return own, rows.reshape(self.payload_shape(Encoded(own, x.shape))), {}
 
     def merge(self, own: Encoded, payload: np.ndarray) -> np.ndarray:
-        return scatter_rows(payload, own.arrays["kept"], own.shape)
+        out = np.zeros(own.shape, dtype=np.float32)
+        out[selection_mask(own.arrays, own.shape)] = payload.reshape(-1, own.shape[2])
+        return out
 
     def payload_shape(self, own: Encoded) -> tuple[int, int, int]:
-        return own.shape[0], own.arrays["kept"].shape[1], own.shape[2]
+        """``(heads, n_keep, head_dim)``; a head-adaptive selection (heads keeping different numbers of
+        tokens) hands on its rows as one sequence ``(1, Σ n_h, head_dim)``, head after head."""
+        kept = own.arrays["kept"]
+        if "kept_counts" in own.arrays:
+            return 1, kept.shape[0], own.shape[2]
+        return own.shape[0], kept.shape[1], own.shape[2]
 
     def payload_mask(self, own: Encoded, inner: np.ndarray | None) -> np.ndarray | None:
-        mask = np.zeros(own.shape[:2], dtype=bool)
-        np.put_along_axis(mask, own.arrays["kept"].astype(np.int64), True if inner is None else inner, axis=1)
+        mask = selection_mask(own.arrays, own.shape)
+        if inner is not None:
+            mask[mask] = np.asarray(inner, dtype=bool).reshape(-1)
         return mask
 
 
@@ -326,10 +354,36 @@ def scatter_rows(rows: np.ndarray, kept: np.ndarray, shape: tuple[int, int, int]
     return out
 
 
-def kept_mask(kept: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def kept_mask(kept: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Boolean ``(heads, tokens)`` with True at the kept indices."""
     mask = np.zeros(shape[:2], dtype=bool)
     np.put_along_axis(mask, kept.astype(np.int64), True, axis=1)
+    return mask
+
+
+def pack_selection(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored form of a ``(heads, tokens)`` keep mask, in the smallest unsigned dtypes that fit.
+
+    When every head keeps ``n`` tokens: ``kept`` ``(heads, n)``, ascending per head. Otherwise
+    (head-adaptive budgets) ``kept`` is the flat ``(Σ n_h,)`` concatenation of each head's ascending
+    indices and ``kept_counts`` ``(heads,)`` holds each ``n_h``.
+    """
+    heads, tokens = mask.shape
+    counts = mask.sum(axis=1)
+    flat = np.nonzero(mask)[1]  # head-major, ascending within a head
+    if heads == 0 or (counts == counts[0]).all():
+        return {"kept": pack_indices(flat.reshape(heads, -1), tokens)}
+    return {"kept": pack_indices(flat, tokens), "kept_counts": pack_indices(counts, tokens + 1)}
+
+
+def selection_mask(arrays: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Invert :func:`pack_selection`: the boolean ``(heads, tokens)`` mask of ``arrays["kept"]``."""
+    kept = arrays["kept"].astype(np.int64)
+    if "kept_counts" not in arrays:
+        return kept_mask(kept, shape)
+    counts = arrays["kept_counts"].astype(np.int64)
+    mask = np.zeros(shape[:2], dtype=bool)
+    mask[np.repeat(np.arange(shape[0]), counts), kept] = True
     return mask
 
 
@@ -382,6 +436,9 @@ class Composed(Codec):
 
     def for_role(self, role: str) -> Codec:
         return Composed(self.head.for_role(role), self.tail.for_role(role))
+
+    def uses_queries(self) -> bool:
+        return self.head.uses_queries() or self.tail.uses_queries()
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Codec:
         x = check_input(x)

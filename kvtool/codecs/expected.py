@@ -1,0 +1,94 @@
+"""``expected``: Expected Attention — the attention future queries are expected to pay, estimated from the
+statistics of the observed queries rotated to future positions (kvpress, arXiv 2510.00636)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvtool.codecs.base import LayerContext, register
+from kvtool.codecs.selection import ScoredSelector, observed, per_kv_head
+from kvtool.errors import CodecError
+
+
+def rope_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(..., d)`` by ``angles`` ``(..., d/2)`` with the rotate-half pairing (``i``, ``i + d/2``)
+    that transformers' Llama-family models use."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def mean_rotation(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The ``(d, d)`` average over ``positions`` of the RoPE rotation matrices (kvpress's R̄)."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # (P, d/2)
+    c, s = torch.cos(angles).mean(0), torch.sin(angles).mean(0)
+    top = torch.cat([torch.diag(c), -torch.diag(s)], dim=1)
+    return torch.cat([top, torch.cat([torch.diag(s), torch.diag(c)], dim=1)], dim=0)
+
+
+@register
+@dataclass
+class Expected(ScoredSelector):
+    """``expected:keep=0.5,future=512`` — keep the tokens future queries are expected to attend to.
+
+    Expected Attention (Devoto et al., kvpress's ExpectedAttentionPress, arXiv 2510.00636 §3): model the next
+    ``future`` queries as Gaussian with the mean ``μ`` and covariance ``Σ`` of the observed queries before
+    RoPE, rotated by the average RoPE rotation ``R̄`` of those future positions; a key ``k`` then expects
+    ``E[exp(s·q·k)] = exp(s·kᵀR̄μ + s²/2·kᵀR̄ΣR̄ᵀk)``. Scores are that, softmax-normalised over the keys,
+    averaged over the query heads of each kv head and multiplied by ``‖v‖`` (``vnorm``). ``cov=false`` drops
+    the covariance term; ``future=0`` uses the observed post-RoPE queries' statistics as they are (needed
+    when the cache does not record the layer's RoPE frequencies). The first ``sink=4`` tokens are kept.
+    """
+
+    name = "expected"
+    sink: int = 4
+    future: int = 512
+    cov: bool = True
+    vnorm: bool = True
+    query_based: ClassVar[bool] = True
+
+    def validate(self, head_dim: int | None = None) -> None:
+        super().validate(head_dim)
+        if self.future < 0:
+            raise CodecError(f"future must be at least 0, got {self.future}")
+
+    def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
+        obs = observed(self.name, context, keys.shape[1])
+        q = obs.queries.double()  # (q_heads, n, d)
+        if self.future:
+            inv_freq = context.rope_inv_freq if context is not None else None
+            if inv_freq is None:
+                raise CodecError("expected rotates the query statistics to future positions and needs the "
+                                 "layer's RoPE frequencies, which this cache does not record; use "
+                                 "expected:future=0 to score with the observed queries as they are")
+            inv = torch.as_tensor(np.asarray(inv_freq), dtype=torch.float64)
+            pos = torch.from_numpy(obs.query_positions).double()
+            q = rope_rotate(q, -pos[:, None] * inv[None, :])  # back to pre-RoPE
+        mu = q.mean(dim=1)  # (q_heads, d)
+        centred = q - mu[:, None]
+        sigma = centred.transpose(1, 2) @ centred / q.shape[1]  # (q_heads, d, d)
+        if self.future:
+            start = int(obs.key_positions.max()) + 1
+            r = mean_rotation(inv, torch.arange(start, start + self.future))
+            mu, sigma = mu @ r.T, r @ sigma @ r.T
+        kv_heads, tokens, _ = keys.shape
+        group = q.shape[0] // kv_heads
+        k = torch.from_numpy(keys).double().repeat_interleave(group, dim=0)  # (q_heads, T, d)
+        logits = obs.scaling * torch.einsum("htd,hd->ht", k, mu)
+        if self.cov:
+            logits += obs.scaling**2 / 2 * torch.einsum("htd,hde,hte->ht", k, sigma, k)
+        scores = per_kv_head(torch.softmax(logits, dim=-1), kv_heads)  # (kv_heads, T)
+        if self.vnorm:
+            scores = scores * np.linalg.norm(self._values(keys, context), axis=-1)
+        return scores
+
+    def _values(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
+        if context is not None and context.values is not None:
+            return np.asarray(context.values, dtype=np.float64)
+        raise CodecError("expected:vnorm=true weighs tokens by their values' norms and needs the layer's "
+                         "values in the context (LayerContext.values); or use vnorm=false")

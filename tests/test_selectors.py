@@ -1,0 +1,199 @@
+"""Token selectors (eviction): what each keeps, exact budgets, head-adaptive budgets, masked attention."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from kvtool import metrics
+from kvtool.codecs import LayerContext, parse_spec
+from kvtool.codecs.base import pack_selection, selection_mask
+from kvtool.codecs.expected import mean_rotation, rope_rotate
+from kvtool.errors import CodecError
+
+KV, G, T, D = 3, 2, 300, 32
+QUERY_SELECTORS = ["h2o", "snapkv", "tova", "expected"]
+ALL_SELECTORS = ["streaming", "knorm", *QUERY_SELECTORS]
+
+
+# slow rotary frequencies (at most ~0.8 rad over the cache and the future window), so a planted key
+# stays a heavy hitter for queries at every position
+INV_FREQ = 1e-3 * 10000.0 ** (-np.arange(D // 2) * 2.0 / D)
+
+
+def rotate(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    return rope_rotate(torch.from_numpy(x).double(), torch.from_numpy(
+        positions[:, None] * INV_FREQ[None, :])).float().numpy()
+
+
+def layer(seed: int = 0, planted: int | None = None, tq: int = 24):
+    """Random post-RoPE keys/values/queries ``(KV, T, D)``/``(KV·G, tq, D)``, queries at the last tq
+    positions; ``planted``: a token whose key points along the queries' mean direction (a heavy hitter for
+    every head)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((KV, T, D)).astype(np.float32)
+    values = rng.standard_normal((KV, T, D)).astype(np.float32)
+    bias = rng.standard_normal(D).astype(np.float32)
+    pre = (rng.standard_normal((KV * G, tq, D)) + 2 * bias).astype(np.float32)
+    queries = rotate(pre, np.arange(T - tq, T))
+    if planted is not None:
+        direction = pre.mean(axis=(0, 1))
+        key = 4.0 * direction / np.linalg.norm(direction) * np.sqrt(D)
+        keys[:, planted] = rotate(key[None, None], np.array([planted]))[0, 0]
+    return keys, values, queries
+
+
+def context(keys: np.ndarray, queries: np.ndarray, role: str = "keys", **kw) -> LayerContext:
+    tq = queries.shape[1]
+    values = np.random.default_rng(99).standard_normal(keys.shape).astype(np.float32)
+    return LayerContext(layer=0, role=role, queries=queries, query_positions=np.arange(T - tq, T),
+                        key_positions=np.arange(T), keys=keys, scaling=D ** -0.5,
+                        values=kw.pop("values", values), rope_inv_freq=INV_FREQ, **kw)
+
+
+def mask_of(spec: str, keys: np.ndarray, queries: np.ndarray, values: np.ndarray | None = None,
+            role: str = "keys") -> np.ndarray:
+    """The keep mask of ``spec`` fitted for ``role`` (the tensor coded is the keys or the values)."""
+    ctx = context(keys, queries, role, **({} if values is None else {"values": values}))
+    x = keys if role == "keys" else ctx.values
+    codec = parse_spec(spec).for_role(role).fit(x, ctx)
+    return codec.token_mask(codec.encode(x))
+
+
+@pytest.mark.parametrize("name", QUERY_SELECTORS)
+def test_planted_heavy_hitter_is_kept(name: str) -> None:
+    keys, _, queries = layer(1, planted=100)
+    mask = mask_of(f"{name}:keep=0.1", keys, queries)
+    assert mask[:, 100].all()
+    # and it is the attention that keeps it: the same token without the plant is evicted by someone
+    keys, _, queries = layer(1)
+    plain = mask_of(f"{name}:keep=0.1", keys, queries)
+    assert not plain[:, 100].all()
+
+
+def test_streaming_keeps_exactly_sink_and_recent() -> None:
+    keys, _, queries = layer()
+    mask = mask_of("streaming:sink=4,recent=28", keys, queries)
+    expected = np.zeros(T, bool)
+    expected[:4] = expected[-28:] = True
+    assert (mask == expected).all()
+    mask = mask_of("streaming:keep=0.5,sink=2", keys, queries)
+    assert mask[:, :2].all() and mask[:, -148:].all() and mask.sum() == KV * 150
+
+
+@pytest.mark.parametrize("name", ALL_SELECTORS)
+@pytest.mark.parametrize("budget,n", [("keep=0.3", 90), ("keep=1", T), ("tokens=77", 77), ("keep=0.001", 1)])
+def test_budgets_are_met_exactly(name: str, budget: str, n: int) -> None:
+    keys, values, queries = layer(2)
+    mask = mask_of(f"{name}:{budget}", keys, queries, values)
+    assert (mask.sum(axis=1) == n).all()
+    # the values codec of the layer selects the same tokens from the keys in its context
+    assert (mask_of(f"{name}:{budget}", keys, queries, values, role="values") == mask).all()
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "tova", "knorm", "expected"])
+def test_per_head_keeps_the_layer_total(name: str) -> None:
+    keys, _, queries = layer(3, planted=50)
+    keys[0] *= 3.0  # head 0: peaked attention; the others flatter, so the budgets should move
+    queries[:G] *= 3.0
+    n = 90
+    mask = mask_of(f"{name}:tokens={n},sink=2,per_head=true", keys, queries)
+    counts = mask.sum(axis=1)
+    assert counts.sum() == KV * n
+    assert len(set(counts.tolist())) > 1, counts  # really adaptive on this layer
+    assert mask[:, :2].all()  # protected tokens stay in every head
+    assert (counts >= 2 + int(0.2 * (n - 2))).all()  # AdaKV's safeguard
+    # stored as a flat index list plus per-head counts, which round-trips
+    arrays = pack_selection(mask)
+    assert arrays["kept"].shape == (KV * n,) and arrays["kept_counts"].tolist() == counts.tolist()
+    assert (selection_mask(arrays, mask.shape) == mask).all()
+
+
+def test_per_head_selector_decodes_its_rows() -> None:
+    keys, _, queries = layer(4)
+    codec = parse_spec("h2o:keep=0.25,per_head=true").fit(keys, context(keys, queries))
+    enc = codec.encode(keys)
+    fresh = parse_spec(codec.spec())
+    y, mask = fresh.decode(enc), fresh.token_mask(enc)
+    assert (y[~mask] == 0).all()
+    np.testing.assert_allclose(y[mask], keys[mask], atol=2e-3)
+    assert enc.nbytes == mask.sum() * (2 * D + 2) + KV * 2  # fp16 rows, uint16 indices, uint16 counts
+
+
+def test_query_selectors_see_only_the_observed_queries() -> None:
+    keys, _, queries = layer(5)
+    ctx = context(keys, queries[:, :12])
+    ctx.query_positions = np.arange(T - 24, T - 12)
+    for name in QUERY_SELECTORS:
+        a = parse_spec(f"{name}:keep=0.3").fit(keys, ctx).keep_mask(keys)
+        # keys newer than the last observed query were never seen by it: kept like a recent window
+        assert a[:, -12:].all(), name
+
+
+def test_evicted_keys_get_no_attention_in_the_metrics() -> None:
+    keys, values, queries = layer(6)
+    mask = mask_of("snapkv:keep=0.5", keys, queries)
+    qpos, kpos = np.arange(T - 24, T), np.arange(T)
+    kh, vh = keys * mask[..., None], values * mask[..., None]
+    junk_k, junk_v = kh.copy(), vh.copy()
+    junk_k[~mask], junk_v[~mask] = 50.0, -50.0  # would dominate softmax and output if they were seen
+    a = metrics.attention(queries, keys, values, kh, vh, qpos, kpos, key_mask=mask)
+    b = metrics.attention(queries, keys, values, junk_k, junk_v, qpos, kpos, key_mask=mask)
+    assert a["attention_output_rel_error"] == pytest.approx(b["attention_output_rel_error"], rel=1e-6)
+    # by hand: softmax over the kept keys only
+    def softmax_out(h: int, allowed: np.ndarray) -> np.ndarray:
+        s = (queries[h * G] @ keys[h].T * D ** -0.5).astype(np.float64)  # (tq, T)
+        s[~(allowed[None, :] & (kpos[None, :] <= qpos[:, None]))] = -np.inf  # evicted or in the future
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        return (p / p.sum(axis=1, keepdims=True)) @ values[h]
+
+    h = 1
+    out, ref = softmax_out(h, mask[h]), softmax_out(h, np.ones(T, bool))
+    zeros_seen = metrics.attention(queries, keys, values, kh, vh, qpos, kpos, key_mask=None)
+    assert zeros_seen["attention_output_rel_error"] != pytest.approx(a["attention_output_rel_error"])
+    head = metrics.attention(queries[h * G:h * G + 1], keys[h:h + 1], values[h:h + 1], kh[h:h + 1],
+                             vh[h:h + 1], qpos, kpos, key_mask=mask[h:h + 1])
+    expected = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert head["attention_output_rel_error"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("snapkv:keep=0", "keep must be in (0, 1], got 0"),
+    ("h2o:keep=1.5", "keep must be in (0, 1], got 1.5"),
+    ("knorm:keep=-0.2", "keep must be in (0, 1], got -0.2"),
+    ("tova:keep=0.5,tokens=10", "give keep= or tokens=, not both"),
+    ("snapkv:tokens=8,sink=4,recent=8", "tokens=8 is below sink + recent = 12"),
+    ("streaming:recent=8,keep=0.5", "give recent= or a budget"),
+    ("snapkv:kernel=4", "kernel must be an odd number"),
+    ("knorm:tokens=0", "tokens must be at least 1, got 0"),
+])
+def test_bad_parameters(spec: str, message: str) -> None:
+    with pytest.raises(CodecError, match=re.escape(message)):
+        parse_spec(spec)
+
+
+def test_tokens_above_the_cache_and_missing_queries() -> None:
+    keys, _, queries = layer()
+    with pytest.raises(CodecError, match=f"tokens=400 is more than the {T} tokens of the cache"):
+        parse_spec("knorm:tokens=400").fit(keys)
+    for name in QUERY_SELECTORS:
+        with pytest.raises(CodecError, match=re.escape("capture --queries last:N")):
+            parse_spec(name).fit(keys, LayerContext(layer=0, role="keys", keys=keys))
+
+
+def test_rope_helpers() -> None:
+    x = torch.randn(5, D, dtype=torch.float64)
+    angles = torch.from_numpy(np.arange(5)[:, None] * INV_FREQ[None, :] * 1000)
+    y = rope_rotate(x, angles)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rope_rotate(y, -angles), x)
+    # the average rotation of one position is that rotation; of positions p and -p a pure cosine scaling
+    inv = torch.from_numpy(INV_FREQ) * 1000
+    one = mean_rotation(inv, torch.tensor([3]))
+    torch.testing.assert_close(x @ one.T, rope_rotate(x, 3 * inv.expand(5, -1)))
+    both = mean_rotation(inv, torch.tensor([-3, 3]))
+    cos = torch.cos(3 * inv)
+    torch.testing.assert_close(both, torch.diag(torch.cat([cos, cos])))
