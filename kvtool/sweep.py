@@ -3,7 +3,9 @@
 :func:`sweep` reads each layer once, computes its exact attention once
 (:func:`kvtool.metrics.reference_attention`) and measures every spec against it with the very functions
 :func:`kvtool.compress.compress` uses, so a spec's figures here are the figures ``compress --method SPEC``
-reports. Each spec codes keys and values (KIVI picks its axis per role, as with ``--method``).
+reports. Each spec codes keys and values (KIVI picks its axis per role, as with ``--method``). When a spec
+fits on queries (token selectors), every spec is scored on the same held-out queries: the split is
+compress's default ``--observe`` and the report's ``query_split`` records it.
 
 Bits: ``stored_bits`` counts every byte written for a tensor — the codec's arrays *and* its shared state
 (outlier tables, bases, codebooks) — over the elements; compress's ``bits_per_element`` (arrays only) is kept
@@ -21,7 +23,15 @@ from typing import Any
 from kvtool import metrics
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.presets import expand
-from kvtool.compress import _context, _layer_report, encode_tensor, totals
+from kvtool.compress import (
+    _context,
+    _layer_report,
+    encode_tensor,
+    query_split,
+    reference_for,
+    split_queries,
+    totals,
+)
 from kvtool.errors import CodecError, InputError
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader
@@ -104,20 +114,18 @@ def sweep(
             reader.check_layer(i, sequence)
         for a in assignments:
             a.validate(info.head_dim, info.num_layers)
+        split = query_split(info, assignments, chosen, sequence, None)  # one split for every spec
         rows: list[list[dict[str, Any]]] = [[] for _ in names]
         done, steps = 0, len(chosen) * len(names)
         for i in chosen:
             data = reader.layer(i, sequence)
-            ref = None
-            if data.queries is not None:
-                ref = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
-                                                  data.key_positions, scaling=data.scaling,
-                                                  sliding_window=data.sliding_window, topk=topk)
+            seen, held = split_queries(data, split["observe"])
+            ref = reference_for(data, held, topk)
             for n, a in enumerate(assignments):
                 kc, vc = a.codec(i, "keys"), a.codec(i, "values")
-                keys = (kc, *encode_tensor(kc, data.keys, _context(data, "keys")))
-                values = (vc, *encode_tensor(vc, data.values, _context(data, "values")))
-                rows[n].append(_layer_report(data, keys, values, topk, ref))
+                keys = (kc, *encode_tensor(kc, data.keys, _context(data, "keys", seen)))
+                values = (vc, *encode_tensor(vc, data.values, _context(data, "values", seen)))
+                rows[n].append(_layer_report(data, keys, values, topk, ref, held))
                 done += 1
                 if progress is not None:
                     progress(done, steps)
@@ -134,7 +142,7 @@ def sweep(
         r["frontier"] = on
     report = {**store_header("sweep", info), "source": str(path), "sequence": sequence, "layers": chosen,
               "attention": attention, "error_metric": ATTENTION_ERROR if attention else RECONSTRUCTION_ERROR,
-              "topk": topk, "results": results, "seconds": time.perf_counter() - started}
+              "topk": topk, "query_split": split, "results": results, "seconds": time.perf_counter() - started}
     return json_safe(report)
 
 

@@ -159,3 +159,14 @@ def test_cli_reports_split_and_kept(cache: Path, tmp_path: Path) -> None:
     assert report["total"]["kept_fraction"] == pytest.approx(0.5)
     table = run("compress", cache, "--method", "streaming:keep=0.5")
     assert table.exit_code == 0 and "kept" in table.stdout
+
+
+def test_sweep_scores_every_spec_on_the_same_held_out_queries(cache: Path) -> None:
+    from kvtool.sweep import sweep
+
+    report = sweep(cache, ["snapkv:keep=0.5", "uniform:bits=4"])
+    assert report["query_split"]["observe"] == TQ // 2
+    alone = compress(cache, assignment=_pair("uniform:bits=4"), observe=TQ // 2)
+    row = next(r for r in report["results"] if r["spec"].startswith("uniform"))
+    assert row["total"]["attention_output_rel_error"] == pytest.approx(
+        alone["total"]["attention_output_rel_error"], rel=1e-9)

@@ -197,3 +197,21 @@ def test_rope_helpers() -> None:
     both = mean_rotation(inv, torch.tensor([-3, 3]))
     cos = torch.cos(3 * inv)
     torch.testing.assert_close(both, torch.diag(torch.cat([cos, cos])))
+
+
+def test_per_head_selection_chains_with_a_quantizer() -> None:
+    keys, _, queries = layer(7, planted=20)
+    keys[0] *= 3.0
+    ctx = context(keys, queries)
+    alone = parse_spec("snapkv:keep=0.25,per_head=true").fit(keys, ctx)
+    mask = alone.token_mask(alone.encode(keys))
+    chained = parse_spec("snapkv:keep=0.25,per_head=true+turboquant:bits=4").fit(keys, ctx)
+    enc = chained.encode(keys)
+    fresh = parse_spec(chained.spec())
+    assert (fresh.token_mask(enc) == mask).all() and len(set(mask.sum(axis=1).tolist())) > 1
+    # the kept rows of all heads go on as one sequence (1, Σ n_h, d), each coded at 4 + 16/d bits
+    assert enc.arrays["inner.codes"].size * 8 == mask.sum() * D * 4
+    y = fresh.decode(enc)
+    assert (y[~mask] == 0).all()
+    err = np.square(y[mask] - keys[mask]).sum() / np.square(keys[mask]).sum()
+    assert err < 0.02

@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from kvtool.codecs.base import LayerContext, register
+from kvtool.codecs.base import Encoded, LayerContext, register
 from kvtool.codecs.selection import ScoredSelector, observed, per_kv_head
 from kvtool.errors import CodecError
 
@@ -41,8 +41,9 @@ class Expected(ScoredSelector):
     RoPE, rotated by the average RoPE rotation ``R̄`` of those future positions; a key ``k`` then expects
     ``E[exp(s·q·k)] = exp(s·kᵀR̄μ + s²/2·kᵀR̄ΣR̄ᵀk)``. Scores are that, softmax-normalised over the keys,
     averaged over the query heads of each kv head and multiplied by ``‖v‖`` (``vnorm``). ``cov=false`` drops
-    the covariance term; ``future=0`` uses the observed post-RoPE queries' statistics as they are (needed
-    when the cache does not record the layer's RoPE frequencies). The first ``sink=4`` tokens are kept.
+    the covariance term; ``future=0`` uses the observed post-RoPE queries' statistics as they are, which is
+    also what happens when the cache does not record the layer's RoPE frequencies (the compress report's
+    ``resolved`` says ``rope=none`` then). The first ``sink=4`` tokens are kept.
     """
 
     name = "expected"
@@ -57,22 +58,31 @@ class Expected(ScoredSelector):
         if self.future < 0:
             raise CodecError(f"future must be at least 0, got {self.future}")
 
+    def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Expected:
+        self._rotated = bool(self.future and context is not None and context.rope_inv_freq is not None)
+        super().fit(x, context)
+        return self
+
+    def split(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int | float | str]]:
+        own, rows, meta = super().split(x)
+        return own, rows, {**meta, "rope": int(getattr(self, "_rotated", False))}
+
+    def report(self, enc: Encoded) -> dict[str, object]:
+        """Whether the query statistics were rotated to the future positions (``rope``)."""
+        return {"rope": "rotated" if enc.meta.get("rope") else "none"}
+
     def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
         obs = observed(self.name, context, keys.shape[1])
         q = obs.queries.double()  # (q_heads, n, d)
-        if self.future:
-            inv_freq = context.rope_inv_freq if context is not None else None
-            if inv_freq is None:
-                raise CodecError("expected rotates the query statistics to future positions and needs the "
-                                 "layer's RoPE frequencies, which this cache does not record; use "
-                                 "expected:future=0 to score with the observed queries as they are")
-            inv = torch.as_tensor(np.asarray(inv_freq), dtype=torch.float64)
+        rotate = self.future and context is not None and context.rope_inv_freq is not None
+        if rotate:
+            inv = torch.as_tensor(np.asarray(context.rope_inv_freq), dtype=torch.float64)  # type: ignore[union-attr]
             pos = torch.from_numpy(obs.query_positions).double()
             q = rope_rotate(q, -pos[:, None] * inv[None, :])  # back to pre-RoPE
         mu = q.mean(dim=1)  # (q_heads, d)
         centred = q - mu[:, None]
         sigma = centred.transpose(1, 2) @ centred / q.shape[1]  # (q_heads, d, d)
-        if self.future:
+        if rotate:
             start = int(obs.key_positions.max()) + 1
             r = mean_rotation(inv, torch.arange(start, start + self.future))
             mu, sigma = mu @ r.T, r @ sigma @ r.T
