@@ -29,15 +29,13 @@ def captured(smollm, tmp_path_factory):
 
 def _plain_cache(model, ids: np.ndarray):
     """An independent forward pass with the model's default attention and a fresh DynamicCache."""
-    import inspect
-
     from transformers import DynamicCache
 
+    from kvtool.compat import forward_cache_kwarg
+
     cache = DynamicCache(config=model.config)
-    # transformers 5.x renamed the argument from past_key_values to cache
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        model(input_ids=torch.as_tensor(ids).unsqueeze(0), use_cache=True, **{arg: cache})
+        model(input_ids=torch.as_tensor(ids).unsqueeze(0), use_cache=True, **{forward_cache_kwarg(model): cache})
     return cache
 
 

@@ -1,0 +1,103 @@
+"""kvtool.compat: the cache keyword and output field on both sides of transformers 5.24's rename."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtool.compat import (
+    CACHE_NAME,
+    LEGACY_CACHE_NAME,
+    forward_cache_kwarg,
+    generate_cache_kwarg,
+    library_cache_name,
+    output_cache,
+)
+from kvtool.models import load_model
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return load_model(str(tiny_model_factory(config, "compat-llama")))
+
+
+@pytest.fixture
+def deprecation_warnings(monkeypatch):
+    """Every rename warning transformers gives during the test: the old keyword warns through Python's
+    ``warnings`` (``deprecate_kwarg``), the old output field through ``logger.warning_once``."""
+    import warnings
+
+    import transformers.utils.generic as generic
+
+    seen: list[str] = []
+    if hasattr(generic, "logger"):
+        monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: seen.append(str(msg)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield seen
+    seen.extend(str(w.message) for w in caught)
+    assert not [m for m in seen if "past_key_values" in m or "cache_params" in m]
+
+
+def test_library_name_follows_the_release():
+    import transformers
+    from packaging.version import Version
+
+    renamed = Version(transformers.__version__).release >= (5, 24)
+    assert library_cache_name() == (CACHE_NAME if renamed else LEGACY_CACHE_NAME)
+
+
+def test_forward_keyword_is_read_from_the_signature(tiny):
+    assert forward_cache_kwarg(tiny.model) == library_cache_name()
+
+    class Legacy(torch.nn.Module):  # a remote-code model that kept the old name
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class KwargsOnly(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert forward_cache_kwarg(Legacy()) == LEGACY_CACHE_NAME
+    assert forward_cache_kwarg(KwargsOnly()) == library_cache_name()
+
+
+@pytest.mark.usefixtures("deprecation_warnings")  # it fails the test on any rename warning
+def test_forward_uses_the_given_cache_and_returns_it(tiny):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=tiny.model.config)
+    ids = torch.arange(10, 22).unsqueeze(0)
+    with torch.inference_mode():
+        out = tiny.model(input_ids=ids, use_cache=True, **{forward_cache_kwarg(tiny.model): cache})
+        assert output_cache(out) is cache and cache.get_seq_length() == 12
+        # the cache really is continued: one more token scored on it equals the full pass's last logits
+        step = tiny.model(input_ids=ids[:, -1:] + 1, use_cache=True, **{forward_cache_kwarg(tiny.model): cache})
+        full = tiny.model(input_ids=torch.cat([ids, ids[:, -1:] + 1], dim=1))
+    torch.testing.assert_close(step.logits[0, -1], full.logits[0, -1], rtol=1e-4, atol=1e-5)
+    assert output_cache(full) is not None and output_cache(full) is not cache
+
+
+@pytest.mark.usefixtures("deprecation_warnings")
+def test_generate_continues_the_given_cache(tiny):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=tiny.model.config)
+    ids = torch.arange(10, 18).unsqueeze(0)
+    out = tiny.model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                              pad_token_id=0, **{generate_cache_kwarg(): cache})
+    assert output_cache(out) is cache
+    assert cache.get_seq_length() == 8 + 3 - 1  # the last generated token is never fed back
+
+
+def test_output_without_a_cache_gives_none(tiny):
+    with torch.inference_mode():
+        out = tiny.model(input_ids=torch.arange(10, 14).unsqueeze(0), use_cache=False)
+    assert output_cache(out) is None
+    assert output_cache((out.logits,)) is None  # a return_dict=False tuple holds no named cache
