@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtool.compat import output_cache
 from kvtool.errors import InputError, KvtoolError
 from kvtool.models import LoadedModel
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
@@ -84,6 +85,9 @@ class CaptureResult:
     sequences: list[SequenceSummary] = field(default_factory=list)
     file_bytes: int = 0
     seconds: float = 0.0
+    device: str = "cpu"
+    #: module -> device (GPU index, "cpu", "disk") when the model was loaded with a device map
+    device_map: dict[str, int | str] | None = None
 
 
 # ------------------------------------------------------------------------------------------ reading text
@@ -305,9 +309,7 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
         _ACTIVE.pop(name, None)
         for h in handles:
             h.remove()
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         raise KvtoolError(f"{loaded.architecture} returned no layered cache; kvtool needs a decoder whose "
                           "cache is a transformers Cache")
@@ -318,9 +320,24 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
 
 
 def cache_layer(cache: Any, layer: int) -> tuple[Any, Any]:
-    """(keys, values) of one layer from a transformers Cache, each (kv_heads, T_i, head_dim)."""
+    """(keys, values) of one layer from a transformers Cache, each (kv_heads, T_i, head_dim).
+
+    The tensors stay on the device that layer ran on (with a device map: ``cuda:N`` or ``cpu``).
+    """
     entry = cache.layers[layer]
-    return entry.keys[0], entry.values[0]
+    keys, values = entry.keys, entry.values
+    if keys is None or values is None or "meta" in (keys.device.type, values.device.type):
+        where = "nothing" if keys is None or values is None else "tensors on the 'meta' device"
+        raise KvtoolError(f"layer {layer} of the model's cache holds {where}, not keys and values")
+    return keys[0], values[0]
+
+
+def to_host(x: Any, storage: Any) -> np.ndarray:
+    """A tensor from whatever device it lives on as a host array of the storage dtype.
+
+    Copied to the CPU first, then cast: the cast then never allocates on a GPU that may be full.
+    """
+    return x.detach().to("cpu").to(storage).numpy()
 
 
 # ------------------------------------------------------------------------------------------- capture
@@ -382,7 +399,8 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
                 result = CaptureResult(path=Path(output), model=loaded.spec, architecture=loaded.architecture,
                                        num_layers=shape.num_layers, num_q_heads=shape.num_q_heads,
                                        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                                       layer_types=list(shape.layer_types))
+                                       layer_types=list(shape.layer_types), device=loaded.device,
+                                       device_map=loaded.device_map)
             seq = writer.add_sequence(ids, source=text.source, text=text.text)
             _write_sequence(writer, seq, cache, rec, shape, len(ids), keep, storage, progress)
             del cache, rec
@@ -413,14 +431,14 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
         pre = rec.prerope.get(i)
         writer.write_layer(
             seq, i,
-            keys.to(storage).cpu().numpy(),
-            values.to(storage).cpu().numpy(),
-            queries=q.to(storage).numpy() if q is not None else None,
+            to_host(keys, storage),
+            to_host(values, storage),
+            queries=to_host(q, storage) if q is not None else None,
             query_positions=qpos if q is not None else None,
             layer_type=shape.layer_types[i],
             sliding_window=shape.sliding_window if shape.layer_types[i] == LAYER_SLIDING else 0,
             key_start=num_tokens - t_i,
-            keys_prerope=pre[:, num_tokens - t_i:, :].to(storage).numpy() if pre is not None else None,
+            keys_prerope=to_host(pre[:, num_tokens - t_i:, :], storage) if pre is not None else None,
         )
         if progress is not None:
             progress("write", i + 1, shape.num_layers)

@@ -32,6 +32,22 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
 
+# Model placement options, shared by every command that loads a model (pass them to
+# kvtool.models.load_model(device=..., device_map=..., max_memory=..., offload_folder=...) as they are:
+# it parses and checks the text).
+DeviceOption = Annotated[str | None, typer.Option(
+    "--device", help="Put the whole model on cpu (the default), cuda, or auto (cuda when torch sees it). "
+    "Not with --device-map.")]
+DeviceMapOption = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread the model over GPUs, CPU and disk through accelerate: auto, balanced, "
+    "balanced_low_0, sequential, MODULE=DEVICE[,...] (device: GPU index, cpu or disk), or a .json map.")]
+MaxMemoryOption = Annotated[str | None, typer.Option(
+    "--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB'; what does not fit "
+    "is offloaded to the next device, finally to disk.")]
+OffloadFolderOption = Annotated[Path | None, typer.Option(
+    "--offload-folder", help="With --device-map: where disk-offloaded weights go when they cannot be read "
+    "in place (default: a temporary folder, removed at exit).")]
+
 
 def _version_callback(value: bool) -> None:
     if value:

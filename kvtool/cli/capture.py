@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, err_console, human_bytes, run_guarded, write_json
+from kvtool.cli._app import (
+    DeviceMapOption,
+    DeviceOption,
+    MaxMemoryOption,
+    OffloadFolderOption,
+    app,
+    console,
+    err_console,
+    human_bytes,
+    run_guarded,
+    write_json,
+)
 
 
 @app.command()
@@ -30,7 +42,10 @@ def capture(
     model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
                                              "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
                                              "bfloat16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    device: DeviceOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
                                                     "Python code to run (off unless you pass it).")] = False,
     pre_rope_keys: Annotated[bool, typer.Option("--pre-rope-keys", help="Also store each layer's keys before "
@@ -69,7 +84,8 @@ def capture(
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=quiet) as bar:
             load = bar.add_task(f"loading model {model}", total=None)
-            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code)
+            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code,
+                                device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
             bar.update(load, total=1, completed=1, visible=False)
             tasks: dict[str, int] = {}
 
@@ -106,6 +122,10 @@ def _render_capture(result: Any, as_json: bool) -> None:
         note = f"truncated from {s.truncated_from}" if s.truncated_from else ""
         table.add_row(str(j), s.source, str(s.num_tokens), str(s.num_queries), note)
     console.print(table)
+    if result.device_map:
+        counts = Counter(result.device_map.values())
+        where = ", ".join(f"{n} on {f'cuda:{d}' if isinstance(d, int) else d}" for d, n in counts.items())
+        console.print(f"device map: {len(result.device_map)} modules: {where}; inputs on {result.device}")
     sliding = sum(t == "sliding" for t in result.layer_types)
     console.print(
         f"{result.num_layers} layers ({sliding} sliding-window), {result.num_q_heads} query heads, "
