@@ -50,6 +50,12 @@ TABLE: list[tuple[str, object]] = [
     ("snapkv:keep=0.25,window=8", lambda d, t: _kept(0.25, t) * (16 * d + 8) / (t * d)),
     ("tova:keep=0.75,sink=1", lambda d, t: _kept(0.75, t) * (16 * d + 8) / (t * d)),
     ("expected:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
+    # age bands: the newest 64 tokens in fp16, the rest at 4 bits (+ fp16 scale and zero per token)
+    ("age:bands=[0-64:fp16;64-:uniform:bits=4]", lambda d, t: (64 * 16 * d + (t - 64) * (4 * d + 32)) / (t * d)),
+    ("age:bands=[0-32:fp16;32-128:turboquant:bits=4;128-:turboquant:bits=2],sink=4",
+     lambda d, t: (36 * 16 * d + 96 * (4 * d + 16) + (t - 132) * (2 * d + 16)) / (t * d)),
+    ("age:bands=[0-64:fp16;64-:h2o:keep=0.5+turboquant:bits=3]",
+     lambda d, t: (64 * 16 * d + _kept(0.5, t - 64) * (8 + 3 * d + 16)) / (t * d)),
     ("h2o:keep=0.5+turboquant:bits=3", lambda d, t: _kept(0.5, t) * (8 + 3 * d + 16) / (t * d)),
     ("snapkv:keep=0.25+uniform:bits=4", lambda d, t: _kept(0.25, t) * (8 + 4 * d + 32) / (t * d)),
 ]

@@ -4,7 +4,9 @@ A spec is ``name`` or ``name:key=value,key=value``; ``+`` composes stages, left 
 the last must be a :class:`Stage` (a token selector, a low-rank projection), whose payload the next one
 codes — ``snapkv:keep=0.5+kivi:bits=4`` (the kept rows), ``lowrank:rank=24+turboquant:bits=4`` (the rank-24
 coefficients, so TurboQuant's head_dim is 24), ``snapkv:keep=0.5+lowrank:rank=32+turboquant:bits=4``.
-Every stage's stored bytes are counted. Values are coerced to the codec dataclass's field types.
+Every stage's stored bytes are counted. Values are coerced to the codec dataclass's field types. A value
+in square brackets is taken whole, so it may hold specs with their own ``,`` and ``+``
+(``age:bands=[0-128:fp16;128-:turboquant:bits=3,center=true]``).
 
 Adding a codec: write ``kvtool/codecs/<module>.py`` with a ``@register``-decorated dataclass subclass of
 :class:`Codec`, add the module name to ``_MODULES`` below, and add a row to the table in
@@ -48,7 +50,7 @@ __all__ = [
 
 #: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
 _MODULES = ["fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o", "snapkv",
-            "tova", "knorm", "expected"]
+            "tova", "knorm", "expected", "age"]
 
 
 def _load_modules() -> None:
@@ -104,6 +106,25 @@ def _coerce(key: str, text: str, tp: object) -> object:
     return text
 
 
+def split_top(text: str, sep: str) -> list[str]:
+    """``text`` split on ``sep`` outside square brackets: a parameter value in ``[...]`` may hold whole specs
+    (``age:bands=[0-128:fp16;128-:turboquant:bits=4,center=true]``) with their own ``,`` and ``+``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise CodecError(f"unbalanced ']' in codec spec {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise CodecError(f"unbalanced '[' in codec spec {text!r}")
+    return [*parts, text[start:]]
+
+
 def _parse_stage(text: str) -> Codec:
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
@@ -113,7 +134,7 @@ def _parse_stage(text: str) -> Codec:
     cls = REGISTRY[name]
     types_ = _field_types(cls)
     values: dict[str, object] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in split_top(rest, ","))):
         key, eq, value = (s.strip() for s in item.partition("="))
         if key not in types_:
             allowed = ", ".join(types_) or "none"
@@ -133,7 +154,7 @@ def parse_spec(spec: str) -> Codec:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise CodecError("empty codec spec; expected name:key=value,... e.g. uniform:bits=4")
-    stages = [_parse_stage(part) for part in spec.split("+")]
+    stages = [_parse_stage(part) for part in split_top(spec, "+")]
     codec = stages[-1]
     for stage in reversed(stages[:-1]):
         codec = Composed(stage, codec)
