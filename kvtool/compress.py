@@ -23,6 +23,7 @@ from kvtool import metrics
 from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
+from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import CodecError, InputError, StoreError
 from kvtool.report import json_safe, store_header
 from kvtool.store import (
@@ -279,6 +280,10 @@ def compress(
             reader.check_layer(i, sequence)
         assignment.validate(info.head_dim, info.num_layers)
         split = query_split(info, assignment, chosen, sequence, observe)
+        for codec in {assignment.spec(i, r): assignment.codec(i, r) for i in chosen for r in ROLES}.values():
+            if isinstance(codec, PairCodec):
+                codec.check_layers(info.num_layers)
+        pairs: list[dict[str, Any]] = []
         if require_attention and not info.has_queries:
             raise InputError(f"{path}: the cache has no captured queries, so attention metrics cannot be "
                              "computed; capture with --queries last:N")
@@ -287,7 +292,7 @@ def compress(
             extra = {"codec_keys": assignment.keys, "codec_values": assignment.values}
             writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
         try:
-            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk, split["observe"])
+            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk, split["observe"], pairs)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -301,6 +306,9 @@ def compress(
                               "sequence": sequence, "query_split": split, "layers": rows,
                               "total": totals(rows), "notes": []}
     report["attention"] = any("attention_output_rel_error" in r for r in rows)
+    if pairs:
+        report["cross_layer"] = {"pairs": pairs, "shared_bytes": sum(p["shared_bytes"] for p in pairs),
+                                 "bytes_saved": sum(p["bytes_saved"] for p in pairs)}
     if not info.has_queries:
         report["notes"].append("no captured queries: attention metrics skipped")
     if split["observe"]:
@@ -350,31 +358,90 @@ def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chos
 
 def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,
          writer: CacheWriter | None, progress: Progress | None, topk: int,
-         observe: int = 0) -> list[dict[str, Any]]:
+         observe: int = 0, pairs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     selected = set(chosen)
     sequences = range(len(reader.info.sequences)) if writer is not None else [sequence]
     total, done = len(chosen), 0
+    num_layers = reader.info.num_layers
     for j in sequences:
         if writer is not None:
             copy_sequence(writer, reader, j)
-        for i in range(reader.info.num_layers) if writer is not None else chosen:
+        pending: LayerData | None = None  # a layer waiting for the next one (cross-layer codecs)
+        for i in range(num_layers) if writer is not None else chosen:
             data = reader.layer(i, j)
             if i not in selected:
                 _passthrough(writer, j, data)  # type: ignore[arg-type]  # only reached with a writer
-                continue
-            seen, held = split_queries(data, observe)
-            keys_codec, values_codec = assignment.codec(i, "keys"), assignment.codec(i, "values")
-            keys = (keys_codec, *encode_tensor(keys_codec, data.keys, _context(data, "keys", seen)))
-            values = (values_codec, *encode_tensor(values_codec, data.values, _context(data, "values", seen)))
-            if writer is not None:
-                _write_layer(writer, j, data, keys, values)
-            if j == sequence:
-                rows.append(_layer_report(data, keys, values, topk, heldout=held))
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+            elif pending is None and any(_partner(assignment, i, r, num_layers, selected) == i + 1
+                                         for r in ROLES):
+                pending = data  # coded with the next layer: two layers in memory, never more
+            else:
+                group = [pending, data] if pending is not None else [data]
+                pending = None
+                for row in _emit(assignment, group, j, writer, observe, topk, num_layers, selected,
+                                 pairs if j == sequence else None, report=j == sequence):
+                    rows.append(row)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                del group
+            data = None  # type: ignore[assignment]  # released before the next layer is read
     return rows
+
+
+def _emit(assignment: Assignment, group: list[LayerData], j: int, writer: CacheWriter | None, observe: int,
+          topk: int, num_layers: int, selected: set[int], pairs: list[dict[str, Any]] | None, *,
+          report: bool) -> list[dict[str, Any]]:
+    """Code one layer (or a cross-layer pair), write it, and return its report rows (with ``report``)."""
+    splits = [split_queries(d, observe) for d in group]
+    coded = _code_layers(assignment, group, [seen for seen, _ in splits], num_layers, selected, pairs)
+    rows = []
+    for d, (keys, values), (_, held) in zip(group, coded, splits, strict=True):
+        if writer is not None:
+            _write_layer(writer, j, d, keys, values)
+        if report:
+            rows.append(_layer_report(d, keys, values, topk, heldout=held))
+    return rows
+
+
+def _partner(assignment: Assignment, layer: int, role: str, num_layers: int, selected: set[int]) -> int | None:
+    """The layer that ``layer``'s ``role`` is coded together with (a cross-layer codec with the same spec on
+    both, both measured), or None."""
+    codec = assignment.codec(layer, role)
+    if not isinstance(codec, PairCodec):
+        return None
+    other = codec.pair_of(layer, num_layers)
+    if other is None or other not in selected or assignment.spec(other, role) != assignment.spec(layer, role):
+        return None
+    return other
+
+
+def _code_layers(assignment: Assignment, group: list[LayerData], observed: list[Queries], num_layers: int,
+                 selected: set[int], pairs: list[dict[str, Any]] | None) -> list[tuple[tuple, tuple]]:
+    """Fit, encode and decode keys and values of one layer, or of two adjacent layers whose codecs share
+    (:class:`~kvtool.codecs.crosslayer.PairCodec`). Returns ``[(keys, values)]`` per layer, each a
+    ``(codec, stored Encoded, reconstruction)``; ``pairs`` collects what each pair shared."""
+    coded: list[dict[str, tuple]] = [{} for _ in group]
+    for role in ROLES:
+        tensors = [getattr(d, role) for d in group]
+        contexts = [_context(d, role, seen) for d, seen in zip(group, observed, strict=True)]
+        codecs = [assignment.codec(d.layer, role) for d in group]
+        if len(group) == 2 and _partner(assignment, group[0].layer, role, num_layers, selected) == group[1].layer:
+            first, second = codecs  # type: ignore[misc]
+            first.fit(tensors[0], contexts[0])
+            enc_a, enc_b = first.encode_pair(*tensors, *contexts)  # type: ignore[attr-defined]
+            enc_b.meta[PARTNER] = group[0].layer
+            coded[0][role] = (first, enc_a, first.decode(enc_a))
+            coded[1][role] = (second, enc_b, second.decode(with_partner(enc_b, enc_a)))  # as a reader would
+            if pairs is not None:
+                stored, fp16 = enc_a.nbytes + enc_b.nbytes, 2 * (tensors[0].size + tensors[1].size)
+                pairs.append({"layers": [group[0].layer, group[1].layer], "role": role,
+                              **first.pair_report(enc_a, enc_b),  # type: ignore[attr-defined]
+                              "stored_bytes": stored, "fp16_bytes": fp16, "bytes_saved": fp16 - stored})
+            continue
+        for n, (codec, x, ctx) in enumerate(zip(codecs, tensors, contexts, strict=True)):
+            coded[n][role] = (codec, *encode_tensor(codec, x, ctx))
+    return [(c["keys"], c["values"]) for c in coded]
 
 
 def decompress(path: Path | str, output: Path | str, *, force: bool = False,
@@ -420,6 +487,10 @@ def decode_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0
     shape = tuple(int(s) for s in attrs["shape"])
     codec.load_shared_state(shared)
     enc = Encoded(stored, shape, meta)  # type: ignore[arg-type]
+    if PARTNER in meta:  # the second layer of a cross-layer pair also reads what the first stored once
+        first, _ = reader.read_encoded(int(meta[PARTNER]), name, sequence)
+        partner = Encoded({k: v for k, v in first.items() if not k.startswith(SHARED_PREFIX)}, shape)
+        enc = with_partner(enc, partner)
     return codec.decode(enc), codec.token_mask(enc)
 
 

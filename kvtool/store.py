@@ -51,8 +51,11 @@ Each holds the codec's stored arrays (packed codes, scales, norms, ...) as datas
 names, its shared state (a fixed per-layer overhead such as an index table) as datasets
 ``shared.<name>``, and attributes ``codec`` (the canonical spec), ``shape`` (heads, tokens, head_dim),
 ``stored_bytes`` (sum of the codec's arrays, shared state excluded) and ``meta.<name>`` for each of the
-codec's small scalars (seeds, never matrices). Queries, when present, stay as they were so attention
-metrics still work. A compressed file keeps its source's ``text_sha256`` values.
+codec's small scalars (seeds, never matrices). A codec that codes two adjacent layers together (cross-layer
+sharing, ``minicache``) stores what they share once, in the first layer's group; the second layer's group
+has ``meta.partner`` (the first layer's index) and its codec reads the first group's arrays too.
+Queries, when present, stay as they were so attention metrics still work. A compressed file keeps its
+source's ``text_sha256`` values.
 
 Readers validate the schema version, the required attributes and every shape against the root
 attributes, and fail with a :class:`~kvtool.errors.StoreError` that names what was expected.

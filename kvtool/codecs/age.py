@@ -25,7 +25,8 @@ from kvtool.errors import CodecError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")
 SINK = "sink"
-EXAMPLE = "age:bands=[0-128:fp16;128-1152:turboquant:bits=4;1152-:turboquant:bits=2]"
+DEFAULT_BANDS = "[0-128:fp16;128-1152:turboquant:bits=4;1152-:turboquant:bits=2]"
+EXAMPLE = f"age:bands={DEFAULT_BANDS}"
 
 
 def _prefix(i: int) -> str:
@@ -94,12 +95,13 @@ def parse_bands(text: str) -> list[Band]:
 class Age(Codec):
     """``age:bands=[0-128:fp16;128-:turboquant:bits=4],sink=0`` — each band of token age coded by its codec.
 
-    Ages count back from the newest token (age 0); ``FROM-`` is every older token. ``sink=n`` keeps the
-    first n tokens in fp16. Stored arrays: each band's under ``band<i>.``, the sink rows as ``sink``.
+    Ages count back from the newest token (age 0); ``FROM-`` is every older token. The default bands are
+    the newest 128 tokens in fp16, the next 1,024 at ``turboquant:bits=4``, older ones at ``bits=2``.
+    ``sink=n`` keeps the first n tokens in fp16. Stored arrays: each band's under ``band<i>.``, the sink rows as ``sink``.
     """
 
     name = "age"
-    bands: str = ""
+    bands: str = DEFAULT_BANDS
     sink: int = 0
 
     def __post_init__(self) -> None:

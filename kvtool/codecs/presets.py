@@ -57,8 +57,11 @@ def _bits_specs(widths: Iterable[int]) -> Iterator[str | None]:
 
 
 def _default_specs() -> Iterator[str | None]:
+    from kvtool.codecs.crosslayer import PairCodec
+
     for name in sorted(REGISTRY):
-        yield _canonical(name)
+        if not issubclass(REGISTRY[name], PairCodec):  # shares across layers only in compress, not per layer
+            yield _canonical(name)
 
 
 def _choice_specs() -> Iterator[str | None]:
