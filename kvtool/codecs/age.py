@@ -97,7 +97,8 @@ class Age(Codec):
 
     Ages count back from the newest token (age 0); ``FROM-`` is every older token. The default bands are
     the newest 128 tokens in fp16, the next 1,024 at ``turboquant:bits=4``, older ones at ``bits=2``.
-    ``sink=n`` keeps the first n tokens in fp16. Stored arrays: each band's under ``band<i>.``, the sink rows as ``sink``.
+    ``sink=n`` keeps the first n tokens in fp16. Stored arrays: each band's under ``band<i>.``, the sink rows
+    as ``sink``.
     """
 
     name = "age"
