@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 #: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
-_MODULES = ["fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o", "snapkv",
-            "tova", "knorm", "expected", "age", "minicache"]
+_MODULES = ["none", "fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o",
+            "snapkv", "tova", "knorm", "expected", "age", "minicache"]
 
 
 def _load_modules() -> None:
