@@ -143,6 +143,10 @@ class Codec(ABC):
     """Base of every codec. Subclasses are ``@dataclass``es whose init fields are the spec parameters."""
 
     name: ClassVar[str]
+    #: Whether ``kvtool.CodecCache(mode="streaming")`` (``kvtool eval --mode streaming``) can use the codec:
+    #: it then codes a growing cache block by block, as tokens arrive (see :meth:`streaming_form`).
+    #: Quantizers can; token selectors that need the whole prompt at once (:class:`Selector`) cannot.
+    streaming: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -208,6 +212,23 @@ class Codec(ABC):
         """
         return False
 
+    # -- streaming ----------------------------------------------------------------------------------
+    def streaming_form(self) -> tuple[int, Codec]:
+        """``(block, codec)`` for a cache that grows token by token (``CodecCache(mode="streaming")``).
+
+        New tokens wait in a 16-bit window until ``block`` of them are there; each complete block is then
+        fitted, encoded and decoded on its own with ``codec`` (``fit`` gets the block's absolute
+        ``key_positions`` in its :class:`LayerContext`, and the queries of earlier forward passes). The
+        default, ``(1, self)``, codes every token as it arrives: right for codecs that code each token
+        vector on its own. A codec whose statistics span tokens (per-channel groups, a mean) returns its
+        group or window size; one with its own full-precision window (KIVI) returns a copy without it,
+        since the cache's window plays that part. Raise :class:`CodecError` (see
+        :func:`streaming_error`) if the codec cannot stream.
+        """
+        if not type(self).streaming:
+            raise streaming_error(self)
+        return 1, self
+
     # -- fixed overhead -----------------------------------------------------------------------------
     def shared_state(self) -> dict[str, np.ndarray]:
         """Fitted arrays stored once per layer and tensor (codebook, basis); reported beside the bits."""
@@ -239,6 +260,15 @@ def check_int_range(param: str, value: int, lo: int, hi: int) -> None:
     """Raise ``<param> must be one of lo..hi, got v`` unless ``lo <= value <= hi``."""
     if not lo <= value <= hi:
         raise choice_error(param, f"{lo}..{hi}", value)
+
+
+def streaming_error(codec: Codec) -> CodecError:
+    """The one message for a codec that cannot stream, naming the registered selectors that can."""
+    able = sorted(n for n, cls in REGISTRY.items() if issubclass(cls, Selector) and cls.streaming)
+    return CodecError(
+        f"--mode streaming cannot use {codec.name!r}: it selects tokens from the whole prompt at once; "
+        f"token selectors that can stream: {', '.join(able) or 'none registered'} "
+        "(or use --mode prefill)")
 
 
 class Stage(Codec):
@@ -303,7 +333,19 @@ class Selector(Stage):
     :func:`pack_selection`) and the kept rows in fp16 (``arrays["rows"]``). In a composition
     ``selector+quantizer`` the rows go to the quantizer instead. ``decode`` returns every token position
     with evicted rows zeroed; :meth:`token_mask` says which rows were kept.
+
+    In ``kvtool eval`` and :class:`kvtool.CodecCache` evicted rows are never attended to: the cache turns
+    :meth:`token_mask` into a per-head key mask that kvtool's attention function applies (zeroed keys
+    would still draw ``exp(0)`` of the softmax). :meth:`fit` receives the prompt's last queries
+    (``LayerContext.queries``, post-RoPE, with ``query_positions``, ``key_positions`` and ``scaling``).
+
+    Streaming: selectors default to ``streaming = False`` (they choose from the whole prompt). A selector
+    that can decide block by block — from the block's absolute ``context.key_positions`` and the queries of
+    earlier steps, e.g. keeping attention sinks and letting the cache's recent window hold the rest — sets
+    ``streaming = True`` and, if its blocks are larger than one token, overrides :meth:`streaming_form`.
     """
+
+    streaming: ClassVar[bool] = False
 
     payload_name: ClassVar[str] = "rows"
 
@@ -473,6 +515,11 @@ class Composed(Codec):
     def decode(self, enc: Encoded) -> np.ndarray:
         own, inner = self._parts(enc)
         return self.head.merge(own, self.tail.decode(inner))  # type: ignore[attr-defined]
+
+    def streaming_form(self) -> tuple[int, Codec]:
+        head_block, head = self.head.streaming_form()
+        tail_block, tail = self.tail.streaming_form()
+        return max(head_block, tail_block), Composed(head, tail)
 
     def token_mask(self, enc: Encoded) -> np.ndarray | None:
         own, inner = self._parts(enc)

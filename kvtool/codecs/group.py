@@ -38,6 +38,9 @@ from kvtool.codecs.bitpack import pack, packed_size, unpack
 from kvtool.errors import CodecError
 
 AXES = ("token", "channel")
+#: Streaming block of per-channel groups that span the whole token axis (``group=0``): a growing cache has
+#: no whole axis, so each block of this many tokens gets its own statistics.
+STREAM_CHANNEL_BLOCK = 128
 FP16_MAX = 65504.0
 #: Elements per work block: a block's floats, codes and packed bytes stay in cache.
 BLOCK_ELEMENTS = 1 << 20
@@ -59,6 +62,20 @@ class GroupQuantizer(Codec):
     def residual_tokens(self) -> int:
         """How many of the most recent tokens are stored in fp16 instead of quantized."""
         return 0
+
+    def without_residual(self) -> GroupQuantizer:
+        """This quantizer with no fp16 window of its own (codecs with a ``residual`` override it)."""
+        return self
+
+    def streaming_form(self) -> tuple[int, Codec]:
+        """A block is the codec's own fp16 window when it has one (KIVI, arXiv 2402.02750 §3.3: the
+        residual tokens are quantized together once there are ``residual`` of them), else one
+        per-channel group of tokens, else one token (per-token groups code each token on its own)."""
+        if self.quant_axis() == "channel":
+            block = self.residual_tokens() or self.group or STREAM_CHANNEL_BLOCK
+        else:
+            block = self.residual_tokens() or 1
+        return max(block, 1), self.without_residual()
 
     @abstractmethod
     def quantize(self, blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray

@@ -54,3 +54,6 @@ class Kivi(Uniform):
 
     def residual_tokens(self) -> int:
         return self.residual
+
+    def without_residual(self) -> Kivi:
+        return replace(self, residual=0)

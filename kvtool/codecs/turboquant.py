@@ -32,6 +32,12 @@ and codes every token as ``x − μ`` or as ``x``, whichever is shorter; the cho
 fp16 norm (a norm is never negative, so the bit is free). ``sink=n`` stores the first ``n`` token rows in
 fp16 instead of coding them. Measured on SmolLM2 in ``docs/CODECS.md``. Stored bits:
 ``(16·n + (T − n)·(b + 16/d))/T``, plus ``16/T`` for the mean.
+
+The sink is the first ``n`` tokens *of the sequence*: when ``fit`` receives ``context.key_positions``
+(a sliding-window layer's cache, a streaming block of a growing cache) only rows at positions ``< n`` are
+kept in fp16. Streaming (``CodecCache(mode="streaming")``): plain TurboQuant codes each token as it
+arrives; with ``center`` or fractional bits (a per-block mean, per-block outlier channels) tokens are
+coded in blocks of :data:`STREAM_BLOCK`.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ OUTLIER = "outlier_"
 #: Largest ``sink`` (tokens kept in fp16 at the start of the sequence).
 MAX_SINK = 4096
 ALLOWED_BITS = "1..8 or a quarter step between them (1.25, 1.5, 1.75, 2, ..., 7.75)"
+#: Streaming block (tokens) when the codec keeps per-block statistics (``center``, fractional bits).
+STREAM_BLOCK = 128
 
 
 def quantize(u: torch.Tensor, boundaries: np.ndarray) -> np.ndarray:
@@ -248,6 +256,7 @@ class TurboQuant(Codec):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._outliers: np.ndarray | None = None  # (heads, n_outlier) channel indices, from fit
+        self._first_position = 0  # absolute position of the first row to encode, from fit's context
 
     # -- parameters ---------------------------------------------------------------------------------
     def validate(self, head_dim: int | None = None) -> None:
@@ -289,6 +298,8 @@ class TurboQuant(Codec):
         outlier channels: the ``n_outlier`` with the largest mean square over the coded tokens."""
         x = check_input(x)
         self.validate(x.shape[-1])
+        positions = context.key_positions if context is not None else None
+        self._first_position = int(positions[0]) if positions is not None and len(positions) else 0
         if self.fractional:
             x = self._body(x)[0]  # the rows that are coded
             n_out = self._split(x.shape[-1])[0]
@@ -296,6 +307,9 @@ class TurboQuant(Codec):
             top = np.argpartition(-energy, n_out - 1, axis=1)[:, :n_out]
             self._outliers = np.sort(top, axis=1).astype(np.uint16)
         return self
+
+    def streaming_form(self) -> tuple[int, Codec]:
+        return (STREAM_BLOCK if self.center or self.fractional else 1), self
 
     def shared_state(self) -> dict[str, np.ndarray]:
         return {} if self._outliers is None else {"outlier_channels": self._outliers}
@@ -331,7 +345,7 @@ class TurboQuant(Codec):
         """The rows to code ``(heads, tokens - sink, d)``, the fp16 arrays stored beside them
         (``sink_rows`` ``(heads, sink, d)``, ``mean`` ``(heads, d)``) and, with ``center``, which rows
         are coded minus the mean ``(heads, tokens - sink)`` bool."""
-        n_sink = min(self.sink, x.shape[1])
+        n_sink = min(max(self.sink - self._first_position, 0), x.shape[1])  # rows at positions < sink
         arrays: dict[str, np.ndarray] = {}
         if n_sink:
             arrays["sink_rows"] = x[:, :n_sink].astype(np.float16)
