@@ -23,12 +23,22 @@ def __getattr__(name: str):
         from kvtool.codecs import parse_spec
 
         return parse_spec
+    if name == "CodecCache":  # imports torch and transformers
+        from kvtool.cache import CodecCache
+
+        return CodecCache
+    if name == "Assignment":
+        from kvtool.codecs.assignment import Assignment
+
+        return Assignment
     raise AttributeError(f"module 'kvtool' has no attribute {name!r}")
 
 
 __all__ = [
     "__version__",
     "parse_spec",
+    "Assignment",
+    "CodecCache",
     "CacheReader",
     "CacheWriter",
     "CodecError",

@@ -263,7 +263,12 @@ def _prerope_hooks(model: Any, rec: _Recorder, num_kv_heads: int) -> list[Any]:
 
 
 def _base_attention(name: str) -> Callable[..., Any]:
-    """The real attention function behind kvtool's recording one.
+    """The real attention function behind kvtool's recording one (see :func:`real_attention`)."""
+    return real_attention(name[len(ATTN_PREFIX):])
+
+
+def real_attention(base: str) -> Callable[..., Any]:
+    """The attention function that implementation name ``base`` stands for, for wrappers to call.
 
     Registered implementations (sdpa, flash, flex) come from transformers' registry. "eager" is not
     registered: each modeling module defines its own ``eager_attention_forward`` (softcapping and
@@ -271,7 +276,6 @@ def _base_attention(name: str) -> Callable[..., Any]:
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    base = name[len(ATTN_PREFIX):]
     if base in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[base]
 

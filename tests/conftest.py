@@ -41,3 +41,17 @@ def tiny_model_factory(tokenizer_dir, tmp_path_factory):
         return d
 
     return make
+
+
+@pytest.fixture
+def test_selectors():
+    """Register the test-only selectors of tests/_selectors.py (``droprange``, ``keepfirst``) for one test."""
+    from _selectors import DropRange, KeepFirst
+
+    from kvtool.codecs import REGISTRY
+
+    REGISTRY["droprange"] = DropRange
+    REGISTRY["keepfirst"] = KeepFirst
+    yield
+    REGISTRY.pop("droprange")
+    REGISTRY.pop("keepfirst")

@@ -1,0 +1,621 @@
+"""``kvtool.CodecCache``: a transformers ``Cache`` whose layers hold what kvtool codecs store.
+
+Attention reads the decoded tensors; :meth:`CodecCache.stored_bytes` reports what the codecs really store
+(``Encoded.nbytes`` of every coded block, their shared state, and the tokens kept precise). The same codec
+objects that ``kvtool compress`` measures offline run inside the model, so ``generate()`` and ``kvtool eval``
+see exactly what a reader of a compressed file would rebuild::
+
+    import kvtool
+    cache = kvtool.CodecCache(model, "turboquant:bits=3")            # or an Assignment (keys/values/plan)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # past_key_values= before transformers 5.24
+    print(cache.stored_bytes())
+
+Two modes:
+
+* ``prefill`` (kvpress's protocol): the tokens of the first forward pass (the prompt) are coded once that
+  pass is over — its own attention is exact — and later tokens are appended precise. :meth:`compress`
+  codes whatever is precise at any other moment; :meth:`CodecCache.from_cache` builds a coded cache from an
+  ordinary one (what ``kvtool eval`` does after one shared exact prefill).
+* ``streaming`` (KIVI's and HF ``QuantizedCache``'s protocol): tokens are coded as they arrive. Each codec
+  says how (:meth:`kvtool.codecs.base.Codec.streaming_form`): ``(1, codec)`` codes every token at once,
+  ``(block, codec)`` keeps new tokens in a 16-bit window (the model's dtype when that has 16 bits, else
+  float16) and codes each complete block of ``block`` tokens. Attention reads the cache *after* the
+  update — a token just coded is seen coded, even by itself — so feeding several tokens at once equals
+  feeding them one by one as long as no block closes inside the piece (:meth:`CodecCache.safe_piece`).
+
+Design notes:
+
+* One :class:`kvtool.codecs.assignment.Assignment` gives one fresh codec per layer and role. Codecs work on
+  float32 numpy ``(heads, tokens, head_dim)``; batch rows are coded one at a time. Each coded block is
+  decoded once, from its ``Encoded``, into a working tensor of the model's dtype that attention reads (so
+  decoding is not repeated at every step; the working tensor is not counted as stored).
+* Layers subclass transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` (sliding-window layers
+  keep their window; blocks that leave it are dropped). GQA and MQA need nothing special: codecs see the
+  cache's kv heads.
+* Token eviction (a codec whose ``token_mask`` says rows were dropped, e.g. a :class:`Selector`) is applied
+  as a per-head key mask inside kvtool's attention function, registered through transformers'
+  ``AttentionInterface`` (:func:`install_attention`), never by zeroing keys. ``CodecCache(model, ...)``
+  installs it by itself when the assignment can evict. The same function records the last ``queries``
+  post-RoPE queries of each layer for the codecs' :class:`LayerContext` (token selectors need them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.base import ROLES, Codec, Encoded, LayerContext
+from kvtool.errors import InputError, KvtoolError
+
+MODES = ("prefill", "streaming")
+ATTN_PREFIX = "kvtool_cache_"
+#: Attention implementations whose mask kvtool can extend with a per-head key mask.
+MASKABLE = ("sdpa", "eager")
+#: Default number of last query positions recorded per layer for the codecs' LayerContext.
+DEFAULT_QUERIES = 128
+#: Blocks with fewer elements than this are coded on one torch thread (see _threads_for).
+SMALL_BLOCK = 1 << 20
+_LINK = "_kvtool_layer"  # attribute of the key tensor a CodecLayer returns: a weakref to that layer
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def _extend_mask(mask: torch.Tensor | None, keep: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``mask`` (``(B, 1|Hq, Tq, Tk)`` bool or additive float, or None = plain causal) with the key rows
+    where ``keep`` ``(B, Hkv, Tk)`` is False masked out for every query head reading them (GQA)."""
+    batch, q_heads, q_len, _ = query.shape
+    keep_q = keep.repeat_interleave(q_heads // keep.shape[1], dim=1)[:, :, None, :]  # (B, Hq, 1, Tk)
+    if mask is None:  # transformers skipped a causal mask: the queries are the last q_len positions
+        k_len = keep.shape[-1]
+        qpos = torch.arange(k_len - q_len, k_len, device=keep.device)[:, None]
+        mask = torch.arange(k_len, device=keep.device)[None, :] <= qpos  # (Tq, Tk)
+        mask = mask[None, None]
+    if mask.dtype == torch.bool:
+        return mask & keep_q
+    return mask.masked_fill(~keep_q, torch.finfo(mask.dtype).min)
+
+
+def _wrap(base_name: str) -> Callable[..., Any]:
+    from kvtool.capture import real_attention
+
+    base = real_attention(base_name)
+
+    def kvtool_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
+        ref = getattr(key, _LINK, None)
+        layer = ref() if ref is not None else None
+        if layer is not None:
+            scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+            layer.observe(query, scaling)
+            keep = layer.returned_keep
+            if keep is not None:
+                if base_name not in MASKABLE:
+                    raise KvtoolError(f"token eviction needs attention {' or '.join(MASKABLE)}, the model uses "
+                                      f"{base_name!r}; load it with attn_implementation='sdpa'")
+                attention_mask = _extend_mask(attention_mask, keep.to(query.device), query)
+                layer.mask_applied = True
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    return kvtool_attention
+
+
+def install_attention(model: Any) -> str:
+    """Switch ``model`` to kvtool's attention function wrapping its current one; return the previous name.
+
+    The wrapper applies CodecCache eviction masks and records queries for the codecs' context; with any
+    other cache it just calls the real attention. Idempotent. Undo with :func:`restore_attention`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    current = model.config._attn_implementation or "eager"
+    if current.startswith(ATTN_PREFIX):
+        return current[len(ATTN_PREFIX):]
+    name = ATTN_PREFIX + re.sub(r"\W", "_", current)
+    AttentionInterface.register(name, _wrap(current))
+    # transformers builds no mask for attention names it does not know: reuse the base's mask function.
+    mask_base = current if current in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
+    model.set_attn_implementation(name)
+    return current
+
+
+def restore_attention(model: Any) -> None:
+    """Undo :func:`install_attention` (no-op if kvtool's attention is not installed)."""
+    current = model.config._attn_implementation or ""
+    if current.startswith(ATTN_PREFIX):
+        model.set_attn_implementation(current[len(ATTN_PREFIX):])
+
+
+@contextlib.contextmanager
+def kvtool_attention(model: Any) -> Iterator[None]:
+    """Context manager: kvtool's attention on ``model`` inside, the previous implementation after."""
+    was_installed = (model.config._attn_implementation or "").startswith(ATTN_PREFIX)
+    install_attention(model)
+    try:
+        yield
+    finally:
+        if not was_installed:
+            restore_attention(model)
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes a cache: ``cache`` since transformers 5.24, else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# ------------------------------------------------------------------------------------- one coded tensor
+
+
+@dataclass
+class QueryRecord:
+    """Recorded queries of one layer: ``queries`` ``(batch, q_heads, n, head_dim)`` float32 (post-RoPE) at
+    absolute ``positions`` ``(n,)``, with the attention ``scaling`` the model used."""
+
+    queries: torch.Tensor
+    positions: np.ndarray
+    scaling: float | None = None
+
+
+@dataclass
+class _Segment:
+    """One coded block: ``rows[b]`` is batch row b's Encoded; tokens ``start .. start + length``."""
+
+    start: int
+    length: int
+    rows: list[Encoded]
+    shared_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.rows) + self.shared_bytes
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class _Track:
+    """The keys or the values of one layer: coded segments, then precise tokens, and the working tensor.
+
+    ``buffer`` ``(B, H, T, D)`` (model dtype) is what attention reads: decoded segments followed by the
+    ``precise`` newest tokens; ``mask`` ``(B, H, T)`` bool (or None = all rows exist). ``start`` is the
+    absolute position of ``buffer[..., 0, :]``.
+    """
+
+    codec: Codec
+    block: int  # streaming block (0 in prefill mode)
+    buffer: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    start: int = 0
+    precise: int = 0
+    window_dtype: torch.dtype | None = None  # streaming: the 16-bit dtype precise tokens are held in
+    segments: list[_Segment] = field(default_factory=list)
+
+    @property
+    def held(self) -> int:
+        return 0 if self.buffer is None else int(self.buffer.shape[2])
+
+    @property
+    def end(self) -> int:
+        return self.start + self.held
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.buffer is None:
+            self.buffer = x.detach().clone()  # ours: coded blocks are written into it in place
+            if self.block and x.dtype.itemsize > 2:
+                self.window_dtype = torch.float16
+            elif self.block:
+                self.window_dtype = x.dtype
+        else:
+            self.buffer = torch.cat([self.buffer, x.detach()], dim=2)
+        if self.mask is not None:
+            ones = torch.ones(x.shape[:2] + (x.shape[2],), dtype=torch.bool, device=self.mask.device)
+            self.mask = torch.cat([self.mask, ones], dim=2)
+        self.precise += int(x.shape[2])
+
+    def round_window(self, newest: int) -> None:
+        """Streaming: hold the ``newest`` precise tokens in the 16-bit window dtype."""
+        n = min(newest, self.precise)
+        if n and self.window_dtype is not None and self.window_dtype != self.buffer.dtype:
+            tail = self.buffer[:, :, self.held - n:, :]
+            _write(tail, tail.to(self.window_dtype).to(self.buffer.dtype))
+
+    def code(self, n: int, context: Callable[[int, np.ndarray], LayerContext]) -> None:
+        """Code the oldest ``n`` precise tokens as one segment and put their decoding in the buffer."""
+        a = self.held - self.precise
+        b = a + n
+        positions = np.arange(self.start + a, self.start + b)
+        rows: list[Encoded] = []
+        shared = 0
+        masks: list[np.ndarray | None] = []
+        for r in range(self.buffer.shape[0]):
+            x = self.buffer[r, :, a:b, :].float().cpu().numpy()  # (H, n, D)
+            with _threads_for(x.size):
+                self.codec.fit(x, context(r, positions))
+                enc = self.codec.encode(x)
+                decoded = self.codec.decode(enc)
+            shared += sum(int(v.nbytes) for v in self.codec.shared_state().values())
+            rows.append(enc)
+            masks.append(self.codec.token_mask(enc))
+            _write(self.buffer[r, :, a:b, :], torch.from_numpy(decoded))
+        self.segments.append(_Segment(self.start + a, n, rows, shared))
+        self.precise -= n
+        if any(m is not None for m in masks):
+            if self.mask is None:
+                self.mask = torch.ones(self.buffer.shape[:3], dtype=torch.bool, device=self.buffer.device)
+            for r, m in enumerate(masks):
+                if m is not None:
+                    _write(self.mask[r, :, a:b], torch.from_numpy(np.asarray(m, dtype=bool)))
+
+    def keep_last(self, n: int) -> None:
+        """Sliding window: hold only the newest ``n`` tokens; drop segments that are entirely older."""
+        drop = self.held - n
+        if drop <= 0:
+            return
+        self.buffer = self.buffer[:, :, drop:, :]
+        if self.mask is not None:
+            self.mask = self.mask[:, :, drop:]
+        self.start += drop
+        self.precise = min(self.precise, n)
+        self.segments = [s for s in self.segments if s.end > self.start]
+
+    def footprint(self) -> dict[str, int]:
+        """``stored_bytes`` (coded blocks + shared state + precise tokens) and ``elements`` held."""
+        if self.buffer is None:
+            return {"stored_bytes": 0, "elements": 0, "precise_tokens": 0}
+        batch, heads, _, dim = self.buffer.shape
+        itemsize = (self.window_dtype or self.buffer.dtype).itemsize
+        coded = sum(s.nbytes for s in self.segments)
+        return {"stored_bytes": coded + self.precise * batch * heads * dim * itemsize,
+                "elements": self.held * batch * heads * dim, "precise_tokens": self.precise}
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Batch rows in the order ``index`` (beam search, ``num_return_sequences``)."""
+        if self.buffer is None:
+            return
+        self.buffer = self.buffer.index_select(0, index.to(self.buffer.device))
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index.to(self.mask.device))
+        rows = index.tolist()
+        for s in self.segments:
+            s.rows = [s.rows[i] for i in rows]
+
+
+@contextlib.contextmanager
+def _threads_for(elements: int) -> Iterator[None]:
+    """One torch thread for small blocks: waking a thread pool costs more than coding a few thousand
+    values (measured 3-30x slower with 2 threads on a shared machine), and a cache codes many small blocks."""
+    threads = torch.get_num_threads()
+    if elements >= SMALL_BLOCK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target[...] = source``, also when ``target`` was made under ``torch.inference_mode``."""
+    with torch.inference_mode(target.is_inference()):
+        target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class CodecLayer(DynamicLayer):
+    """A cache layer whose keys and values are coded by kvtool codecs (see the module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
+                 sliding_window: int | None = None) -> None:
+        CacheLayerMixin.__init__(self)  # not super(): in CodecSlidingLayer that is the sliding layer's init
+        self._init_args = (index, keys, values, mode, queries, sliding_window)
+        self.index = index
+        self.mode = mode
+        self.cumulative_length = 0
+        self.window = sliding_window
+        self.tracks = {role: _Track(codec, codec.streaming_form()[0] if mode == "streaming" else 0)
+                       for role, codec in (("keys", keys), ("values", values))}
+        if mode == "streaming":
+            for track in self.tracks.values():
+                track.codec = track.codec.streaming_form()[1]
+        self.max_queries = queries
+        self.query_record: QueryRecord | None = None
+        self.returned_keep: torch.Tensor | None = None  # (B, Hkv, Tk) for the keys last returned
+        self.mask_applied = True
+        self._compress_next = False
+
+    # -- transformers' layer API --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H, t, D)`` new keys/values; return what attention reads (this layer's whole cache,
+        or for a sliding-window layer the window plus the new tokens)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.mask_applied:
+            raise KvtoolError("the model's attention did not apply kvtool's eviction mask: token selectors need "
+                              "kvtool.cache.install_attention(model) (CodecCache(model, ...) does it) and a model "
+                              "whose attention goes through transformers' AttentionInterface")
+        if self._compress_next:
+            self.compress()
+        t = int(key_states.shape[2])
+        self.cumulative_length += t
+        for track, x in ((self.tracks["values"], value_states), (self.tracks["keys"], key_states)):
+            if track.buffer is None:
+                track.start = self.cumulative_length - t
+            track.append(x)
+        if self.mode == "streaming":
+            for track in (self.tracks["values"], self.tracks["keys"]):  # values first: see compress()
+                while track.block and track.precise >= track.block:
+                    self._code(track, track.block)
+                track.round_window(t)
+        if self.mode == "prefill" and self.cumulative_length == t:
+            self._compress_next = True  # the first forward pass is the prompt: coded when it is over
+        keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        self.returned_keep = self._joint_mask()
+        self.mask_applied = self.returned_keep is None
+        if self.window is not None:  # like DynamicSlidingWindowLayer: return all, hold window - 1
+            for track in self.tracks.values():
+                track.keep_last(self.window - 1)
+        self.keys, self.values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        setattr(keys, _LINK, weakref.ref(self))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.window is None:
+            return self.cumulative_length + query_length, 0
+        held = min(self.cumulative_length, self.window - 1)
+        return held + query_length, max(self.cumulative_length - self.window + 1, 0)
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window
+
+    def reset(self) -> None:
+        self.__init__(*self._init_args)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for track in self.tracks.values():
+            track.reorder(beam_idx)
+        self._sync()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self.tracks["keys"].buffer.shape[0] if self.tracks["keys"].buffer is not None else 0
+        self.reorder_cache(torch.arange(rows).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(torch.as_tensor(indices).flatten())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise KvtoolError("a CodecCache cannot be cropped (coded blocks cannot be shortened); "
+                          "assisted and speculative decoding are not supported")
+
+    # -- coding -------------------------------------------------------------------------------------
+    def compress(self) -> None:
+        """Code every precise token of this layer (values first, so the values codec's context sees the
+        keys as they were)."""
+        self._compress_next = False
+        for role in ("values", "keys"):
+            track = self.tracks[role]
+            if track.precise:
+                self._code(track, track.precise)
+        self._sync()
+
+    def _code(self, track: _Track, n: int) -> None:
+        role = "keys" if track is self.tracks["keys"] else "values"
+        keys_track = self.tracks["keys"]
+
+        def context(row: int, positions: np.ndarray) -> LayerContext:
+            rec = self.query_record
+            a = int(positions[0]) - keys_track.start
+            keys = keys_track.buffer[row, :, a:a + len(positions), :].float().cpu().numpy()
+            return LayerContext(
+                layer=self.index, role=role, key_positions=positions, keys=keys,
+                queries=rec.queries[row].numpy() if rec is not None else None,
+                query_positions=rec.positions if rec is not None else None,
+                scaling=rec.scaling if rec is not None else None, sliding_window=self.window)
+
+        track.code(n, context)
+
+    def _joint_mask(self) -> torch.Tensor | None:
+        k, v = self.tracks["keys"].mask, self.tracks["values"].mask
+        if k is None:
+            return v
+        return k if v is None else k & v
+
+    def _sync(self) -> None:
+        self.keys, self.values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+
+    def observe(self, query: torch.Tensor, scaling: float | None) -> None:
+        """Called by kvtool's attention: keep the last ``max_queries`` queries ``(B, Hq, Tq, D)``."""
+        if not self.max_queries:
+            return
+        t = int(query.shape[2])
+        q = query.detach()[:, :, -self.max_queries:, :].float().cpu()
+        positions = np.arange(self.cumulative_length - t, self.cumulative_length)[-self.max_queries:]
+        old = self.query_record
+        if old is not None and q.shape[2] < self.max_queries and old.queries.shape[0] == q.shape[0]:
+            q = torch.cat([old.queries, q], dim=2)[:, :, -self.max_queries:, :]
+            positions = np.concatenate([old.positions, positions])[-self.max_queries:]
+        self.query_record = QueryRecord(q, positions, float(scaling) if scaling is not None else None)
+
+    def footprint(self) -> dict[str, dict[str, int]]:
+        return {role: track.footprint() for role, track in self.tracks.items()}
+
+    def blocks_until_flush(self) -> int | None:
+        """Streaming: how many more tokens can be appended at once without a block closing before the last
+        of them (None = any number)."""
+        limit = None
+        for track in self.tracks.values():
+            if track.block > 1:
+                room = track.block - track.precise  # the room-th new token closes the block
+                n = room - 1 if room > 1 else 1
+                limit = n if limit is None else min(limit, n)
+        return limit
+
+
+class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
+    """:class:`CodecLayer` of a sliding-window layer (holds the last ``sliding_window - 1`` tokens)."""
+
+    is_sliding = True
+
+    def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
+                 sliding_window: int | None = None) -> None:
+        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window)
+        self.sliding_window = sliding_window
+        self.record_past = False
+        self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        CodecLayer.lazy_initialization(self, key_states, value_states)
+        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def _as_assignment(assignment: Assignment | Codec | str) -> Assignment:
+    if isinstance(assignment, Assignment):
+        return assignment
+    if isinstance(assignment, (Codec, str)):
+        return Assignment.of(assignment, assignment)
+    raise InputError(f"a CodecCache needs an Assignment or a codec spec, got {type(assignment).__name__}")
+
+
+def _layer_kinds(config: Any) -> list[int | None]:
+    """Per layer: None for full attention, the window for a sliding-window layer (as DynamicCache sees it)."""
+    probe = DynamicCache(config=config)
+    if not probe.layers:
+        return [None] * int(config.get_text_config().num_hidden_layers)
+    kinds: list[int | None] = []
+    for i, layer in enumerate(probe.layers):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            kinds.append(int(layer.sliding_window))
+        elif type(layer) is DynamicLayer:
+            kinds.append(None)
+        else:
+            raise KvtoolError(f"layer {i} keeps a {type(layer).__name__}; kvtool's CodecCache supports "
+                              "attention layers with a plain or sliding-window key/value cache")
+    return kinds
+
+
+def can_evict(codec: Codec) -> bool:
+    """Whether ``codec`` may drop token rows (it defines its own :meth:`Codec.token_mask`)."""
+    return type(codec).token_mask is not Codec.token_mask
+
+
+class CodecCache(Cache):
+    """A transformers ``Cache`` that stores keys and values through kvtool codecs.
+
+    ``model``: the model (or its config); ``assignment``: an :class:`Assignment` (keys/values specs and
+    per-layer overrides, e.g. from a plan file) or one spec/codec for both; ``mode``: ``"prefill"`` or
+    ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
+    attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,
+    it installs kvtool's attention on that model (:func:`install_attention`).
+    """
+
+    def __init__(self, model: Any, assignment: Assignment | Codec | str, *, mode: str = "prefill",
+                 queries: int = DEFAULT_QUERIES) -> None:
+        from kvtool.capture import model_shape
+
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        config = getattr(model, "config", model)
+        self.assignment = _as_assignment(assignment)
+        self.mode = mode
+        shape = model_shape(config)
+        self.assignment.validate(shape.head_dim, shape.num_layers)
+        kinds = _layer_kinds(config)
+        layers: list[CodecLayer] = []
+        for i, window in enumerate(kinds):
+            codecs = {role: self.assignment.codec(i, role) for role in ROLES}
+            if mode == "streaming":
+                for codec in codecs.values():
+                    codec.streaming_form()  # raises, naming the selectors that can stream
+            cls = CodecLayer if window is None else CodecSlidingLayer
+            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window))
+        super().__init__(layers=layers)
+        self.evicts = any(can_evict(t.codec) for layer in layers for t in layer.tracks.values())
+        if self.evicts and hasattr(model, "set_attn_implementation"):
+            install_attention(model)
+
+    @classmethod
+    def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
+                   queries: Mapping[int, QueryRecord] | None = None) -> CodecCache:
+        """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
+
+        ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
+        ``queries``: per layer, the prompt's recorded queries for the codecs' context.
+        """
+        cache = cls(model, assignment, mode="prefill", queries=0)
+        for i, (layer, src) in enumerate(zip(cache.layers, source.layers, strict=True)):
+            keys, values = src.keys, src.values
+            if keys is None or keys.numel() == 0:
+                continue
+            layer.lazy_initialization(keys, values)
+            total = int(src.get_seq_length())
+            layer.cumulative_length = total
+            for track, x in ((layer.tracks["keys"], keys), (layer.tracks["values"], values)):
+                track.start = total - int(x.shape[2])
+                track.append(x)
+            if queries is not None and i in queries:
+                layer.query_record = queries[i]
+            layer.compress()
+        return cache
+
+    # -- kvtool API ---------------------------------------------------------------------------------
+    def compress(self) -> None:
+        """Code every token still held precise, in every layer."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.compress()
+
+    def _settle(self) -> None:
+        for layer in self.layers:
+            if layer._compress_next:
+                layer.compress()
+
+    def footprint(self) -> dict[str, dict[str, int]]:
+        """``{"keys"|"values": {"stored_bytes", "elements", "precise_tokens"}}`` summed over layers; a
+        prompt waiting to be coded (prefill mode, right after the first forward) is coded first."""
+        self._settle()
+        total = {role: {"stored_bytes": 0, "elements": 0, "precise_tokens": 0} for role in ROLES}
+        for layer in self.layers:
+            for role, fp in layer.footprint().items():
+                for k, v in fp.items():
+                    total[role][k] += v
+        return total
+
+    def stored_bytes(self) -> int:
+        """Bytes the codecs store (``Encoded.nbytes``, shared state) plus every token held precise."""
+        return sum(fp["stored_bytes"] for fp in self.footprint().values())
+
+    def safe_piece(self) -> int | None:
+        """Streaming: how many next tokens one forward pass may take and still give what feeding them one
+        by one gives (None = any number)."""
+        limits = [n for layer in self.layers if (n := layer.blocks_until_flush()) is not None]
+        return min(limits) if limits else None
