@@ -272,3 +272,117 @@ def attention(
     ref = reference_attention(queries, keys, values, query_positions, key_positions, scaling=scaling,
                               sliding_window=sliding_window, topk=topk, reference_mask=reference_mask)
     return compare_attention(ref, keys_hat, values_hat, key_mask=key_mask)
+
+
+# ------------------------------------------------------------------------------------- end to end (eval)
+#
+# ``kvtool eval`` compares the model's next-token distributions with an exact and a compressed cache on the
+# same tokens, with llama.cpp's perplexity / KL-divergence statistics (tools/perplexity/perplexity.cpp):
+# per scored token t, with p the exact and q the compressed distribution and y_t the true next token,
+#
+# * nll_p = −ln p(y_t), nll_q = −ln q(y_t); ppl = exp(mean nll);
+# * ln(PPL(Q)/PPL(base)) = mean(nll_q) − mean(nll_p), its stderr from the two stderrs and their covariance
+#   (= the stderr of the paired difference); Δppl % = 100·(exp(that) − 1), stderr 100·exp(that)·stderr;
+# * KLD = Σ_v p(v) (ln p(v) − ln q(v)) — mean ± stderr, median, p90, p99, max (percentiles interpolate
+#   linearly between sorted values, as llama.cpp and numpy's default do);
+# * top-1 agreement ("same top p") = share of tokens whose argmax agrees, stderr sqrt(f(1−f)/(n−1));
+# * Δp = q(y_t) − p(y_t); RMS Δp = sqrt(mean Δp²), stderr ½/RMS · stderr(Δp²).
+#
+# A stderr is sqrt((E[x²] − E[x]²)/(n − 1)) (0 for n ≤ 10, as llama.cpp). Everything is float64.
+
+NEXT_TOKEN_FIELDS = ("nll_exact", "nll", "kld", "same_top", "p_exact", "p")
+LOGIT_BLOCK = 64  # rows of (vocab) logits per float64 block
+
+
+def next_token_stats(exact_logits: torch.Tensor, logits: torch.Tensor, targets: np.ndarray | torch.Tensor
+                     ) -> dict[str, np.ndarray]:
+    """Per-token comparison of two ``(T, vocab)`` logit matrices predicting ``targets`` ``(T,)``.
+
+    Returns float64 arrays ``(T,)``: ``nll_exact``, ``nll`` (−ln of the target's probability), ``kld``
+    (KL(exact ‖ compressed) in nats), ``same_top`` (1.0 where the argmaxes agree), ``p_exact``, ``p``.
+    """
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    if exact_logits.shape != logits.shape or exact_logits.shape[0] != y.shape[0]:
+        raise ValueError(f"logits {tuple(exact_logits.shape)} / {tuple(logits.shape)} and targets "
+                         f"{tuple(y.shape)} disagree")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in NEXT_TOKEN_FIELDS}
+    for s in range(0, y.shape[0], LOGIT_BLOCK):
+        e = min(s + LOGIT_BLOCK, y.shape[0])
+        lp = torch.log_softmax(exact_logits[s:e].detach().cpu().double(), dim=-1)  # (b, V)
+        lq = torch.log_softmax(logits[s:e].detach().cpu().double(), dim=-1)
+        t = y[s:e, None]
+        nll_p = -lp.gather(1, t)[:, 0]
+        nll_q = -lq.gather(1, t)[:, 0]
+        out["nll_exact"].append(nll_p.numpy())
+        out["nll"].append(nll_q.numpy())
+        out["kld"].append((lp.exp() * (lp - lq)).sum(-1).numpy())
+        out["same_top"].append((lp.argmax(-1) == lq.argmax(-1)).double().numpy())
+        out["p_exact"].append(torch.exp(-nll_p).numpy())
+        out["p"].append(torch.exp(-nll_q).numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def concat_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Join per-token stats of several chunks."""
+    return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in NEXT_TOKEN_FIELDS}
+
+
+def mean_stderr(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the mean (llama.cpp: 0 for 10 values or fewer)."""
+    n = len(x)
+    if n == 0:
+        return 0.0, 0.0
+    mean = float(np.mean(x))
+    var = float(np.mean(np.square(x))) - mean * mean
+    return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0
+
+
+def _covariance(a: np.ndarray, b: np.ndarray) -> float:
+    n = len(a)
+    if n < 10:
+        return 0.0
+    return (float(np.mean(a * b)) - float(np.mean(a)) * float(np.mean(b))) / (n - 1)
+
+
+def percentile(x: np.ndarray, fraction: float) -> float:
+    """llama.cpp's percentile: linear interpolation at ``fraction · (n − 1)`` in the sorted values."""
+    if len(x) == 0:
+        return 0.0
+    return float(np.quantile(np.asarray(x, dtype=np.float64), min(max(fraction, 0.0), 1.0)))
+
+
+def summarize_next_token(stats: dict[str, np.ndarray]) -> dict[str, float | int]:
+    """llama.cpp's perplexity / KL-divergence summary of :func:`next_token_stats` (module comment above)."""
+    n = len(stats["nll"])
+    nll_p, se_p = mean_stderr(stats["nll_exact"])
+    nll_q, se_q = mean_stderr(stats["nll"])
+    cov = _covariance(stats["nll"], stats["nll_exact"])
+    ln_ratio = nll_q - nll_p
+    ln_ratio_se = math.sqrt(max(se_q * se_q + se_p * se_p - 2.0 * cov, 0.0))
+    kld, kld_se = mean_stderr(stats["kld"])
+    top, _ = mean_stderr(stats["same_top"])
+    dp = stats["p"] - stats["p_exact"]
+    msd, msd_se = mean_stderr(np.square(dp))
+    rms = math.sqrt(msd)
+    return {
+        "tokens_scored": n,
+        "ppl_exact": math.exp(nll_p),
+        "ppl_exact_stderr": math.exp(nll_p) * se_p,
+        "ppl_compressed": math.exp(nll_q),
+        "ppl_compressed_stderr": math.exp(nll_q) * se_q,
+        "ln_ppl_ratio": ln_ratio,
+        "ln_ppl_ratio_stderr": ln_ratio_se,
+        "delta_ppl_pct": 100.0 * math.expm1(ln_ratio),
+        "delta_ppl_pct_stderr": 100.0 * math.exp(ln_ratio) * ln_ratio_se,
+        "kld_mean": kld,
+        "kld_stderr": kld_se,
+        "kld_median": percentile(stats["kld"], 0.5),
+        "kld_p90": percentile(stats["kld"], 0.9),
+        "kld_p99": percentile(stats["kld"], 0.99),
+        "kld_max": float(np.max(stats["kld"])) if n else 0.0,
+        "top1_agreement": top,
+        "top1_agreement_stderr": math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0,
+        "rms_dp": rms,
+        "rms_dp_stderr": 0.5 / rms * msd_se if rms > 0 else 0.0,
+        "mean_dp": float(np.mean(dp)) if n else 0.0,
+    }

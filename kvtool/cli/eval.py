@@ -1,0 +1,132 @@
+"""`kvtool eval`: a codec inside the model's cache — Δperplexity, KL divergence, top-1 agreement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kvtool.cli._app import app, console, err_console, human_bytes, run_guarded, write_json
+
+
+def assignments_from_options(methods: list[str] | None, keys: str | None, values: str | None
+                             ) -> tuple[list[Any], list[str]]:
+    """One Assignment per ``--method`` (``--keys``/``--values`` override its side), or one from
+    ``--keys`` and ``--values`` alone, with a label each. Specs are parsed here, so a bad one fails before
+    the model loads."""
+    from kvtool.codecs import parse_pair
+    from kvtool.codecs.assignment import Assignment
+
+    out, labels = [], []
+    for method in methods or [None]:
+        parse_pair(method, keys, values)
+        k, v = (keys or method or "").strip(), (values or method or "").strip()
+        out.append(Assignment.of(k, v))
+        labels.append(k if k == v else f"K {k} | V {v}")
+    return out, labels
+
+
+@app.command("eval")
+def eval_command(
+    text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text to score.")],
+    method: Annotated[list[str] | None, typer.Option("--method", help="Codec spec for keys and values; repeat "
+                                                     "to compare several methods on one shared exact pass.")]
+    = None,
+    keys: Annotated[str | None, typer.Option("--keys", help="Codec spec for keys (overrides --method's; "
+                                             "'none' keeps them exact).")] = None,
+    values: Annotated[str | None, typer.Option("--values", help="Codec spec for values (overrides "
+                                               "--method's).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="prefill: code the first half of each chunk once, "
+                                      "append the rest precise; streaming: code tokens as they arrive.")]
+    = "prefill",
+    context: Annotated[int, typer.Option("--context", "-c", help="Chunk length C: the first C/2 tokens are "
+                                         "the prompt, the next C/2 - 1 are scored.")] = 512,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Use only the first N tokens "
+                                                   "of the text.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
+                                       "file, a Hugging Face model folder, or a hub id.")] = "default",
+    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
+                                             "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
+                                             "bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
+                                                    "Python code to run (off unless you pass it).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
+                                                   "('-' for stdout, no table).")] = None,
+) -> None:
+    """Score a text with the exact cache and with each codec inside the model's cache.
+
+    llama.cpp's perplexity/KL-divergence protocol: non-overlapping chunks of --context tokens; the first half
+    of each is the prompt, the second half is scored teacher-forced. Reports ppl exact and compressed,
+    Δppl and ln(ppl ratio) ± stderr, KLD (mean ± stderr, median, p90, p99, max), top-1 agreement, RMS Δp and
+    the bits the codecs really store.
+    """
+
+    def work() -> None:
+        from kvtool.cache import MODES
+        from kvtool.capture import read_text
+        from kvtool.errors import InputError
+        from kvtool.evaluate import check_context, tokenize_text
+
+        if mode not in MODES:
+            raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        assignments, labels = assignments_from_options(method, keys, values)
+        if mode == "streaming":  # a selector that cannot stream fails before the model loads
+            for a in assignments:
+                for layer in {0, *a.layers}:
+                    for role in ("keys", "values"):
+                        a.codec(layer, role).streaming_form()
+        source = read_text(text)  # bad text fails before the slow model load
+        quiet = json_path is not None and str(json_path) == "-"
+        report = _run(assignments, labels, source, check_context, tokenize_text, quiet)
+        write_json(report, json_path)
+        if not quiet:
+            _render(report)
+
+    def _run(assignments: list[Any], labels: list[str], source: Any, check_context: Any, tokenize_text: Any,
+             quiet: bool) -> Any:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from kvtool.evaluate import evaluate
+        from kvtool.models import load_model
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      console=err_console, transient=True, disable=quiet) as bar:
+            task = bar.add_task(f"loading model {model}", total=None)
+            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code)
+            tokens = tokenize_text(loaded, text, max_tokens)
+            check_context(loaded, tokens, context)
+            bar.update(task, description="scoring (exact + one pass per method per chunk)", completed=0)
+            return evaluate(loaded, tokens, assignments, mode=mode, context=context, source=source.source,
+                            labels=labels,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+    run_guarded(work)
+
+
+def _render(r: dict[str, Any]) -> None:
+    from rich import box
+
+    console.print(f"{r['text']}: {r['chunks']} chunk(s) of {r['context']} tokens, {r['mode']} mode, "
+                  f"{r['tokens_scored']} tokens scored; ppl exact {r['ppl_exact']:.4f}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for col in ("#", "bits", "Δppl %", "KLD", "KLD p99", "top-1 %", "RMS Δp %"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, m in enumerate(r["methods"], 1):
+        table.add_row(
+            str(i), f"{m['bits_per_element']:.3f}",
+            f"{m['delta_ppl_pct']:+.3f}±{m['delta_ppl_pct_stderr']:.3f}",
+            f"{m['kld_mean']:.5f}±{m['kld_stderr']:.5f}", f"{m['kld_p99']:.4f}",
+            f"{100 * m['top1_agreement']:.2f}±{100 * m['top1_agreement_stderr']:.2f}",
+            f"{100 * m['rms_dp']:.3f}")
+    console.print(table)
+    for i, m in enumerate(r["methods"], 1):
+        console.print(f"{i}: {m['label']} — ppl {m['ppl_compressed']:.4f}, ln ratio "
+                      f"{m['ln_ppl_ratio']:+.5f}±{m['ln_ppl_ratio_stderr']:.5f}, cache "
+                      f"{human_bytes(m['cache_bytes_exact'])} → {human_bytes(m['cache_bytes_compressed'])} "
+                      f"per chunk", highlight=False)
+    console.print(f"bits: stored bits per element of keys and values (every stored byte counted); "
+                  f"{r['seconds']:.1f} s", highlight=False)

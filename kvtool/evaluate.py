@@ -1,0 +1,246 @@
+"""End-to-end quality of codecs inside the model's cache: Δperplexity, KL divergence, top-1 agreement.
+
+The protocol is llama.cpp's perplexity / KL-divergence one (``tools/perplexity``), with a kvtool cache:
+
+1. The text's tokens (``add_special_tokens=True``, as ``kvtool capture`` tokenizes), cut to their first
+   ``max_tokens``, are split into ``n = len // context`` non-overlapping chunks of ``context`` tokens; the
+   rest is dropped. If the tokenizer adds a BOS token, every chunk starts with it (its first token is
+   replaced), as llama.cpp does.
+2. In each chunk, with ``first = context // 2``, the model predicts tokens ``first + 1 .. context − 1``
+   from the logits at positions ``first .. context − 2`` (teacher-forced): ``context − 1 − first`` tokens
+   scored per chunk.
+3. ``prefill`` mode: one exact forward pass over the first ``first`` tokens (the prompt), shared by every
+   method; its cache — an ordinary ``DynamicCache`` — scores the continuation exactly, and for each method
+   :meth:`kvtool.cache.CodecCache.from_cache` codes a copy, which scores the same continuation. The prompt's
+   last ``queries`` post-RoPE queries (recorded as ``kvtool capture`` does) go to the codecs' context.
+   ``streaming`` mode: the exact pass is the same; each method's :class:`~kvtool.cache.CodecCache` in
+   streaming mode takes the whole chunk as it arrives, in pieces that give what token-by-token decoding
+   gives (:meth:`~kvtool.cache.CodecCache.safe_piece`).
+4. Per scored token: exact vs compressed log-probabilities → the statistics of
+   :func:`kvtool.metrics.summarize_next_token`, over all chunks.
+
+Stored size: in prefill mode, what the codecs store for the prompt's cache (right after coding it); in
+streaming mode, everything the cache holds after the chunk (coded blocks, shared state and the 16-bit
+window of tokens not yet coded). ``cache_bytes_exact`` is the same tokens as the model holds them.
+
+The library entry point is :func:`evaluate` (stable signature; ``sweep --eval-text`` and ``plan
+--objective kld`` call it)::
+
+    from kvtool.evaluate import evaluate, tokenize_text
+    tokens = tokenize_text(loaded, "samples/gpl-3.0.txt", max_tokens=2048)
+    report = evaluate(loaded, tokens, [Assignment.of("turboquant:bits=3", "turboquant:bits=3")],
+                      mode="prefill", context=1024)
+    report["methods"][0]["kld_mean"]
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtool import metrics
+from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord, cache_argument, kvtool_attention
+from kvtool.codecs.assignment import Assignment
+from kvtool.errors import InputError
+from kvtool.models import LoadedModel
+from kvtool.report import header, json_safe
+
+DEFAULT_CONTEXT = 512
+MIN_CONTEXT = 8
+#: ``progress(done, total)`` over forward passes (exact and per method).
+Progress = Callable[[int, int], None]
+
+
+def tokenize_text(loaded: LoadedModel, text: str | Path, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids ``(T,)`` of a UTF-8 text file (or of ``text`` itself when it is not a path)."""
+    from kvtool.capture import TextInput, read_text
+
+    if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text and Path(text).is_file()):
+        source = read_text(text)
+    else:
+        source = TextInput(source="text", text=str(text))
+    ids = loaded.tokenizer(source.text, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise InputError(f"{source.source}: the text has no tokens")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
+        ids = ids[:max_tokens]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _bos_id(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer adds one at the start of a text (llama.cpp's ``add_bos``), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def chunk_tokens(tokens: np.ndarray, context: int, bos: int | None = None) -> np.ndarray:
+    """``(n_chunks, context)`` non-overlapping chunks of ``tokens`` (the tail that does not fill one is
+    dropped); with ``bos``, each chunk's first token is replaced by it."""
+    n = len(tokens) // context
+    chunks = np.array(tokens[: n * context], dtype=np.int64).reshape(n, context)
+    if bos is not None and n:
+        chunks[:, 0] = bos
+    return chunks
+
+
+def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None:
+    """One-line errors for a context the model cannot take or a text shorter than one chunk."""
+    if context < MIN_CONTEXT:
+        raise InputError(f"--context must be >= {MIN_CONTEXT} tokens, got {context}")
+    limit = loaded.max_context
+    if limit and context > limit:
+        raise InputError(f"--context {context} exceeds the model's maximum of {limit} tokens")
+    if len(tokens) < context:
+        raise InputError(f"the text has {len(tokens)} tokens, fewer than one chunk of --context {context}; "
+                         f"lower --context or give a longer text")
+
+
+def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment], *,
+             mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int = DEFAULT_QUERIES,
+             labels: Sequence[str] | None = None, progress: Progress | None = None,
+             source: str = "") -> dict[str, Any]:
+    """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
+
+    ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
+    pass); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
+    tokens of each chunk are scored); ``labels``: a name per method (default: its specs). Returns the JSON
+    report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
+    statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
+    ``seconds``) and, at top level, the fields of the first method.
+    """
+    import torch
+
+    if mode not in MODES:
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not assignments:
+        raise InputError("give at least one method (--method, or --keys and --values)")
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    check_context(loaded, tokens, context)
+    model = loaded.model
+    for a in assignments:  # bad specs and non-streaming selectors fail before any forward pass
+        CodecCache(model.config, a, mode=mode)
+    labels = list(labels) if labels is not None else [_label(a) for a in assignments]
+    chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
+    first = context // 2
+    total_passes = len(chunks) * (1 + len(assignments))
+    done = 0
+    per_method: list[list[dict[str, np.ndarray]]] = [[] for _ in assignments]
+    sizes = [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in assignments]  # [stored bytes, elements]
+    exact_bytes = np.zeros(len(assignments))
+    seconds = np.zeros(len(assignments))
+    seconds_exact = 0.0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for chunk in chunks:
+            ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
+            targets = chunk[first + 1:]
+            t0 = time.perf_counter()
+            prefill, records = _exact_prefill(loaded, ids[:, :first], queries)
+            exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
+            seconds_exact += time.perf_counter() - t0
+            done += 1
+            if progress is not None:
+                progress(done, total_passes)
+            for m, assignment in enumerate(assignments):
+                t0 = time.perf_counter()
+                logits, fp = _method_pass(model, assignment, mode, ids, first, prefill, records, queries)
+                stats = metrics.next_token_stats(exact_logits, logits, targets)
+                seconds[m] += time.perf_counter() - t0
+                per_method[m].append(stats)
+                for role in ("keys", "values"):
+                    sizes[m][role] += (fp[role]["stored_bytes"], fp[role]["elements"])
+                exact_bytes[m] += _exact_bytes(fp, model.dtype)
+                del logits
+                done += 1
+                if progress is not None:
+                    progress(done, total_passes)
+    methods = []
+    for m, assignment in enumerate(assignments):
+        summary = metrics.summarize_next_token(metrics.concat_stats(per_method[m]))
+        stored = {role: float(sizes[m][role][0]) for role in ("keys", "values")}
+        elements = {role: float(sizes[m][role][1]) for role in ("keys", "values")}
+        bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
+        bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
+        methods.append({
+            "label": labels[m], "assignment": assignment.describe(), **summary,
+            "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
+            "bits_per_element_values": bits["values"],
+            "cache_bytes_exact": exact_bytes[m] / len(chunks),
+            "cache_bytes_compressed": sum(stored.values()) / len(chunks),
+            "seconds": float(seconds[m]),
+        })
+    report = header("eval", model=loaded.spec, model_source=loaded.source,
+                    model_architecture=loaded.architecture)
+    report.update({
+        "text": source, "mode": mode, "context": context, "chunks": len(chunks),
+        "tokens_in_text": int(len(tokens)), "scored_per_chunk": context - 1 - first,
+        "model_dtype": str(model.dtype).replace("torch.", ""),
+        **{k: v for k, v in methods[0].items() if k not in ("label", "assignment")},
+        "methods": methods, "seconds_exact": seconds_exact, "seconds": time.perf_counter() - started,
+    })
+    return json_safe(report)
+
+
+def _label(a: Assignment) -> str:
+    base = a.keys if a.keys == a.values else f"keys={a.keys} values={a.values}"
+    return base if a.uniform else f"{base} (+{len(a.layers)} layer overrides)"
+
+
+def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
+    """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
+    from kvtool.capture import run_and_record
+
+    cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
+    n = int(prompt.shape[1])
+    records = {}
+    for layer, q in rec.queries.items():
+        positions = np.arange(n - q.shape[1], n)
+        records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer))
+    return cache, records
+
+
+def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
+    """Feed ``ids`` ``(1, t)`` to ``model`` with ``cache``; return the logits ``(t, vocab)`` (or the last)."""
+    kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
+    if not logits:
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=ids, **kwargs).logits[0]
+
+
+def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prefill: Any,
+                 records: dict[int, QueryRecord], queries: int) -> tuple[Any, dict[str, dict[str, int]]]:
+    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, and the cache's
+    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk)."""
+    import torch
+
+    with kvtool_attention(model):
+        if mode == "prefill":
+            cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
+            footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
+            return _forward(model, ids[:, first:-1], cache), footprint
+        cache = CodecCache(model, assignment, mode="streaming", queries=queries)
+        pieces: list[Any] = []
+        pos, end = 0, int(ids.shape[1]) - 1
+        while pos < end:
+            room = cache.safe_piece()
+            stop = min(end, first if pos < first else end, pos + room if room else end)
+            out = _forward(model, ids[:, pos:stop], cache, logits=stop > first)
+            if stop > first:
+                pieces.append(out[max(first - pos, 0):])
+            pos = stop
+        return torch.cat(pieces, dim=0), cache.footprint()
+
+
+def _exact_bytes(footprint: dict[str, dict[str, int]], dtype: Any) -> float:
+    """The same elements as the model holds them."""
+    return float(sum(fp["elements"] for fp in footprint.values()) * dtype.itemsize)
