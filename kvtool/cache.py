@@ -8,6 +8,7 @@ see exactly what a reader of a compressed file would rebuild::
     import kvtool
     cache = kvtool.CodecCache(model, "turboquant:bits=3")            # or an Assignment (keys/values/plan)
     out = model.generate(**inputs, cache=cache, max_new_tokens=50)  # past_key_values= before transformers 5.24
+                                                                    # (kvtool.compat.generate_cache_kwarg())
     print(cache.stored_bytes())
 
 Two modes:
@@ -42,7 +43,6 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -54,7 +54,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtool.codecs.assignment import Assignment
-from kvtool.codecs.base import ROLES, Codec, Encoded, LayerContext
+from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
 from kvtool.errors import InputError, KvtoolError
 
 MODES = ("prefill", "streaming")
@@ -147,12 +147,6 @@ def kvtool_attention(model: Any) -> Iterator[None]:
     finally:
         if not was_installed:
             restore_attention(model)
-
-
-def cache_argument(model: Any) -> str:
-    """The forward argument that takes a cache: ``cache`` since transformers 5.24, else ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 # ------------------------------------------------------------------------------------- one coded tensor
@@ -524,8 +518,12 @@ def _layer_kinds(config: Any) -> list[int | None]:
 
 
 def can_evict(codec: Codec) -> bool:
-    """Whether ``codec`` may drop token rows (it defines its own :meth:`Codec.token_mask`)."""
-    return type(codec).token_mask is not Codec.token_mask
+    """Whether ``codec`` may drop token rows: a token :class:`Selector`, or a composition holding one."""
+    if isinstance(codec, Selector):
+        return True
+    if isinstance(codec, Composed):
+        return can_evict(codec.head) or can_evict(codec.tail)
+    return False
 
 
 class CodecCache(Cache):

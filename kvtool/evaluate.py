@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 
 from kvtool import metrics
-from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord, cache_argument, kvtool_attention
+from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord, kvtool_attention
 from kvtool.codecs.assignment import Assignment
+from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
 from kvtool.models import LoadedModel
 from kvtool.report import header, json_safe
@@ -184,7 +185,8 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     report.update({
         "text": source, "mode": mode, "context": context, "chunks": len(chunks),
         "tokens_in_text": int(len(tokens)), "scored_per_chunk": context - 1 - first,
-        "model_dtype": str(model.dtype).replace("torch.", ""),
+        "model_dtype": str(model.dtype).replace("torch.", ""), "device": str(loaded.device),
+        "device_map": getattr(loaded, "device_map", None),
         **{k: v for k, v in methods[0].items() if k not in ("label", "assignment")},
         "methods": methods, "seconds_exact": seconds_exact, "seconds": time.perf_counter() - started,
     })
@@ -211,7 +213,7 @@ def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any,
 
 def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
     """Feed ``ids`` ``(1, t)`` to ``model`` with ``cache``; return the logits ``(t, vocab)`` (or the last)."""
-    kwargs: dict[str, Any] = {cache_argument(model): cache, "use_cache": True}
+    kwargs: dict[str, Any] = {forward_cache_kwarg(model): cache, "use_cache": True}
     if not logits:
         kwargs["logits_to_keep"] = 1
     return model(input_ids=ids, **kwargs).logits[0]

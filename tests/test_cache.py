@@ -7,9 +7,10 @@ import pytest
 import torch
 from _selectors import DropRange  # tests/ is on sys.path, as for _cli
 
-from kvtool.cache import CodecCache, cache_argument, install_attention, restore_attention
+from kvtool.cache import CodecCache, install_attention, restore_attention
 from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
+from kvtool.compat import forward_cache_kwarg, generate_cache_kwarg
 from kvtool.errors import CodecError, KvtoolError
 
 VOCAB = 128
@@ -37,7 +38,7 @@ def ids(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def forward(model, tokens, cache, **kw):
-    return model(input_ids=tokens, use_cache=True, **{cache_argument(model): cache}, **kw).logits
+    return model(input_ids=tokens, use_cache=True, **{forward_cache_kwarg(model): cache}, **kw).logits
 
 
 def dynamic(model):
@@ -138,7 +139,7 @@ def test_generate_runs_with_codec_cache(kind, mode):
     with torch.inference_mode():
         def generate(cache):
             return model.generate(x, max_new_tokens=14, min_new_tokens=14, do_sample=False,
-                                  **{cache_argument(model): cache})
+                                  **{generate_cache_kwarg(): cache})
 
         exact = generate(dynamic(model))
         same = generate(CodecCache(model, "none", mode=mode))
@@ -155,9 +156,9 @@ def test_beam_search_reorders_coded_rows():
     x = ids(10)
     with torch.inference_mode():
         exact = model.generate(x, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False,
-                               **{cache_argument(model): dynamic(model)})
+                               **{generate_cache_kwarg(): dynamic(model)})
         same = model.generate(x, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False,
-                              **{cache_argument(model): CodecCache(model, "none")})
+                              **{generate_cache_kwarg(): CodecCache(model, "none")})
     assert torch.equal(exact, same)
 
 

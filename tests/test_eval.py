@@ -169,3 +169,28 @@ def test_cli_eval_errors_before_loading(args, message, test_selectors):
 
 def test_cli_eval_missing_text():
     assert_one_line_error(cli_run("eval", "--text", "nope.txt", "--method", "fp16"), "nope.txt: no such text file")
+
+
+def test_eval_with_cpu_and_disk_offload_equals_the_plain_load(tiny_model_factory, tmp_path):
+    from transformers import LlamaConfig
+
+    from kvtool.models import load_model
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    folder = tiny_model_factory(config, "eval-offload")
+    plain = load_model(str(folder))
+    budget = int(sum(p.numel() * p.element_size() for p in plain.model.parameters()) * 0.98)
+    out = tmp_path / "r.json"
+    r = cli_run("eval", "--model", folder, "--text", "samples/apache-2.0.txt", "--context", "32", "--max-tokens",
+                "64", "--method", "turboquant:bits=3", "--device-map", "auto", "--max-memory", f"cpu={budget}",
+                "--offload-folder", tmp_path / "off", "--json", out)
+    assert r.exit_code == 0, r.output
+    offloaded = json.loads(out.read_text())
+    assert set(offloaded["device_map"].values()) == {"cpu", "disk"}
+    from kvtool.evaluate import tokenize_text
+
+    ref = evaluate(plain, tokenize_text(plain, "samples/apache-2.0.txt", 64),
+                   [Assignment.of("turboquant:bits=3", "turboquant:bits=3")], context=32)
+    for key in ("ppl_exact", "ppl_compressed", "kld_mean", "bits_per_element"):
+        assert offloaded[key] == ref[key], key

@@ -8,7 +8,18 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, err_console, human_bytes, run_guarded, write_json
+from kvtool.cli._app import (
+    DeviceMapOption,
+    DeviceOption,
+    MaxMemoryOption,
+    OffloadFolderOption,
+    app,
+    console,
+    err_console,
+    human_bytes,
+    run_guarded,
+    write_json,
+)
 
 
 def assignments_from_options(methods: list[str] | None, keys: str | None, values: str | None
@@ -50,7 +61,10 @@ def eval_command(
     model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
                                              "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
                                              "bfloat16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    device: DeviceOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
                                                     "Python code to run (off unless you pass it).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
@@ -96,7 +110,8 @@ def eval_command(
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                       console=err_console, transient=True, disable=quiet) as bar:
             task = bar.add_task(f"loading model {model}", total=None)
-            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code)
+            loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code,
+                                device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
             tokens = tokenize_text(loaded, text, max_tokens)
             check_context(loaded, tokens, context)
             bar.update(task, description="scoring (exact + one pass per method per chunk)", completed=0)

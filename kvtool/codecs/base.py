@@ -265,10 +265,10 @@ def check_int_range(param: str, value: int, lo: int, hi: int) -> None:
 def streaming_error(codec: Codec) -> CodecError:
     """The one message for a codec that cannot stream, naming the registered selectors that can."""
     able = sorted(n for n, cls in REGISTRY.items() if issubclass(cls, Selector) and cls.streaming)
-    return CodecError(
-        f"--mode streaming cannot use {codec.name!r}: it selects tokens from the whole prompt at once; "
-        f"token selectors that can stream: {', '.join(able) or 'none registered'} "
-        "(or use --mode prefill)")
+    why = "it selects tokens from the whole prompt at once" if isinstance(codec, Selector) else \
+        "it needs the whole prompt at once"
+    return CodecError(f"--mode streaming cannot use {codec.name!r}: {why}; token selectors that can stream: "
+                      f"{', '.join(able) or 'none registered'} (or use --mode prefill)")
 
 
 class Stage(Codec):
