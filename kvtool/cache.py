@@ -55,6 +55,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
+from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
 
 MODES = ("prefill", "streaming")
@@ -227,26 +228,34 @@ class _Track:
             tail = self.buffer[:, :, self.held - n:, :]
             _write(tail, tail.to(self.window_dtype).to(self.buffer.dtype))
 
+    def span(self, n: int) -> tuple[int, int, np.ndarray]:
+        """Buffer indices ``a, b`` of the oldest ``n`` precise tokens, and their absolute positions."""
+        a = self.held - self.precise
+        return a, a + n, np.arange(self.start + a, self.start + a + n)
+
+    def rows(self, a: int, b: int) -> list[np.ndarray]:
+        """Per batch row, buffer tokens ``a..b`` as float32 numpy ``(H, b - a, D)``."""
+        return [self.buffer[r, :, a:b, :].float().cpu().numpy() for r in range(self.buffer.shape[0])]
+
     def code(self, n: int, context: Callable[[int, np.ndarray], LayerContext]) -> None:
         """Code the oldest ``n`` precise tokens as one segment and put their decoding in the buffer."""
-        a = self.held - self.precise
-        b = a + n
-        positions = np.arange(self.start + a, self.start + b)
-        rows: list[Encoded] = []
-        shared = 0
-        masks: list[np.ndarray | None] = []
-        for r in range(self.buffer.shape[0]):
-            x = self.buffer[r, :, a:b, :].float().cpu().numpy()  # (H, n, D)
+        a, b, positions = self.span(n)
+        coded = []
+        for r, x in enumerate(self.rows(a, b)):
             with _threads_for(x.size):
                 self.codec.fit(x, context(r, positions))
                 enc = self.codec.encode(x)
-                decoded = self.codec.decode(enc)
-            shared += sum(int(v.nbytes) for v in self.codec.shared_state().values())
-            rows.append(enc)
+                coded.append((enc, self.codec.decode(enc), _shared_bytes(self.codec)))
+        self.store(a, b, coded)
+
+    def store(self, a: int, b: int, coded: list[tuple[Encoded, np.ndarray, int]]) -> None:
+        """Keep the ``(Encoded, decoding, shared-state bytes)`` of each batch row for buffer tokens ``a..b``."""
+        masks = []
+        for r, (enc, decoded, _) in enumerate(coded):
             masks.append(self.codec.token_mask(enc))
             _write(self.buffer[r, :, a:b, :], torch.from_numpy(decoded))
-        self.segments.append(_Segment(self.start + a, n, rows, shared))
-        self.precise -= n
+        self.segments.append(_Segment(self.start + a, b - a, [c[0] for c in coded], sum(c[2] for c in coded)))
+        self.precise -= b - a
         if any(m is not None for m in masks):
             if self.mask is None:
                 self.mask = torch.ones(self.buffer.shape[:3], dtype=torch.bool, device=self.buffer.device)
@@ -286,6 +295,30 @@ class _Track:
         rows = index.tolist()
         for s in self.segments:
             s.rows = [s.rows[i] for i in rows]
+
+
+def _shared_bytes(codec: Codec) -> int:
+    return sum(int(v.nbytes) for v in codec.shared_state().values())
+
+
+def code_pair(first: _Track, second: _Track, first_context: Callable[[int, np.ndarray], LayerContext],
+              second_context: Callable[[int, np.ndarray], LayerContext], first_layer: int) -> None:
+    """Code all precise tokens of two adjacent layers' tracks together with a cross-layer codec
+    (:class:`~kvtool.codecs.crosslayer.PairCodec`): what they share is stored once, in the first layer's
+    Encoded; the second's records ``meta.partner`` and decodes with the first's arrays, as a reader would."""
+    a, b, positions = first.span(first.precise)
+    a2, b2, _ = second.span(second.precise)
+    out_a, out_b = [], []
+    for r, (xa, xb) in enumerate(zip(first.rows(a, b), second.rows(a2, b2), strict=True)):
+        with _threads_for(xa.size):
+            first.codec.fit(xa, first_context(r, positions))
+            enc_a, enc_b = first.codec.encode_pair(xa, xb, first_context(r, positions),
+                                                   second_context(r, positions))
+            enc_b.meta[PARTNER] = first_layer
+            out_a.append((enc_a, first.codec.decode(enc_a), _shared_bytes(first.codec)))
+            out_b.append((enc_b, second.codec.decode(with_partner(enc_b, enc_a)), 0))
+    first.store(a, b, out_a)
+    second.store(a2, b2, out_b)
 
 
 @contextlib.contextmanager
@@ -334,7 +367,6 @@ class CodecLayer(DynamicLayer):
         self.query_record: QueryRecord | None = None
         self.returned_keep: torch.Tensor | None = None  # (B, Hkv, Tk) for the keys last returned
         self.mask_applied = True
-        self._compress_next = False
 
     # -- transformers' layer API --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -352,8 +384,6 @@ class CodecLayer(DynamicLayer):
             raise KvtoolError("the model's attention did not apply kvtool's eviction mask: token selectors need "
                               "kvtool.cache.install_attention(model) (CodecCache(model, ...) does it) and a model "
                               "whose attention goes through transformers' AttentionInterface")
-        if self._compress_next:
-            self.compress()
         t = int(key_states.shape[2])
         self.cumulative_length += t
         for track, x in ((self.tracks["values"], value_states), (self.tracks["keys"], key_states)):
@@ -365,8 +395,6 @@ class CodecLayer(DynamicLayer):
                 while track.block and track.precise >= track.block:
                     self._code(track, track.block)
                 track.round_window(t)
-        if self.mode == "prefill" and self.cumulative_length == t:
-            self._compress_next = True  # the first forward pass is the prompt: coded when it is over
         keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
         self.returned_keep = self._joint_mask()
         self.mask_applied = self.returned_keep is None
@@ -412,15 +440,15 @@ class CodecLayer(DynamicLayer):
     def compress(self) -> None:
         """Code every precise token of this layer (values first, so the values codec's context sees the
         keys as they were)."""
-        self._compress_next = False
         for role in ("values", "keys"):
             track = self.tracks[role]
             if track.precise:
                 self._code(track, track.precise)
         self._sync()
 
-    def _code(self, track: _Track, n: int) -> None:
-        role = "keys" if track is self.tracks["keys"] else "values"
+    def context(self, role: str) -> Callable[[int, np.ndarray], LayerContext]:
+        """``(batch row, absolute positions) -> LayerContext`` for coding this layer's ``role``: the recorded
+        queries, the positions, the keys as the cache holds them at those positions, scaling, window."""
         keys_track = self.tracks["keys"]
 
         def context(row: int, positions: np.ndarray) -> LayerContext:
@@ -433,7 +461,11 @@ class CodecLayer(DynamicLayer):
                 query_positions=rec.positions if rec is not None else None,
                 scaling=rec.scaling if rec is not None else None, sliding_window=self.window)
 
-        track.code(n, context)
+        return context
+
+    def _code(self, track: _Track, n: int) -> None:
+        role = "keys" if track is self.tracks["keys"] else "values"
+        track.code(n, self.context(role))
 
     def _joint_mask(self) -> torch.Tensor | None:
         k, v = self.tracks["keys"].mask, self.tracks["values"].mask
@@ -551,12 +583,16 @@ class CodecCache(Cache):
         layers: list[CodecLayer] = []
         for i, window in enumerate(kinds):
             codecs = {role: self.assignment.codec(i, role) for role in ROLES}
+            for codec in codecs.values():
+                if isinstance(codec, PairCodec):
+                    codec.check_layers(len(kinds))
             if mode == "streaming":
                 for codec in codecs.values():
                     codec.streaming_form()  # raises, naming the selectors that can stream
             cls = CodecLayer if window is None else CodecSlidingLayer
             layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window))
         super().__init__(layers=layers)
+        self._prompt_pending = mode == "prefill"  # the first forward's tokens are coded once it is over
         self.evicts = any(can_evict(t.codec) for layer in layers for t in layer.tracks.values())
         if self.evicts and hasattr(model, "set_attn_implementation"):
             install_attention(model)
@@ -582,20 +618,56 @@ class CodecCache(Cache):
                 track.append(x)
             if queries is not None and i in queries:
                 layer.query_record = queries[i]
-            layer.compress()
+        cache.compress()
         return cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' entry point; in prefill mode, a layer that already holds the prompt starts the second
+        forward pass: every layer has the prompt by then, and all are coded together (cross-layer pairs)."""
+        if self._prompt_pending and self.layers[layer_idx].cumulative_length:
+            self.compress()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # -- kvtool API ---------------------------------------------------------------------------------
     def compress(self) -> None:
-        """Code every token still held precise, in every layer."""
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.compress()
+        """Code every token still held precise, in every layer (values first, then keys, so a values codec's
+        context sees the keys as they were; adjacent layers whose cross-layer codec pairs them together)."""
+        self._prompt_pending = False
+        live = [layer for layer in self.layers if layer.is_initialized]
+        for role in ("values", "keys"):
+            done: set[int] = set()
+            for layer in live:
+                track = layer.tracks[role]
+                if layer.index in done or not track.precise:
+                    continue
+                partner = self._partner(layer, role)
+                if partner is not None:
+                    code_pair(track, partner.tracks[role], layer.context(role), partner.context(role), layer.index)
+                    done.add(partner.index)
+                else:
+                    layer._code(track, track.precise)
+        for layer in live:
+            layer._sync()
+
+    def _partner(self, layer: CodecLayer, role: str) -> CodecLayer | None:
+        """The next layer, when ``layer``'s ``role`` codec is a cross-layer codec pairing it with that layer
+        (same spec on both) and both hold the same tokens; else None."""
+        codec = layer.tracks[role].codec
+        if not isinstance(codec, PairCodec):
+            return None
+        other = codec.pair_of(layer.index, len(self.layers))
+        if other != layer.index + 1 or self.assignment.spec(other, role) != self.assignment.spec(layer.index, role):
+            return None
+        mine, theirs = layer.tracks[role], self.layers[other].tracks[role]
+        if theirs.buffer is None or theirs.buffer.shape != mine.buffer.shape or theirs.precise != mine.precise \
+                or theirs.start != mine.start:
+            return None
+        return self.layers[other]
 
     def _settle(self) -> None:
-        for layer in self.layers:
-            if layer._compress_next:
-                layer.compress()
+        if self._prompt_pending and any(layer.cumulative_length for layer in self.layers):
+            self.compress()
 
     def footprint(self) -> dict[str, dict[str, int]]:
         """``{"keys"|"values": {"stored_bytes", "elements", "precise_tokens"}}`` summed over layers; a

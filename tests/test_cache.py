@@ -337,3 +337,39 @@ def test_codec_streaming_forms():
     assert block == 128 and codec.residual == 0
     assert parse_spec("uniform:bits=4,axis=channel,group=32").streaming_form()[0] == 32
     assert parse_spec("uniform:bits=4").streaming_form()[0] == 1
+
+
+def test_cross_layer_pairs_are_coded_together_in_prefill():
+    """minicache pairs layers 0 and 1: the CodecCache codes them jointly, like compress does, and counts the
+    shared directions once (in layer 0)."""
+    from kvtool.codecs.crosslayer import with_partner
+
+    model = tiny()
+    x = ids(30, seed=6)
+    spec = "minicache:start=0,threshold=0.5"
+    a = Assignment.of(spec, spec)
+    with torch.inference_mode():
+        ref = dynamic(model)
+        forward(model, x[:, :20], ref)
+        stored = 0
+        for role in ("keys", "values"):
+            first, second = (getattr(layer, role)[0].numpy() for layer in ref.layers)
+            codec = a.codec(0, role)
+            ctx = LayerContext(layer=0, role=role, key_positions=np.arange(20))
+            codec.fit(first, ctx)
+            enc_a, enc_b = codec.encode_pair(first, second, ctx, ctx)
+            assert enc_a.nbytes > enc_b.nbytes  # the shared part lives in the first layer only
+            stored += enc_a.nbytes + enc_b.nbytes
+            setattr(ref.layers[0], role, torch.from_numpy(codec.decode(enc_a))[None])
+            setattr(ref.layers[1], role, torch.from_numpy(codec.decode(with_partner(enc_b, enc_a)))[None])
+        expected = forward(model, x[:, 20:], ref)
+        cache = CodecCache(model, spec)
+        forward(model, x[:, :20], cache)
+        got = forward(model, x[:, 20:], cache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    precise = 2 * 2 * 2 * 10 * 16 * 4  # layers, roles, kv heads, continuation tokens, d, float32
+    assert cache.stored_bytes() == stored + precise
+    with pytest.raises(CodecError, match="streaming cannot use 'minicache'"):
+        CodecCache(model, spec, mode="streaming")
+    with pytest.raises(CodecError, match="streaming cannot use 'age'"):
+        CodecCache(model, "age", mode="streaming")

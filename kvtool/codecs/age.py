@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 
@@ -102,6 +103,8 @@ class Age(Codec):
     """
 
     name = "age"
+    #: Ages change as tokens arrive: a block coded once in a growing cache would keep its first age forever.
+    streaming: ClassVar[bool] = False
     bands: str = DEFAULT_BANDS
     sink: int = 0
 

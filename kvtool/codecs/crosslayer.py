@@ -12,6 +12,7 @@ the same from the file, so the shared part is counted once and read by both.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import ClassVar
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class PairCodec(Codec):
     codec. In a pair, :meth:`encode_pair` codes both tensors; :meth:`decode` of the second receives the first
     one's stored arrays prefixed ``partner.``.
     """
+
+    #: A growing cache codes each layer's blocks on their own (kvtool.CodecCache): no pair to share with.
+    streaming: ClassVar[bool] = False
 
     @abstractmethod
     def pair_of(self, layer: int, num_layers: int) -> int | None:
