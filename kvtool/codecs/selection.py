@@ -106,6 +106,10 @@ class BudgetSelector(Selector):
             context = replace(context, values=x)
         keys = self._keys(x, context)
         n = self.budget(x.shape[1])
+        memo = _recall(self, keys, context)
+        if memo is not None:  # the keys codec of this layer already chose: the values codec keeps the same rows
+            self._mask = memo
+            return self
         tier = np.full(x.shape[1], _SCORED, dtype=np.int8)  # (T,)
         newest = self.protect(keys, context)  # (T,) bool: keys no observed query could see, windows
         recent = self.recent_window(n)
@@ -115,6 +119,7 @@ class BudgetSelector(Selector):
         tier[: self.sink] = _SINK
         scores = self.scores(keys, context)  # (heads, T)
         self._mask = self._choose(scores, tier, n)
+        _remember(self, keys, context, self._mask)
         return self
 
     def _keys(self, x: np.ndarray, context: LayerContext | None) -> np.ndarray:
@@ -193,6 +198,40 @@ class ScoredSelector(BudgetSelector):
         flat = np.argsort(-ranked.ravel(), kind="stable")[:rest]  # the layer's best remaining scores
         mask.ravel()[flat] = True
         return mask
+
+
+# ------------------------------------------------------------------------------------ selection memo
+
+# The keys codec and the values codec of a layer are separate instances fitted on the same context arrays
+# and choose the same rows; the last few choices are remembered so the second fit does not score again.
+# An entry holds the very arrays it was computed from and matches only those objects (``is``), so a
+# recycled id can never match.
+_MEMO: list[tuple[tuple, tuple, np.ndarray]] = []
+_MEMO_SIZE = 4
+
+
+def _inputs(keys: np.ndarray, context: LayerContext | None) -> tuple:
+    if context is None:
+        return (keys,)
+    return (keys, context.queries, context.values, context.query_positions, context.key_positions,
+            context.rope_inv_freq, context.scaling, context.sliding_window)
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or (not isinstance(a, np.ndarray) and not isinstance(b, np.ndarray) and a == b)
+
+
+def _recall(selector: BudgetSelector, keys: np.ndarray, context: LayerContext | None) -> np.ndarray | None:
+    key, inputs = (type(selector), tuple(selector.params().items())), _inputs(keys, context)
+    for k, ins, mask in _MEMO:
+        if k == key and len(ins) == len(inputs) and all(_same(a, b) for a, b in zip(ins, inputs, strict=True)):
+            return mask.copy()
+    return None
+
+
+def _remember(selector: BudgetSelector, keys: np.ndarray, context: LayerContext | None, mask: np.ndarray) -> None:
+    _MEMO.insert(0, ((type(selector), tuple(selector.params().items())), _inputs(keys, context), mask.copy()))
+    del _MEMO[_MEMO_SIZE:]
 
 
 # ------------------------------------------------------------------------------------ observed queries
