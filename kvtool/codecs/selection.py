@@ -165,8 +165,8 @@ class BudgetSelector(Selector):
         mask = self.keep_mask(x)
         counts = mask.sum(axis=1)
         if (counts != counts[0]).any():
-            raise CodecError(f"{self.spec()}: heads keep different numbers of tokens (per_head=true), "
-                             "which cannot be chained with another codec yet")
+            raise CodecError(f"{self.spec()}: heads keep different numbers of tokens (per_head=true), so "
+                             "there is no (heads, n_keep) index array; use keep_mask()")
         return np.nonzero(mask)[1].reshape(mask.shape[0], -1)
 
 
