@@ -48,6 +48,7 @@ bench: install
 		turboquant:bits=3,center=true,sink=1 turboquant:bits=4 turboquant:bits=4,center=true,sink=1 \
 		--output benchmarks/results/quality_layer15_seeds.md
 	$(BIN)/python benchmarks/bench_analyze.py
+	$(BIN)/python benchmarks/bench_evict.py
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

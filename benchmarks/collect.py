@@ -22,6 +22,7 @@ SECTIONS = [
      "benchmarks/bench_quality_layers.py --layers 15 --seeds 8 ... --output "
      "benchmarks/results/quality_layer15_seeds.md"),
     ("analyze.md", "`kvtool analyze`: wall time and peak memory", "benchmarks/bench_analyze.py"),
+    ("evict.md", "Eviction, age bands and cross-layer sharing (held-out queries)", "benchmarks/bench_evict.py"),
 ]
 
 
