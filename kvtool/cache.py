@@ -448,15 +448,19 @@ class CodecLayer(DynamicLayer):
 
     def context(self, role: str) -> Callable[[int, np.ndarray], LayerContext]:
         """``(batch row, absolute positions) -> LayerContext`` for coding this layer's ``role``: the recorded
-        queries, the positions, the keys as the cache holds them at those positions, scaling, window."""
-        keys_track = self.tracks["keys"]
+        queries, the positions, the keys and values as the cache holds them at those positions, scaling,
+        window. (Values are coded first: a keys selector that weighs tokens by ``‖v‖`` then sees the values
+        codec's decoding, whose evicted rows are zero — so it keeps the tokens the values codec kept.)"""
+        keys_track, values_track = self.tracks["keys"], self.tracks["values"]
 
         def context(row: int, positions: np.ndarray) -> LayerContext:
             rec = self.query_record
             a = int(positions[0]) - keys_track.start
             keys = keys_track.buffer[row, :, a:a + len(positions), :].float().cpu().numpy()
+            v = int(positions[0]) - values_track.start
+            values = values_track.buffer[row, :, v:v + len(positions), :].float().cpu().numpy()
             return LayerContext(
-                layer=self.index, role=role, key_positions=positions, keys=keys,
+                layer=self.index, role=role, key_positions=positions, keys=keys, values=values,
                 queries=rec.queries[row].numpy() if rec is not None else None,
                 query_positions=rec.positions if rec is not None else None,
                 scaling=rec.scaling if rec is not None else None, sliding_window=self.window)
