@@ -154,6 +154,10 @@ def parse_spec(spec: str) -> Codec:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise CodecError("empty codec spec; expected name:key=value,... e.g. uniform:bits=4")
+    from kvtool.codecs.heads import is_heads_spec, parse_heads
+
+    if is_heads_spec(spec):  # heads[a|b|...]: one codec per KV head (kvtool.codecs.heads)
+        return parse_heads(spec, parse_spec)
     stages = [_parse_stage(part) for part in split_top(spec, "+")]
     codec = stages[-1]
     for stage in reversed(stages[:-1]):

@@ -28,7 +28,13 @@ PRESETS = ("default", "quant", "all")
 def short_spec(codec: Codec) -> str:
     """``name:key=value,...`` with ``bits`` and the parameters that differ from the defaults
     (``turboquant:bits=2``); it parses back to the same codec."""
-    if not is_dataclass(codec) or isinstance(codec, Composed):
+    from kvtool.codecs.heads import CLOSE, OPEN, SEP, PerHead
+
+    if isinstance(codec, PerHead):
+        return OPEN + SEP.join(short_spec(p) for p in codec.parts) + CLOSE
+    if isinstance(codec, Composed):
+        return f"{short_spec(codec.head)}+{short_spec(codec.tail)}"
+    if not is_dataclass(codec):
         return codec.spec()
     defaults = {f.name: f.default for f in fields(codec) if f.init}
     items = ",".join(f"{k}={format_value(v)}" for k, v in codec.params().items()

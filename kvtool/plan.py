@@ -1,0 +1,476 @@
+"""Choose a codec per layer, KV head and role under an average stored-bits budget; plan files.
+
+:func:`measure` reads each layer once, computes its exact attention once and, for every candidate spec and
+each role, codes the keys (values exact) or the values (keys exact) and records per KV head the true stored
+bytes (arrays + shared state) and the squared attention-output error ``‖ô_h − o_h‖²``. With
+``granularity="head"`` every head is also coded on its own, as the per-head codec ``heads[...]``
+(:mod:`kvtool.codecs.heads`) will code it, so costs and errors are those of what gets applied.
+
+:func:`make_plan` turns the table into a multiple-choice knapsack (:mod:`kvtool.knapsack`, exact DP over a
+discretised budget): one group per (layer, role) or per (layer, head, role), one option per candidate, cost
+= stored bytes, value = the option's share of the objective:
+
+* ``attention``: ``Σ_layers e_l²`` with ``e_l² = Σ_{h, role} ‖ô − o‖² / ‖o_l‖²`` — the squared
+  relative attention-output error of each layer, modelled as the sum of its keys' and values' errors;
+* ``kld``: ``Σ_layers s_l · e_l²``, where ``s_l`` (the layer's sensitivity) is the next-token KL divergence
+  the model showed with only layer ``l`` compressed, divided by that layer's ``e_l²`` under the same
+  codec — measured by ``kvtool eval`` on a short text (:func:`kvtool.plan.sensitivities`).
+
+The plan file (:class:`Plan`, JSON, ``kvtool_plan`` = :data:`PLAN_VERSION`) carries the model identity,
+the geometry, the candidates and the choice of every layer and role as a codec spec; :meth:`Plan.assignment`
+turns it into the :class:`~kvtool.codecs.assignment.Assignment` that ``compress``, ``eval`` and
+``CodecCache`` take. docs/PLAN.md describes the format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvtool import knapsack, metrics
+from kvtool.codecs import Codec, parse_spec
+from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.base import ROLES
+from kvtool.codecs.heads import CLOSE, OPEN, SEP, head_context
+from kvtool.codecs.presets import expand
+from kvtool.compress import _context, encode_tensor
+from kvtool.errors import CodecError, InputError
+from kvtool.report import json_safe, store_header
+from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
+
+PLAN_VERSION = 1
+PLAN_FIELD = "kvtool_plan"
+OBJECTIVES = ("attention", "kld")
+GRANULARITIES = ("head", "layer")
+GEOMETRY = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+MAX_BITS = 16.0
+Progress = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Option:
+    """One candidate for one tensor (a layer's keys or values): what it stores and what it costs."""
+
+    cost: int  # stored bytes: the codec's arrays + its shared state
+    errors: list[float]  # per KV head: ‖ô_h − o_h‖² with only this tensor coded
+
+
+@dataclass
+class Measurements:
+    """Per (layer, role, candidate): the whole tensor coded at once (``full``) and, in head mode, each head
+    coded on its own (``heads``: per head ``(cost, error)``); ``energy[layer][h]`` = ``‖o_h‖²``."""
+
+    info: StoreInfo
+    candidates: list[str]
+    layers: list[int]
+    granularity: str
+    tokens: int
+    energy: dict[int, list[float]] = field(default_factory=dict)
+    full: dict[tuple[int, str, int], Option] = field(default_factory=dict)
+    heads: dict[tuple[int, str, int], list[tuple[int, float]]] = field(default_factory=dict)
+    separable: dict[tuple[int, str, int], bool] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _stored(codec: Codec, enc: Any) -> int:
+    return int(enc.nbytes + sum(a.nbytes for a in codec.shared_state().values()))
+
+
+def _role_errors(ref: metrics.AttentionReference, role: str, x_hat: np.ndarray, mask: np.ndarray | None,
+                 energy: list[float]) -> list[float]:
+    """‖ô_h − o_h‖² per KV head with only ``role`` replaced by ``x_hat``."""
+    k_hat, v_hat = (x_hat, None) if role == "keys" else (None, x_hat)
+    heads = metrics.compare_attention(ref, k_hat, v_hat, key_mask=mask)["heads"]
+    return [h["attention_output_rel_error"] ** 2 * e for h, e in zip(heads, energy, strict=True)]
+
+
+def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionReference, role: str,
+                    n: int, spec: str) -> None:
+    x = data.keys if role == "keys" else data.values
+    ctx = _context(data, role)
+    energy = m.energy[data.layer]
+    codec = parse_spec(spec).for_role(role)
+    enc, x_hat = encode_tensor(codec, x, ctx)
+    mask = codec.token_mask(enc)
+    errors = _role_errors(ref, role, x_hat, mask, energy)
+    m.full[(data.layer, role, n)] = Option(_stored(codec, enc), errors)
+    if m.granularity != "head":
+        return
+    parts, costs, masks = [], [], []
+    kv_heads = x.shape[0]
+    for h in range(kv_heads):
+        part = parse_spec(spec).for_role(role)
+        enc_h, x_h = encode_tensor(part, x[h:h + 1], head_context(ctx, h, kv_heads))
+        parts.append(x_h)
+        costs.append(_stored(part, enc_h))
+        mh = part.token_mask(enc_h)
+        masks.append(np.ones((1, x.shape[1]), bool) if mh is None else mh)
+    x_heads = np.concatenate(parts, axis=0)
+    mask_heads = None if mask is None and all(m_.all() for m_ in masks) else np.concatenate(masks, axis=0)
+    same = (np.array_equal(x_heads, x_hat) and sum(costs) == m.full[(data.layer, role, n)].cost
+            and (mask is None) == (mask_heads is None)
+            and (mask is None or np.array_equal(mask, mask_heads)))
+    m.separable[(data.layer, role, n)] = same
+    head_errors = errors if same else _role_errors(ref, role, x_heads, mask_heads, energy)
+    m.heads[(data.layer, role, n)] = list(zip(costs, head_errors, strict=True))
+
+
+def measure(
+    path: Path | str,
+    candidates: Sequence[str],
+    *,
+    granularity: str = "head",
+    sequence: int = 0,
+    progress: Progress | None = None,
+) -> Measurements:
+    """Cost and error of every candidate for every layer's keys and values (see the module docstring).
+
+    One read and one reference attention per layer. ``progress(done, total)`` counts (layer, candidate)
+    pairs. Raises InputError for a cache without queries, CodecError for a bad candidate.
+    """
+    started = time.perf_counter()
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    names = expand([c for c in candidates if c.strip()])
+    if not names:
+        raise InputError("no candidates: give codec specs or a preset name (default, quant, all)")
+    with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
+        info = reader.info
+        reader.check_layer(0, sequence)
+        if not info.has_queries:
+            raise InputError(f"{path}: the cache has no captured queries; plan measures attention error, "
+                             "capture with --queries last:N")
+        for name in names:
+            Assignment.of(name, name).validate(info.head_dim, info.num_layers)
+        layers = list(range(info.num_layers))
+        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens)
+        done, steps = 0, len(layers) * len(names)
+        for i in layers:
+            data = reader.layer(i, sequence)
+            if data.queries is None:
+                raise InputError(f"{path}: layer {i} has no captured queries")
+            ref = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
+                                              data.key_positions, scaling=data.scaling,
+                                              sliding_window=data.sliding_window)
+            m.energy[i] = ref.output_energy()
+            for n, name in enumerate(names):
+                for role in ROLES:
+                    _measure_tensor(m, data, ref, role, n, name)
+                done += 1
+                if progress is not None:
+                    progress(done, steps)
+    m.seconds = time.perf_counter() - started
+    return m
+
+
+# ------------------------------------------------------------------------------------------- the plan file
+
+
+@dataclass
+class Plan:
+    """A codec spec for each layer's keys and values (``heads[...]`` where heads differ), and where it
+    came from. JSON form: :meth:`to_json`; see docs/PLAN.md."""
+
+    model: dict[str, str]
+    geometry: dict[str, int]
+    candidates: list[str]
+    choices: dict[int, dict[str, str]]
+    budget_bits: float = 0.0
+    objective: str = "attention"
+    granularity: str = "head"
+    source: str = ""
+    tokens: int = 0
+    predicted: dict[str, Any] = field(default_factory=dict)
+
+    def assignment(self) -> Assignment:
+        """The :class:`Assignment` of this plan: the most common spec of each role as the default, the
+        other layers as overrides."""
+        defaults = {r: Counter(c[r] for c in self.choices.values()).most_common(1)[0][0] for r in ROLES}
+        layers = {i: {r: c[r] for r in ROLES if c[r] != defaults[r]} for i, c in self.choices.items()}
+        return Assignment(defaults["keys"], defaults["values"], {i: v for i, v in layers.items() if v})
+
+    def check(self, info: StoreInfo, where: str | Path) -> None:
+        """Raise InputError unless ``info`` (a cache's metadata) has this plan's model and geometry."""
+        self.check_model(info.model, info.model_source, info.model_architecture, where)
+        self.check_geometry({g: int(getattr(info, g)) for g in GEOMETRY}, where)
+
+    def check_model(self, model: str, model_source: str, architecture: str, where: str | Path) -> None:
+        mine = self.model
+        same = (mine.get("model_source") == model_source if mine.get("model_source") and model_source
+                else mine.get("model") == model and mine.get("model_architecture") == architecture)
+        if not same:
+            raise InputError(f"the plan was made for model {mine.get('model')!r} "
+                             f"({mine.get('model_source') or mine.get('model_architecture')}), but {where} "
+                             f"holds {model!r} ({model_source or architecture})")
+
+    def check_geometry(self, geometry: Mapping[str, int], where: str | Path) -> None:
+        wrong = {g: (self.geometry.get(g), geometry.get(g)) for g in GEOMETRY
+                 if self.geometry.get(g) != geometry.get(g)}
+        if wrong:
+            detail = ", ".join(f"{g} {a} vs {b}" for g, (a, b) in wrong.items())
+            raise InputError(f"the plan's geometry does not match {where}: {detail} (plan vs file)")
+
+    def to_json(self) -> dict[str, Any]:
+        return json_safe({PLAN_FIELD: PLAN_VERSION, "model": self.model, "geometry": self.geometry,
+                          "candidates": self.candidates, "budget_bits": self.budget_bits,
+                          "objective": self.objective, "granularity": self.granularity,
+                          "source": self.source, "tokens": self.tokens,
+                          "choices": {str(i): dict(c) for i, c in sorted(self.choices.items())},
+                          "predicted": self.predicted})
+
+    @classmethod
+    def from_json(cls, data: Any, where: str | Path = "plan") -> Plan:
+        """Validate and load a plan's JSON form; InputError names what is wrong."""
+        if not isinstance(data, dict) or PLAN_FIELD not in data:
+            raise InputError(f"{where}: not a kvtool plan file (no {PLAN_FIELD!r} field)")
+        if data[PLAN_FIELD] != PLAN_VERSION:
+            raise InputError(f"{where}: plan version {data[PLAN_FIELD]!r} is not supported; this kvtool "
+                             f"reads version {PLAN_VERSION}")
+        try:
+            geometry = {g: int(data["geometry"][g]) for g in GEOMETRY}
+            model = {k: str(data["model"].get(k, "")) for k in ("model", "model_source", "model_architecture")}
+            choices = {int(i): {r: str(c[r]) for r in ROLES} for i, c in data["choices"].items()}
+            plan = cls(model, geometry, [str(c) for c in data.get("candidates", [])], choices,
+                       float(data.get("budget_bits", 0.0)), str(data.get("objective", "")),
+                       str(data.get("granularity", "")), str(data.get("source", "")),
+                       int(data.get("tokens", 0)), dict(data.get("predicted", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{where}: malformed kvtool plan ({type(exc).__name__}: {exc})") from None
+        if sorted(choices) != list(range(geometry["num_layers"])):
+            raise InputError(f"{where}: the plan must choose for layers 0..{geometry['num_layers'] - 1}, "
+                             f"it names {sorted(choices)}")
+        try:
+            plan.assignment().validate(geometry["head_dim"], geometry["num_layers"])
+        except CodecError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        return plan
+
+
+def load_plan(path: Path | str) -> Plan:
+    """Read and validate a plan file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a kvtool plan file ({exc})") from None
+    return Plan.from_json(data, path)
+
+
+def save_plan(plan: Plan, path: Path | str, *, force: bool = False) -> Path:
+    """Write ``plan`` as JSON, atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path} exists; use --force to overwrite it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(plan.to_json(), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------- solving
+
+
+def _weights(m: Measurements, sensitivity: Mapping[int, float] | None) -> dict[int, float]:
+    """Objective weight of a squared output error at each layer: ``s_l / ‖o_l‖²``."""
+    out = {}
+    for i in m.layers:
+        energy = sum(m.energy[i])
+        s = 1.0 if sensitivity is None else float(sensitivity[i])
+        out[i] = s / energy if energy > 0 else 0.0
+    return out
+
+
+def _groups(m: Measurements) -> list[tuple[int, str, int | None]]:
+    """(layer, role, head or None) of every knapsack group."""
+    heads = range(m.info.num_kv_heads)
+    if m.granularity == "head":
+        return [(i, r, h) for i in m.layers for r in ROLES for h in heads]
+    return [(i, r, None) for i in m.layers for r in ROLES]
+
+
+def _option(m: Measurements, group: tuple[int, str, int | None], n: int) -> tuple[int, float]:
+    i, r, h = group
+    if h is None:
+        opt = m.full[(i, r, n)]
+        return opt.cost, float(sum(opt.errors))
+    return m.heads[(i, r, n)][h]
+
+
+def elements(m: Measurements) -> int:
+    """Elements of keys and values over the planned layers."""
+    return 2 * len(m.layers) * m.info.num_kv_heads * m.tokens * m.info.head_dim
+
+
+def _choice_specs(m: Measurements, picked: dict[tuple[int, str, int | None], int]) -> dict[int, dict[str, str]]:
+    choices: dict[int, dict[str, str]] = {}
+    for i in m.layers:
+        choices[i] = {}
+        for r in ROLES:
+            if m.granularity != "head":
+                choices[i][r] = m.candidates[picked[(i, r, None)]]
+                continue
+            per_head = [picked[(i, r, h)] for h in range(m.info.num_kv_heads)]
+            n = per_head[0]
+            if all(p == n for p in per_head) and m.separable[(i, r, n)]:
+                choices[i][r] = m.candidates[n]
+            else:
+                choices[i][r] = OPEN + SEP.join(m.candidates[p] for p in per_head) + CLOSE
+    return choices
+
+
+def _predict(m: Measurements, picked: dict[tuple[int, str, int | None], int],
+             weights: Mapping[int, float]) -> dict[str, Any]:
+    """Bytes, bits and errors the chosen options promise, per layer and in total."""
+    rows, total_cost = [], 0
+    for i in m.layers:
+        cost = {r: 0 for r in ROLES}
+        err2 = 0.0
+        for g, n in picked.items():
+            if g[0] == i:
+                c, e = _option(m, g, n)
+                cost[g[1]] += c
+                err2 += e
+        energy = sum(m.energy[i])
+        rel2 = err2 / energy if energy > 0 else 0.0
+        total_cost += cost["keys"] + cost["values"]
+        per_tensor = m.info.num_kv_heads * m.tokens * m.info.head_dim
+        rows.append({"layer": i, "keys_bits": 8 * cost["keys"] / per_tensor,
+                     "values_bits": 8 * cost["values"] / per_tensor, "stored_bytes": cost["keys"] + cost["values"],
+                     "attention_output_rel_error": math.sqrt(rel2), "objective": weights[i] * err2})
+    return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m),
+            "attention_output_rel_error": float(np.mean([r["attention_output_rel_error"] for r in rows])),
+            "objective": float(sum(r["objective"] for r in rows)), "layers": rows}
+
+
+def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[str, Any]]:
+    """Every candidate applied to every layer and both roles (the whole tensor at once), predicted from
+    the same measurements; sorted by stored bytes."""
+    out = []
+    for n, spec in enumerate(m.candidates):
+        picked = {(i, r, None): n for i in m.layers for r in ROLES}
+        flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.energy, m.full)
+        out.append({"spec": spec, **_predict(flat, picked, weights)})
+    return sorted(out, key=lambda u: u["stored_bytes"])
+
+
+def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attention",
+              sensitivity: Mapping[int, float] | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Solve the knapsack at ``budget_bits`` average stored bits; return the plan and the solver's
+    account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate)."""
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "kld" and sensitivity is None:
+        raise InputError("objective kld needs per-layer sensitivities (kvtool plan --eval-text FILE)")
+    weights = _weights(m, sensitivity if objective == "kld" else None)
+    groups = _groups(m)
+    opts = [[_option(m, g, n) for n in range(len(m.candidates))] for g in groups]
+    n_el = elements(m)
+    cheapest = sum(min(c for c, _ in o) for o in opts)
+    low = 8 * cheapest / n_el
+    if not (0 < budget_bits <= MAX_BITS):
+        raise InputError(f"--budget-bits must be in {low:.3f}..{MAX_BITS:g} (stored bits per element), "
+                         f"got {budget_bits:g}")
+    budget = math.floor(budget_bits * n_el / 8)
+    if cheapest > budget:
+        raise InputError(f"--budget-bits {budget_bits:g} is below the cheapest candidates ({low:.3f} stored "
+                         f"bits per element); allowed: {low:.3f}..{MAX_BITS:g}")
+    costs = [[c for c, _ in o] for o in opts]
+    values = [[weights[g[0]] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
+    sol = knapsack.solve(costs, values, budget)
+    picked = dict(zip(groups, sol.choice, strict=True))
+    predicted = _predict(m, picked, weights)
+    info = m.info
+    plan = Plan({"model": info.model, "model_source": info.model_source,
+                 "model_architecture": info.model_architecture},
+                {g: int(getattr(info, g)) for g in GEOMETRY}, list(m.candidates), _choice_specs(m, picked),
+                budget_bits, objective, m.granularity, str(info.path), m.tokens,
+                {k: v for k, v in predicted.items() if k != "layers"})
+    uniform = uniform_options(m, weights)
+    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
+    best = min(fitting, key=lambda u: u["objective"]) if fitting else None
+    account = {"budget_bytes": budget, "elements": n_el, "solver": "exact DP over a discretised budget",
+               "dp_unit_bytes": sol.unit, "dp_exact": sol.exact, "groups": len(groups), "predicted": predicted,
+               "best_uniform": best, "uniform": [{k: v for k, v in u.items() if k != "layers"} for u in uniform]}
+    return plan, account
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def plan(
+    path: Path | str,
+    budget_bits: float,
+    candidates: Sequence[str],
+    *,
+    objective: str = "attention",
+    granularity: str = "head",
+    sequence: int = 0,
+    sensitivity: Mapping[int, float] | None = None,
+    output: Path | str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
+
+    Returns a ``plan`` report: the plan's JSON form, the predicted figures, the best uniform candidate at
+    the same budget, and with ``verify`` the figures ``compress`` measures for both.
+    """
+    from kvtool.compress import compress
+
+    started = time.perf_counter()
+    path = Path(path)
+    if output is not None and Path(output).exists() and not force:
+        raise InputError(f"{output} exists; use --force to overwrite it")
+    m = measure(path, candidates, granularity=granularity, sequence=sequence, progress=progress)
+    the_plan, account = make_plan(m, budget_bits, objective=objective, sensitivity=sensitivity)
+    if output is not None:
+        save_plan(the_plan, output, force=force)
+    report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
+                              "output": str(output) if output is not None else None,
+                              "plan": the_plan.to_json(), **account, "measure_seconds": m.seconds}
+    if verify:
+        report["verify"] = {"plan": _measured(compress(path, assignment=the_plan.assignment(),
+                                                       sequence=sequence))}
+        best = account["best_uniform"]
+        if best is not None:
+            report["verify"]["best_uniform"] = _measured(compress(path, assignment=Assignment.of(
+                best["spec"], best["spec"]), sequence=sequence))
+    report["seconds"] = time.perf_counter() - started
+    return json_safe(report)
+
+
+def _measured(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a compress report that a plan predicts."""
+    t = report["total"]
+    shared = t["keys"]["shared_state_bytes"] + t["values"]["shared_state_bytes"]
+    return {"stored_bytes": t["bytes_after"] + shared, "bytes_after": t["bytes_after"],
+            "stored_bits": 16.0 * (t["bytes_after"] + shared) / t["bytes_before"],
+            "attention_output_rel_error": t["attention_output_rel_error"], "attention_kl": t["attention_kl"],
+            "attention_output_cosine": t["attention_output_cosine"],
+            "layers": [{"layer": r["layer"], "attention_output_rel_error": r["attention_output_rel_error"]}
+                       for r in report["layers"]]}
