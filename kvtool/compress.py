@@ -249,11 +249,13 @@ def compress(
     topk: int = 8,
     assignment: Assignment | None = None,
     observe: int | None = None,
+    plan: Any = None,
 ) -> dict[str, Any]:
     """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
 
     ``assignment`` (instead of the codec pair) chooses the codec of each layer and role; every layer is
-    coded by a fresh codec instance either way.
+    coded by a fresh codec instance either way. ``plan`` (a :class:`kvtool.plan.Plan` or a plan file's
+    path, instead of both) is checked against the cache's model and geometry and applied as its assignment.
 
     Measures every layer in ``layers`` (default: all) of sequence ``sequence``; with ``output`` writes a
     compressed file holding every sequence and layer (unselected layers as fp16). ``progress(done, total)``
@@ -268,12 +270,21 @@ def compress(
     """
     started = time.perf_counter()
     path = Path(path)
+    if plan is not None:
+        from kvtool.plan import Plan, load_plan
+
+        if assignment is not None or keys_codec is not None or values_codec is not None:
+            raise CodecError("give compress a plan or codecs, not both")
+        plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        assignment = plan.assignment()
     if assignment is None:
         if keys_codec is None or values_codec is None:
             raise CodecError("compress needs keys_codec and values_codec, or an assignment")
         assignment = Assignment.of(keys_codec, values_codec)
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         info = reader.info
+        if plan is not None:
+            plan.check(info, path)
         reader.check_layer(0, sequence)
         chosen = list(range(info.num_layers)) if layers is None else sorted(set(layers))
         for i in chosen:
@@ -305,6 +316,9 @@ def compress(
                               "assignment": assignment.describe(),
                               "sequence": sequence, "query_split": split, "layers": rows,
                               "total": totals(rows), "notes": []}
+    if plan is not None:
+        report["plan"] = {"budget_bits": plan.budget_bits, "objective": plan.objective,
+                          "made_from": plan.source, "predicted": plan.predicted}
     report["attention"] = any("attention_output_rel_error" in r for r in rows)
     if pairs:
         report["cross_layer"] = {"pairs": pairs, "shared_bytes": sum(p["shared_bytes"] for p in pairs),

@@ -246,6 +246,38 @@ def compare_attention(
     return {**total.result(), "topk": ref.topk, "heads": heads}
 
 
+def output_errors(
+    ref: AttentionReference,
+    keys_hat: np.ndarray | None = None,
+    values_hat: np.ndarray | None = None,
+    *,
+    key_mask: np.ndarray | None = None,
+) -> list[float]:
+    """``‖ô_h − o_h‖²`` per KV head (summed over its query heads and queries): the numerator of
+    ``attention_output_rel_error`` alone, with ô computed exactly as :func:`compare_attention` computes it
+    and none of the other metrics — what ``plan`` needs for every candidate (``None``: that tensor exact).
+    ``attention_output_rel_error`` of head h is ``sqrt(output_errors[h] / ref.output_energy()[h])``."""
+    kh = None if keys_hat is None else _tensor(keys_hat)
+    vh = None if values_hat is None else _tensor(values_hat)
+    kept = None if key_mask is None else torch.from_numpy(np.asarray(key_mask, dtype=bool))
+    errors = []
+    for h, blocks in enumerate(ref.blocks):
+        err = 0.0
+        for b in blocks:
+            if kh is None and kept is None:
+                p_hat = b.p
+            else:
+                s_hat = b.s if kh is None else torch.matmul(b.q, kh[h].T) * ref.scaling
+                vis_hat = b.visible if kept is None else b.visible & kept[h]
+                p_hat = torch.nan_to_num(torch.log_softmax(s_hat.masked_fill(~vis_hat, -math.inf), dim=-1).exp())
+            if p_hat is b.p and vh is None:
+                continue
+            out_hat = torch.matmul(p_hat, ref.values[h] if vh is None else vh[h])
+            err += float((out_hat - b.out).square().sum())
+        errors.append(err)
+    return errors
+
+
 def attention(
     queries: np.ndarray,
     keys: np.ndarray,

@@ -54,6 +54,8 @@ OBJECTIVES = ("attention", "kld")
 GRANULARITIES = ("head", "layer")
 GEOMETRY = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 MAX_BITS = 16.0
+#: the candidates `kvtool plan` uses when none are given (a preset name, see kvtool.codecs.presets)
+DEFAULT_CANDIDATES = "plan"
 Progress = Callable[[int, int], None]
 
 
@@ -89,23 +91,21 @@ def _stored(codec: Codec, enc: Any) -> int:
     return int(enc.nbytes + sum(a.nbytes for a in codec.shared_state().values()))
 
 
-def _role_errors(ref: metrics.AttentionReference, role: str, x_hat: np.ndarray, mask: np.ndarray | None,
-                 energy: list[float]) -> list[float]:
+def _role_errors(ref: metrics.AttentionReference, role: str, x_hat: np.ndarray, mask: np.ndarray | None
+                 ) -> list[float]:
     """‖ô_h − o_h‖² per KV head with only ``role`` replaced by ``x_hat``."""
     k_hat, v_hat = (x_hat, None) if role == "keys" else (None, x_hat)
-    heads = metrics.compare_attention(ref, k_hat, v_hat, key_mask=mask)["heads"]
-    return [h["attention_output_rel_error"] ** 2 * e for h, e in zip(heads, energy, strict=True)]
+    return metrics.output_errors(ref, k_hat, v_hat, key_mask=mask)
 
 
 def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionReference, role: str,
                     n: int, spec: str) -> None:
     x = data.keys if role == "keys" else data.values
     ctx = _context(data, role)
-    energy = m.energy[data.layer]
     codec = parse_spec(spec).for_role(role)
     enc, x_hat = encode_tensor(codec, x, ctx)
     mask = codec.token_mask(enc)
-    errors = _role_errors(ref, role, x_hat, mask, energy)
+    errors = _role_errors(ref, role, x_hat, mask)
     m.full[(data.layer, role, n)] = Option(_stored(codec, enc), errors)
     if m.granularity != "head":
         return
@@ -124,7 +124,7 @@ def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionRefe
             and (mask is None) == (mask_heads is None)
             and (mask is None or np.array_equal(mask, mask_heads)))
     m.separable[(data.layer, role, n)] = same
-    head_errors = errors if same else _role_errors(ref, role, x_heads, mask_heads, energy)
+    head_errors = errors if same else _role_errors(ref, role, x_heads, mask_heads)
     m.heads[(data.layer, role, n)] = list(zip(costs, head_errors, strict=True))
 
 
@@ -412,9 +412,15 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
     uniform = uniform_options(m, weights)
     fitting = [u for u in uniform if u["stored_bytes"] <= budget]
     best = min(fitting, key=lambda u: u["objective"]) if fitting else None
+    at_uniform = None
+    if best is not None and best["stored_bytes"] >= cheapest:  # the plan held to the uniform's own bytes
+        same = knapsack.solve(costs, values, best["stored_bytes"])
+        at_uniform = _predict(m, dict(zip(groups, same.choice, strict=True)), weights)
+        at_uniform.pop("layers")
     account = {"budget_bytes": budget, "elements": n_el, "solver": "exact DP over a discretised budget",
                "dp_unit_bytes": sol.unit, "dp_exact": sol.exact, "groups": len(groups), "predicted": predicted,
-               "best_uniform": best, "uniform": [{k: v for k, v in u.items() if k != "layers"} for u in uniform]}
+               "best_uniform": best, "plan_at_uniform_bits": at_uniform,
+               "uniform": [{k: v for k, v in u.items() if k != "layers"} for u in uniform]}
     return plan, account
 
 
@@ -444,6 +450,10 @@ def plan(
 
     started = time.perf_counter()
     path = Path(path)
+    if not 0 < budget_bits <= MAX_BITS:  # before measuring; the lower end is known only after
+        raise InputError(f"--budget-bits must be in (0, {MAX_BITS:g}] stored bits per element, got {budget_bits:g}")
+    if objective not in OBJECTIVES:
+        raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     m = measure(path, candidates, granularity=granularity, sequence=sequence, progress=progress)
@@ -467,9 +477,8 @@ def plan(
 def _measured(report: dict[str, Any]) -> dict[str, Any]:
     """The figures of a compress report that a plan predicts."""
     t = report["total"]
-    shared = t["keys"]["shared_state_bytes"] + t["values"]["shared_state_bytes"]
-    return {"stored_bytes": t["bytes_after"] + shared, "bytes_after": t["bytes_after"],
-            "stored_bits": 16.0 * (t["bytes_after"] + shared) / t["bytes_before"],
+    return {"stored_bytes": t["bytes_after"] + t["shared_state_bytes"], "bytes_after": t["bytes_after"],
+            "stored_bits": t["bits_per_element_with_state"],
             "attention_output_rel_error": t["attention_output_rel_error"], "attention_kl": t["attention_kl"],
             "attention_output_cosine": t["attention_output_cosine"],
             "layers": [{"layer": r["layer"], "attention_output_rel_error": r["attention_output_rel_error"]}

@@ -8,9 +8,9 @@ fits on queries (token selectors), every spec is scored on the same held-out que
 compress's default ``--observe`` and the report's ``query_split`` records it.
 
 Bits: ``stored_bits`` counts every byte written for a tensor — the codec's arrays *and* its shared state
-(outlier tables, bases, codebooks) — over the elements; compress's ``bits_per_element`` (arrays only) is kept
-beside it. The frontier is drawn on ``stored_bits`` against the attention-output error (mean over layers;
-the keys/values relative MSE when the cache holds no queries).
+(outlier tables, bases, codebooks) — over the elements (compress's ``bits_per_element_with_state``);
+``bits_per_element`` (arrays only) is kept beside it. The frontier is drawn on ``stored_bits`` against the
+attention-output error (mean over layers; the keys/values relative MSE when the cache holds no queries).
 """
 
 from __future__ import annotations
@@ -60,13 +60,6 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[bool]:
         best = min(best, low)
         i = j
     return on
-
-
-def stored_bits(total: dict[str, Any]) -> float:
-    """Bits per element of a compress ``total`` counting the shared state too."""
-    before = total["bytes_before"]
-    shared = total["keys"]["shared_state_bytes"] + total["values"]["shared_state_bytes"]
-    return 16.0 * (total["bytes_after"] + shared) / before if before else 0.0
 
 
 def _compact(row: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +127,8 @@ def sweep(
     for name, spec_rows in zip(names, rows, strict=True):
         total = totals(spec_rows)
         results.append({"spec": name, "keys_spec": spec_rows[0]["keys"]["spec"],
-                        "values_spec": spec_rows[0]["values"]["spec"], "stored_bits": stored_bits(total),
+                        "values_spec": spec_rows[0]["values"]["spec"],
+                        "stored_bits": total["bits_per_element_with_state"],
                         "bits_per_element": total["bits_per_element"], "error": _error(total, attention),
                         "total": total, "layers": [_compact(r) for r in spec_rows]})
     results.sort(key=lambda r: (r["stored_bits"], r["error"]))

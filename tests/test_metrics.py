@@ -163,3 +163,21 @@ def test_a_shared_reference_gives_the_same_figures(window: int) -> None:
     out = metrics.compare_attention(ref, None, v * 1.1)["heads"]
     for h in range(2):  # values scaled by 1.1 move every output by exactly 10 %
         assert out[h]["attention_output_rel_error"] == pytest.approx(0.1, rel=1e-5)
+
+
+def test_output_errors_are_the_numerator_of_the_output_error() -> None:
+    q, k, v, qpos, kpos = rng_arrays(10, n_q=6, n_k=16)
+    ref = metrics.reference_attention(q, k, v, qpos, kpos, sliding_window=5)
+    rng = np.random.default_rng(11)
+    k_hat = k + 0.3 * rng.standard_normal(k.shape).astype(np.float32)
+    v_hat = v + 0.3 * rng.standard_normal(v.shape).astype(np.float32)
+    mask = np.ones(k.shape[:2], bool)
+    mask[1, 12] = False
+    energy = ref.output_energy()
+    for kh, vh, m in ((k_hat, None, None), (None, v_hat, None), (k_hat, v_hat, mask), (None, v_hat, mask)):
+        heads = metrics.compare_attention(ref, kh, vh, key_mask=m)["heads"]
+        errors = metrics.output_errors(ref, kh, vh, key_mask=m)
+        for h, e in enumerate(errors):
+            assert math.sqrt(e / energy[h]) == pytest.approx(heads[h]["attention_output_rel_error"], rel=1e-6)
+            assert e > 0
+    assert metrics.output_errors(ref) == [0.0, 0.0]

@@ -36,6 +36,9 @@ def compress(
                                                 "and score attention on the rest. Default: half of them "
                                                 "when a codec uses queries, else none.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,
+    plan: Annotated[Path | None, typer.Option("--plan", help="A plan file from `kvtool plan` (a codec per "
+                                              "layer, head and role) instead of --method/--keys/--values.")]
+    = None,
 ) -> None:
     """Fit and apply codecs to every layer; report stored bits, reconstruction and attention error."""
 
@@ -46,7 +49,9 @@ def compress(
         from kvtool.store import read_info
         from kvtool.util import parse_layers
 
-        keys_codec, values_codec = parse_pair(method, keys, values)
+        if plan is not None and (method or keys or values):
+            raise InputError("give --plan or --method/--keys/--values, not both")
+        keys_codec, values_codec = parse_pair(method, keys, values) if plan is None else (None, None)
         if topk < 1:
             raise InputError(f"--topk must be >= 1, got {topk}")
         if observe is not None and observe < 0:
@@ -56,7 +61,7 @@ def compress(
         with layer_progress("compressing", quiet) as progress:
             report = run(path, keys_codec, values_codec, output=output, layers=chosen, progress=progress,
                          force=force, sequence=sequence, require_attention=require_attention, topk=topk,
-                         observe=observe)
+                         observe=observe, plan=plan)
         write_json(report, json_path)
         if not quiet:
             _render_compress(report)
@@ -78,7 +83,11 @@ def _render_compress(r: dict[str, Any]) -> None:
     t = r["total"]
     state = t.get("shared_state_bytes", 0) > 0
     resolved = any(_resolved_text(row[role]) for row in r["layers"] for role in ("keys", "values"))
-    table = Table(title=f"keys {r['keys_spec']} | values {r['values_spec']}", box=box.SIMPLE_HEAD,
+    title = f"keys {r['keys_spec']} | values {r['values_spec']}"
+    if r.get("plan"):
+        title = (f"plan at {r['plan']['budget_bits']:g} bits: mostly {title}, "
+                 f"{len(r['assignment']['layers'])} layer(s) otherwise")
+    table = Table(title=title, box=box.SIMPLE_HEAD,
                   pad_edge=False, show_edge=False, collapse_padding=True)
     kept = "kept_fraction" in t
     cols = ["layer", "K bits", "V bits"] + (["K b+st", "V b+st"] if state else []) + ["K mse", "V mse"]

@@ -74,6 +74,7 @@ def sweep(
 
 def render_sweep(r: dict[str, Any]) -> None:
     from rich import box
+    from rich.markup import escape
 
     att = r["attention"]
     table = Table(title=f"sweep of {r['source']}: {len(r['results'])} specs, {len(r['layers'])} layers",
@@ -84,7 +85,7 @@ def render_sweep(r: dict[str, Any]) -> None:
                          overflow="fold" if n == 1 else "ellipsis")
     for row in r["results"]:
         t = row["total"]
-        cells = [FRONTIER_MARK if row["frontier"] else "", row["spec"], f"{row['stored_bits']:.3f}",
+        cells = [FRONTIER_MARK if row["frontier"] else "", escape(row["spec"]), f"{row['stored_bits']:.3f}",
                  f"{t['keys']['rel_mse']:.1e}", f"{t['values']['rel_mse']:.1e}"]
         if att:
             cells += [f"{t['attention_output_rel_error']:.4f}", f"{t['attention_output_cosine']:.4f}",

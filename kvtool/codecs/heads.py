@@ -112,6 +112,9 @@ class PerHead(Codec):
             return None
         return np.concatenate([np.ones((1, enc.shape[1]), bool) if m is None else m for m in masks], axis=0)
 
+    def report(self, enc: Encoded) -> dict[str, object]:
+        return {_prefix(h) + k: v for h, p in enumerate(self.parts) for k, v in p.report(self._head(enc, h)).items()}
+
     def shared_state(self) -> dict[str, np.ndarray]:
         return {_prefix(h) + k: v for h, p in enumerate(self.parts) for k, v in p.shared_state().items()}
 

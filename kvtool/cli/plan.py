@@ -1,0 +1,119 @@
+"""`kvtool plan`: a codec per layer, KV head and role under an average stored-bits budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kvtool.cli._app import app, console, run_guarded, write_json
+from kvtool.cli.sweep import step_progress
+
+
+@app.command()
+def plan(
+    path: Annotated[Path, typer.Argument(help="A kvtool cache file with captured queries.")],
+    specs: Annotated[list[str] | None, typer.Argument(help="More candidate specs or presets (as "
+                                                      "--candidates).", show_default=False)] = None,
+    budget_bits: Annotated[float, typer.Option("--budget-bits", help="Average stored bits per element of "
+                                               "keys and values (arrays + shared state), at most 16.")] = 3.0,
+    candidates: Annotated[list[str] | None, typer.Option(
+        "--candidates", "-c", help="Candidate codec specs or presets; repeat the option or list them after "
+        "it. Default: the 'plan' preset.")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="attention (Σ per-layer squared "
+                                           "attention-output error) or kld (weighted by each layer's "
+                                           "measured KL sensitivity; needs --eval-text).")] = "attention",
+    granularity: Annotated[str, typer.Option("--granularity", help="head (a codec per layer, KV head and "
+                                             "role) or layer (per layer and role).")] = "head",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the plan file (JSON) here; "
+                                                "`compress --plan` and `eval --plan` take it.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
+                                                   "('-' for stdout, no table).")] = None,
+    sequence: Annotated[int, typer.Option("--sequence", help="Sequence to measure.")] = 0,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compress with the plan and with the "
+                                         "best uniform spec and print the measured figures.")] = True,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the plan file.")] = False,
+) -> None:
+    """Choose a codec for every layer's keys and values (and KV head) minimizing the error under a budget
+    of average stored bits (a multiple-choice knapsack, exact DP); compare with the best uniform spec."""
+
+    def work() -> None:
+        from kvtool.plan import DEFAULT_CANDIDATES
+        from kvtool.plan import plan as run
+
+        items = [*(candidates or []), *(specs or [])] or [DEFAULT_CANDIDATES]
+        quiet = json_path is not None and str(json_path) == "-"
+        with step_progress("measuring (layer × candidate)", quiet) as progress:
+            report = run(path, budget_bits, items, objective=objective, granularity=granularity,
+                         sequence=sequence, output=output, force=force, verify=verify, progress=progress)
+        write_json(report, json_path)
+        if not quiet:
+            render_plan(report)
+
+    run_guarded(work)
+
+
+def _short(spec: str) -> str:
+    from kvtool.codecs import parse_spec
+    from kvtool.codecs.presets import short_spec
+
+    return short_spec(parse_spec(spec))
+
+
+def render_plan(r: dict[str, Any]) -> None:
+    from rich import box
+    from rich.markup import escape
+
+    p, pred, best = r["plan"], r["predicted"], r["best_uniform"]
+    verify = r.get("verify", {})
+    console.print(f"plan for {r['source']}: budget {p['budget_bits']:g} stored bits/element = "
+                  f"{r['budget_bytes']:,} bytes; objective {p['objective']}, per {p['granularity']}; "
+                  f"{r['solver']} over {r['groups']} groups (unit {r['dp_unit_bytes']} B"
+                  f"{', exact' if r['dp_exact'] else ', costs rounded up'})")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  caption="out err: attention-output error ‖ô−o‖/‖o‖, predicted and measured")
+    for col in ("layer", "keys", "values", "K bits", "V bits", "pred", "meas"):
+        table.add_column(col, justify="right" if col not in ("keys", "values") else "left",
+                         overflow="fold")
+    measured = {row["layer"]: row for row in verify.get("plan", {}).get("layers", [])}
+    for row in pred["layers"]:
+        choice = p["choices"][str(row["layer"])]
+        meas = measured.get(row["layer"])
+        table.add_row(str(row["layer"]), escape(_short(choice["keys"])), escape(_short(choice["values"])),
+                      f"{row['keys_bits']:.2f}", f"{row['values_bits']:.2f}",
+                      f"{row['attention_output_rel_error']:.4f}",
+                      f"{meas['attention_output_rel_error']:.4f}" if meas else "—")
+    console.print(table)
+    summary = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                    title="attention-output error ‖ô−o‖/‖o‖, mean over layers")
+    for col in ("", "stored bits", "stored bytes", "predicted", "measured"):
+        summary.add_column(col, justify="left" if not col else "right", overflow="fold")
+
+    def line(label: str, predicted: dict[str, Any], measured_: dict[str, Any] | None) -> None:
+        summary.add_row(label, f"{predicted['stored_bits']:.4f}", f"{predicted['stored_bytes']:,}",
+                        f"{predicted['attention_output_rel_error']:.4f}",
+                        f"{measured_['attention_output_rel_error']:.4f}" if measured_ else "—")
+
+    line("plan", pred, verify.get("plan"))
+    if best is not None:
+        line(f"best uniform: {escape(best['spec'])}", best, verify.get("best_uniform"))
+    at = r.get("plan_at_uniform_bits")
+    if at is not None:
+        line("plan at the uniform's bits", at, None)
+    console.print(summary)
+    if "plan" in verify:
+        v = verify["plan"]
+        ok = v["stored_bytes"] <= r["budget_bytes"]
+        console.print(("within the budget" if ok else "[red]OVER the budget[/]")
+                      + f": compressing with the plan stored {v['stored_bytes']:,} bytes "
+                      f"({v['stored_bits']:.4f} bits/element)")
+        if best is not None and "best_uniform" in verify:
+            u = verify["best_uniform"]["attention_output_rel_error"]
+            gain = 1 - v["attention_output_rel_error"] / u if u else 0.0
+            console.print(f"measured attention-output error {abs(gain):.1%} "
+                          f"{'below' if gain >= 0 else 'above'} the best uniform spec's")
+    if r.get("output"):
+        console.print(f"wrote {r['output']}")
+    console.print(f"{r['seconds']:.1f} s (measuring {r['measure_seconds']:.1f} s)")

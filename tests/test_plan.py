@@ -1,0 +1,167 @@
+"""`kvtool plan`, plan files and `compress --plan`, on synthetic caches with a planted sensitive layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from _cli import assert_one_line_error, run
+from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, write_cache
+
+from kvtool.codecs import parse_spec
+from kvtool.codecs.base import ROLES
+from kvtool.compress import compress
+from kvtool.errors import InputError
+from kvtool.plan import PLAN_VERSION, load_plan, make_plan, measure, plan, save_plan
+
+LAYERS, TOKENS, N_Q, SENSITIVE = 4, 64, 8, 1
+CANDIDATES = ["uniform:bits=2", "uniform:bits=3", "uniform:bits=4", "uniform:bits=6"]
+
+
+def _layers(seed: int, sharp: float):
+    rng = np.random.default_rng(seed)
+
+    def layer(i: int):
+        k, v = gaussian(rng, KV_HEADS, TOKENS, HEAD_DIM), gaussian(rng, KV_HEADS, TOKENS, HEAD_DIM)
+        q = gaussian(rng, Q_HEADS, N_Q, HEAD_DIM)
+        if i == SENSITIVE:  # larger logits: sharper attention, so key errors move the output far more
+            k, q = k * sharp, q * sharp
+        return k, v, q
+
+    return layer
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return write_cache(tmp_path_factory.mktemp("plan") / "c.h5", LAYERS, TOKENS, _layers(0, 5.0),
+                       num_queries=N_Q)
+
+
+@pytest.fixture(scope="module")
+def measured(cache: Path):
+    return {g: measure(cache, CANDIDATES, granularity=g) for g in ("layer", "head")}
+
+
+def _bits(account) -> list[float]:
+    return [r["keys_bits"] + r["values_bits"] for r in account["predicted"]["layers"]]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_the_sensitive_layer_gets_more_bits(measured, granularity: str) -> None:
+    _, account = make_plan(measured[granularity], 4.5)
+    bits = _bits(account)
+    keys = [r["keys_bits"] for r in account["predicted"]["layers"]]
+    others = [b for i, b in enumerate(bits) if i != SENSITIVE]
+    assert bits[SENSITIVE] > max(others), bits
+    assert keys[SENSITIVE] > max(k for i, k in enumerate(keys) if i != SENSITIVE), keys
+    # and the plan's predicted error is below every uniform candidate that fits the same budget
+    fitting = [u for u in account["uniform"] if u["stored_bytes"] <= account["budget_bytes"]]
+    assert account["predicted"]["objective"] < min(u["objective"] for u in fitting)
+
+
+def test_plan_equals_brute_force_over_every_combination(measured) -> None:
+    m = measured["layer"]
+    n_el = 2 * LAYERS * KV_HEADS * TOKENS * HEAD_DIM
+    groups = [(i, r) for i in m.layers for r in ROLES]
+    cost, err = np.zeros(()), np.zeros(())  # every combination at once: one axis per group
+    for i, r in groups:
+        c = np.array([m.full[(i, r, n)].cost for n in range(len(CANDIDATES))], float)
+        e = np.array([sum(m.full[(i, r, n)].errors) / sum(m.energy[i]) for n in range(len(CANDIDATES))])
+        cost, err = cost[..., None] + c, err[..., None] + e
+    for budget_bits in (3.4, 4.3, 5.2):  # uniform:bits=2 stores 3 bits per element at head_dim 32
+        best = err[cost <= int(budget_bits * n_el / 8)].min()
+        _, account = make_plan(m, budget_bits)
+        assert account["predicted"]["objective"] == pytest.approx(best, rel=1e-12)
+        assert account["dp_exact"]
+
+
+def _stored(path: Path) -> int:
+    with h5py.File(path) as f:
+        return sum(g[k].nbytes for i in f["sequences/0/layers"] for name in ROLES
+                   for g in [f[f"sequences/0/layers/{i}/{name}"]] for k in g)
+
+
+def _file_specs(path: Path) -> dict[int, dict[str, str]]:
+    with h5py.File(path) as f:
+        layers = f["sequences/0/layers"]
+        return {int(i): {r: str(layers[i][r].attrs["codec"]) for r in ROLES} for i in layers}
+
+
+def test_budget_met_as_stored_bytes_and_applying_the_plan_stores_what_it_promised(cache: Path,
+                                                                                   tmp_path: Path) -> None:
+    plan_path, out = tmp_path / "p.json", tmp_path / "c.h5"
+    report = plan(cache, 3.3, CANDIDATES, output=plan_path)
+    assert report["kvtool_report"] == "plan"
+    budget, predicted = report["budget_bytes"], report["predicted"]["stored_bytes"]
+    assert budget == int(3.3 * 2 * LAYERS * KV_HEADS * TOKENS * HEAD_DIM / 8)
+    assert predicted <= budget and report["verify"]["plan"]["stored_bytes"] == predicted
+    assert any(c[r].startswith("heads[") for c in report["plan"]["choices"].values() for r in ROLES)
+    r = run("compress", cache, "--plan", plan_path, "-o", out, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "plan at 3.3 bits" in r.stdout
+    assert _stored(out) == predicted  # every byte in the file, shared state included
+    chosen = load_plan(plan_path).choices
+    for i, specs in _file_specs(out).items():
+        for role in ROLES:
+            assert specs[role] == parse_spec(chosen[i][role]).for_role(role).spec()
+    measured = json.loads((tmp_path / "r.json").read_text())
+    assert measured["plan"]["budget_bits"] == 3.3
+    assert measured["total"]["attention_output_rel_error"] == pytest.approx(
+        report["verify"]["plan"]["attention_output_rel_error"])
+    assert run("decompress", out, "-o", tmp_path / "back.h5").exit_code == 0
+
+
+def test_plan_file_round_trip_and_refusals(cache: Path, measured, tmp_path: Path) -> None:
+    the_plan, _ = make_plan(measured["head"], 3.0)
+    path = save_plan(the_plan, tmp_path / "p.json")
+    back = load_plan(path)
+    assert back == the_plan and back.assignment() == the_plan.assignment()
+    assert json.loads(path.read_text())["kvtool_plan"] == PLAN_VERSION
+    with pytest.raises(InputError, match="exists"):
+        save_plan(the_plan, path)
+    data = the_plan.to_json()
+    for change, message in ((lambda d: d.update(kvtool_plan=99), "plan version 99 is not supported"),
+                            (lambda d: d["geometry"].update(head_dim=64), "head_dim 64 vs 32"),
+                            (lambda d: d["model"].update(model="other"), "made for model 'other'"),
+                            (lambda d: d.pop("choices"), "malformed kvtool plan"),
+                            (lambda d: d.pop("kvtool_plan"), "not a kvtool plan file")):
+        bad = json.loads(json.dumps(data))
+        change(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=message):
+            compress(cache, plan=tmp_path / "bad.json")
+        assert_one_line_error(run("compress", cache, "--plan", tmp_path / "bad.json"), message.split(" vs")[0])
+    (tmp_path / "junk.json").write_text("{not json")
+    assert_one_line_error(run("compress", cache, "--plan", tmp_path / "junk.json"), "not a kvtool plan file")
+    assert_one_line_error(run("compress", cache, "--plan", path, "--method", "fp16"), "not both")
+
+
+def test_plan_cli_prints_and_writes(cache: Path, tmp_path: Path) -> None:
+    out, report_path = tmp_path / "p.json", tmp_path / "r.json"
+    r = run("plan", cache, "--budget-bits", "4.2", "--candidates", *CANDIDATES, "-o", out, "--json",
+            report_path)
+    assert r.exit_code == 0, r.output
+    assert "best uniform" in r.stdout and "within the budget" in r.stdout and "measured" in r.stdout
+    report = json.loads(report_path.read_text())
+    assert report["kvtool_report"] == "plan" and report["plan"] == json.loads(out.read_text())
+    assert report["best_uniform"]["spec"] == "uniform:bits=3"
+    assert report["plan_at_uniform_bits"]["stored_bytes"] <= report["best_uniform"]["stored_bytes"]
+    assert run("plan", cache, "--budget-bits", "4.2", "-c", "uniform:bits=2", "-o", out).exit_code == 2  # exists
+
+
+def test_plan_cli_bad_input(cache: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run("plan", cache, "--budget-bits", "17", "-c", "uniform:bits=4"),
+                          "--budget-bits must be in")
+    assert_one_line_error(run("plan", cache, "--budget-bits", "2", "-c", "uniform:bits=4"),
+                          "below the cheapest candidates (5.000 stored bits per element); allowed: 5.000..16")
+    assert_one_line_error(run("plan", cache, "--budget-bits", "3", "-c", ""), "no candidates")
+    assert_one_line_error(run("plan", cache, "-c", "nosuch"), "unknown preset or codec 'nosuch'")
+    assert_one_line_error(run("plan", cache, "-c", "fp16", "--objective", "ppl"), "objective must be one of")
+    assert_one_line_error(run("plan", cache, "-c", "fp16", "--granularity", "channel"),
+                          "granularity must be one of")
+    noq = write_cache(tmp_path / "noq.h5", 2, TOKENS, lambda i: (np.ones((KV_HEADS, TOKENS, HEAD_DIM)),) * 2
+                      + (None,))
+    assert_one_line_error(run("plan", noq, "-c", "fp16"), "no captured queries")
