@@ -277,6 +277,7 @@ def compress(
             raise CodecError("give compress a plan or codecs, not both")
         plan = plan if isinstance(plan, Plan) else load_plan(plan)
         assignment = plan.assignment()
+        observe = plan.observe if observe is None else observe  # the split the plan was measured with
     if assignment is None:
         if keys_codec is None or values_codec is None:
             raise CodecError("compress needs keys_codec and values_codec, or an assignment")

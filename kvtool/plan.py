@@ -43,7 +43,7 @@ from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
 from kvtool.codecs.heads import CLOSE, OPEN, SEP, head_context
 from kvtool.codecs.presets import expand
-from kvtool.compress import _context, encode_tensor
+from kvtool.compress import _context, encode_tensor, query_split, reference_for, split_queries
 from kvtool.errors import CodecError, InputError
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
@@ -80,10 +80,13 @@ class Measurements:
     layers: list[int]
     granularity: str
     tokens: int
+    observe: int = 0  # codecs were fitted with the first `observe` queries, errors use the rest
     energy: dict[int, list[float]] = field(default_factory=dict)
     full: dict[tuple[int, str, int], Option] = field(default_factory=dict)
     heads: dict[tuple[int, str, int], list[tuple[int, float]]] = field(default_factory=dict)
     separable: dict[tuple[int, str, int], bool] = field(default_factory=dict)
+    screened: list[int] = field(default_factory=list)  # the sample layers of the prescreen
+    dropped: list[str] = field(default_factory=list)  # candidates the prescreen dropped
     seconds: float = 0.0
 
 
@@ -99,9 +102,9 @@ def _role_errors(ref: metrics.AttentionReference, role: str, x_hat: np.ndarray, 
 
 
 def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionReference, role: str,
-                    n: int, spec: str) -> None:
+                    n: int, spec: str, seen: Any) -> None:
     x = data.keys if role == "keys" else data.values
-    ctx = _context(data, role)
+    ctx = _context(data, role, seen)
     codec = parse_spec(spec).for_role(role)
     enc, x_hat = encode_tensor(codec, x, ctx)
     mask = codec.token_mask(enc)
@@ -134,12 +137,16 @@ def measure(
     *,
     granularity: str = "head",
     sequence: int = 0,
+    prescreen: int = 0,
     progress: Progress | None = None,
 ) -> Measurements:
     """Cost and error of every candidate for every layer's keys and values (see the module docstring).
 
-    One read and one reference attention per layer. ``progress(done, total)`` counts (layer, candidate)
-    pairs. Raises InputError for a cache without queries, CodecError for a bad candidate.
+    One read and one reference attention per layer. With ``prescreen`` = k > 0, k evenly spaced layers are
+    measured first with every candidate, and only the candidates on the keys or values Pareto frontier
+    there (stored bytes against error, summed over those layers) are measured on the other layers.
+    ``progress(done, total)`` counts (layer, candidate) pairs. Raises InputError for a cache without
+    queries, CodecError for a bad candidate.
     """
     started = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -153,27 +160,67 @@ def measure(
         if not info.has_queries:
             raise InputError(f"{path}: the cache has no captured queries; plan measures attention error, "
                              "capture with --queries last:N")
-        for name in names:
-            Assignment.of(name, name).validate(info.head_dim, info.num_layers)
+        assignments = [Assignment.of(name, name) for name in names]
+        for a in assignments:
+            a.validate(info.head_dim, info.num_layers)
         layers = list(range(info.num_layers))
-        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens)
+        observe = query_split(info, assignments, layers, sequence, None)["observe"]  # compress's default
+        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe)
+        sample = sample_layers(len(layers), prescreen) if len(names) > 1 else []
+        order = sample + [i for i in layers if i not in sample]
         done, steps = 0, len(layers) * len(names)
-        for i in layers:
+        for i in order:
+            if sample and i == order[len(sample)]:  # the sample is measured: keep the frontier candidates
+                m = _restrict(m, _screen(m, sample))
+                steps = done + (len(layers) - len(sample)) * len(m.candidates)
             data = reader.layer(i, sequence)
-            if data.queries is None:
+            seen, held = split_queries(data, observe)
+            ref = reference_for(data, held, topk=1)
+            if ref is None:
                 raise InputError(f"{path}: layer {i} has no captured queries")
-            ref = metrics.reference_attention(data.queries, data.keys, data.values, data.query_positions,
-                                              data.key_positions, scaling=data.scaling,
-                                              sliding_window=data.sliding_window)
             m.energy[i] = ref.output_energy()
-            for n, name in enumerate(names):
+            for n, name in enumerate(m.candidates):
                 for role in ROLES:
-                    _measure_tensor(m, data, ref, role, n, name)
+                    _measure_tensor(m, data, ref, role, n, name, seen)
                 done += 1
                 if progress is not None:
                     progress(done, steps)
+    m.screened = sample
+    m.dropped = [n for n in names if n not in m.candidates]
     m.seconds = time.perf_counter() - started
     return m
+
+
+def sample_layers(num_layers: int, k: int) -> list[int]:
+    """``k`` evenly spaced layers, first and last included (none when ``k`` is 0 or covers them all)."""
+    if k <= 0 or k >= num_layers:
+        return []
+    return sorted({round(x) for x in np.linspace(0, num_layers - 1, k)})
+
+
+def _screen(m: Measurements, sample: list[int]) -> list[int]:
+    """Candidates on the keys or the values frontier of (stored bytes, relative squared output error)
+    summed over the ``sample`` layers; the others are dropped before the remaining layers are measured."""
+    from kvtool.sweep import pareto_frontier
+
+    keep: set[int] = set()
+    for role in ROLES:
+        points = [(sum(m.full[(i, role, n)].cost for i in sample),
+                   sum(sum(m.full[(i, role, n)].errors) / max(sum(m.energy[i]), 1e-30) for i in sample))
+                  for n in range(len(m.candidates))]
+        keep |= {n for n, on in enumerate(pareto_frontier(points)) if on}
+    return sorted(keep)
+
+
+def _restrict(m: Measurements, keep: list[int]) -> Measurements:
+    """``m`` with only the candidates ``keep`` (indices renumbered)."""
+    new = {old: n for n, old in enumerate(keep)}
+
+    def remap(table: dict) -> dict:
+        return {(i, r, new[n]): v for (i, r, n), v in table.items() if n in new}
+
+    return Measurements(m.info, [m.candidates[n] for n in keep], m.layers, m.granularity, m.tokens, m.observe,
+                        energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable))
 
 
 # ------------------------------------------------------------------------------------------- the plan file
@@ -194,6 +241,7 @@ class Plan:
     source: str = ""
     tokens: int = 0
     predicted: dict[str, Any] = field(default_factory=dict)
+    observe: int = 0  # queries the codecs were fitted with; the errors were measured on the rest
 
     def assignment(self) -> Assignment:
         """The :class:`Assignment` of this plan: the most common spec of each role as the default, the
@@ -227,7 +275,7 @@ class Plan:
         return json_safe({PLAN_FIELD: PLAN_VERSION, "model": self.model, "geometry": self.geometry,
                           "candidates": self.candidates, "budget_bits": self.budget_bits,
                           "objective": self.objective, "granularity": self.granularity,
-                          "source": self.source, "tokens": self.tokens,
+                          "source": self.source, "tokens": self.tokens, "observe": self.observe,
                           "choices": {str(i): dict(c) for i, c in sorted(self.choices.items())},
                           "predicted": self.predicted})
 
@@ -246,7 +294,7 @@ class Plan:
             plan = cls(model, geometry, [str(c) for c in data.get("candidates", [])], choices,
                        float(data.get("budget_bits", 0.0)), str(data.get("objective", "")),
                        str(data.get("granularity", "")), str(data.get("source", "")),
-                       int(data.get("tokens", 0)), dict(data.get("predicted", {})))
+                       int(data.get("tokens", 0)), dict(data.get("predicted", {})), int(data.get("observe", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{where}: malformed kvtool plan ({type(exc).__name__}: {exc})") from None
         if sorted(choices) != list(range(geometry["num_layers"])):
@@ -372,7 +420,8 @@ def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[
     out = []
     for n, spec in enumerate(m.candidates):
         picked = {(i, r, None): n for i in m.layers for r in ROLES}
-        flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.energy, m.full)
+        flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.observe, energy=m.energy,
+                            full=m.full)
         out.append({"spec": spec, **_predict(flat, picked, weights)})
     return sorted(out, key=lambda u: u["stored_bytes"])
 
@@ -408,7 +457,7 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
                  "model_architecture": info.model_architecture},
                 {g: int(getattr(info, g)) for g in GEOMETRY}, list(m.candidates), _choice_specs(m, picked),
                 budget_bits, objective, m.granularity, str(info.path), m.tokens,
-                {k: v for k, v in predicted.items() if k != "layers"})
+                {k: v for k, v in predicted.items() if k != "layers"}, m.observe)
     uniform = uniform_options(m, weights)
     fitting = [u for u in uniform if u["stored_bytes"] <= budget]
     best = min(fitting, key=lambda u: u["objective"]) if fitting else None
@@ -439,6 +488,7 @@ def plan(
     output: Path | str | None = None,
     force: bool = False,
     verify: bool = True,
+    prescreen: int = 0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
@@ -456,20 +506,22 @@ def plan(
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
-    m = measure(path, candidates, granularity=granularity, sequence=sequence, progress=progress)
+    m = measure(path, candidates, granularity=granularity, sequence=sequence, prescreen=prescreen,
+                progress=progress)
     the_plan, account = make_plan(m, budget_bits, objective=objective, sensitivity=sensitivity)
     if output is not None:
         save_plan(the_plan, output, force=force)
     report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
                               "output": str(output) if output is not None else None,
-                              "plan": the_plan.to_json(), **account, "measure_seconds": m.seconds}
+                              "plan": the_plan.to_json(), **account, "measure_seconds": m.seconds,
+                              "prescreen": {"layers": m.screened, "dropped": m.dropped}}
     if verify:
-        report["verify"] = {"plan": _measured(compress(path, assignment=the_plan.assignment(),
-                                                       sequence=sequence))}
+        # scored on the held-out queries the prediction used
+        report["verify"] = {"plan": _measured(compress(path, plan=the_plan, sequence=sequence))}
         best = account["best_uniform"]
         if best is not None:
             report["verify"]["best_uniform"] = _measured(compress(path, assignment=Assignment.of(
-                best["spec"], best["spec"]), sequence=sequence))
+                best["spec"], best["spec"]), sequence=sequence, observe=m.observe))
     report["seconds"] = time.perf_counter() - started
     return json_safe(report)
 

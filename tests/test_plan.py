@@ -165,3 +165,13 @@ def test_plan_cli_bad_input(cache: Path, tmp_path: Path) -> None:
     noq = write_cache(tmp_path / "noq.h5", 2, TOKENS, lambda i: (np.ones((KV_HEADS, TOKENS, HEAD_DIM)),) * 2
                       + (None,))
     assert_one_line_error(run("plan", noq, "-c", "fp16"), "no captured queries")
+
+
+def test_prescreen_drops_dominated_candidates_only(cache: Path) -> None:
+    dominated = "uniform:bits=3,group=8"  # 3 + 32/8 = 7 bits, far worse than uniform:bits=6 at 7 bits
+    full = measure(cache, [*CANDIDATES, dominated], granularity="layer")
+    screened = measure(cache, [*CANDIDATES, dominated], granularity="layer", prescreen=2)
+    assert screened.screened == [0, LAYERS - 1] and screened.dropped == [dominated]
+    assert screened.candidates == CANDIDATES and len(screened.full) == LAYERS * 2 * len(CANDIDATES)
+    for b in (3.5, 5.0):
+        assert make_plan(screened, b)[0].choices == make_plan(full, b)[0].choices

@@ -34,20 +34,27 @@ def plan(
     sequence: Annotated[int, typer.Option("--sequence", help="Sequence to measure.")] = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compress with the plan and with the "
                                          "best uniform spec and print the measured figures.")] = True,
+    prescreen: Annotated[int, typer.Option("--prescreen", help="Measure every candidate on this many evenly "
+                                           "spaced layers first and keep only those on the keys or values "
+                                           "Pareto frontier there (0: measure all everywhere).")] = 4,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the plan file.")] = False,
 ) -> None:
     """Choose a codec for every layer's keys and values (and KV head) minimizing the error under a budget
     of average stored bits (a multiple-choice knapsack, exact DP); compare with the best uniform spec."""
 
     def work() -> None:
+        from kvtool.errors import InputError
         from kvtool.plan import DEFAULT_CANDIDATES
         from kvtool.plan import plan as run
 
+        if prescreen < 0:
+            raise InputError(f"--prescreen must be >= 0, got {prescreen}")
         items = [*(candidates or []), *(specs or [])] or [DEFAULT_CANDIDATES]
         quiet = json_path is not None and str(json_path) == "-"
         with step_progress("measuring (layer × candidate)", quiet) as progress:
             report = run(path, budget_bits, items, objective=objective, granularity=granularity,
-                         sequence=sequence, output=output, force=force, verify=verify, progress=progress)
+                         sequence=sequence, output=output, force=force, verify=verify, prescreen=prescreen,
+                         progress=progress)
         write_json(report, json_path)
         if not quiet:
             render_plan(report)
@@ -55,11 +62,25 @@ def plan(
     run_guarded(work)
 
 
-def _short(spec: str) -> str:
-    from kvtool.codecs import parse_spec
-    from kvtool.codecs.presets import short_spec
+def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A short label (#1, #2, ...) for every spec the plan uses, in order of first use."""
+    from kvtool.codecs.heads import CLOSE, OPEN, SEP
 
-    return short_spec(parse_spec(spec))
+    labels: dict[str, str] = {}
+    for layer in choices.values():
+        for spec in layer.values():
+            parts = spec[len(OPEN):-len(CLOSE)].split(SEP) if spec.startswith(OPEN) else [spec]
+            for part in parts:
+                labels.setdefault(part, f"#{len(labels) + 1}")
+    return labels
+
+
+def _cell(spec: str, labels: dict[str, str]) -> str:
+    from kvtool.codecs.heads import CLOSE, OPEN, SEP
+
+    if spec.startswith(OPEN):
+        return " ".join(labels[p] for p in spec[len(OPEN):-len(CLOSE)].split(SEP))
+    return labels[spec]
 
 
 def render_plan(r: dict[str, Any]) -> None:
@@ -72,20 +93,24 @@ def render_plan(r: dict[str, Any]) -> None:
                   f"{r['budget_bytes']:,} bytes; objective {p['objective']}, per {p['granularity']}; "
                   f"{r['solver']} over {r['groups']} groups (unit {r['dp_unit_bytes']} B"
                   f"{', exact' if r['dp_exact'] else ', costs rounded up'})")
+    labels = _labels(p["choices"])
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                  caption="out err: attention-output error ‖ô−o‖/‖o‖, predicted and measured")
-    for col in ("layer", "keys", "values", "K bits", "V bits", "pred", "meas"):
+                  caption="keys/values: the spec of each KV head (one label: every head); out err: "
+                  "attention-output error ‖ô−o‖/‖o‖")
+    for col in ("layer", "keys", "values", "K bits", "V bits", "out err pred", "meas"):
         table.add_column(col, justify="right" if col not in ("keys", "values") else "left",
                          overflow="fold")
     measured = {row["layer"]: row for row in verify.get("plan", {}).get("layers", [])}
     for row in pred["layers"]:
         choice = p["choices"][str(row["layer"])]
         meas = measured.get(row["layer"])
-        table.add_row(str(row["layer"]), escape(_short(choice["keys"])), escape(_short(choice["values"])),
+        table.add_row(str(row["layer"]), _cell(choice["keys"], labels), _cell(choice["values"], labels),
                       f"{row['keys_bits']:.2f}", f"{row['values_bits']:.2f}",
                       f"{row['attention_output_rel_error']:.4f}",
                       f"{meas['attention_output_rel_error']:.4f}" if meas else "—")
     console.print(table)
+    for spec, label in labels.items():
+        console.print(f"  {label} {escape(spec)}")
     summary = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                     title="attention-output error ‖ô−o‖/‖o‖, mean over layers")
     for col in ("", "stored bits", "stored bytes", "predicted", "measured"):
@@ -98,11 +123,16 @@ def render_plan(r: dict[str, Any]) -> None:
 
     line("plan", pred, verify.get("plan"))
     if best is not None:
-        line(f"best uniform: {escape(best['spec'])}", best, verify.get("best_uniform"))
+        line("best uniform", best, verify.get("best_uniform"))
     at = r.get("plan_at_uniform_bits")
     if at is not None:
         line("plan at the uniform's bits", at, None)
     console.print(summary)
+    if best is not None:
+        console.print(f"best uniform: the candidate with the least predicted error that fits the budget, "
+                      f"{escape(best['spec'])} for every layer and both roles")
+    else:
+        console.print("no single candidate fits the budget for every layer")
     if "plan" in verify:
         v = verify["plan"]
         ok = v["stored_bytes"] <= r["budget_bytes"]
@@ -114,6 +144,10 @@ def render_plan(r: dict[str, Any]) -> None:
             gain = 1 - v["attention_output_rel_error"] / u if u else 0.0
             console.print(f"measured attention-output error {abs(gain):.1%} "
                           f"{'below' if gain >= 0 else 'above'} the best uniform spec's")
+    dropped = r.get("prescreen", {}).get("dropped")
+    if dropped:
+        console.print(f"prescreen on layers {r['prescreen']['layers']} dropped {len(dropped)} candidate(s) off "
+                      f"the keys/values frontier: {escape(', '.join(dropped))}")
     if r.get("output"):
         console.print(f"wrote {r['output']}")
     console.print(f"{r['seconds']:.1f} s (measuring {r['measure_seconds']:.1f} s)")

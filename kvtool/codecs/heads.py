@@ -76,6 +76,9 @@ class PerHead(Codec):
     def for_role(self, role: str) -> Codec:
         return PerHead(tuple(p.for_role(role) for p in self.parts))
 
+    def uses_queries(self) -> bool:
+        return any(p.uses_queries() for p in self.parts)
+
     def _check_heads(self, heads: int) -> None:
         if heads != len(self.parts):
             raise CodecError(f"heads[...] holds {len(self.parts)} codec(s) but the tensor has {heads} KV "

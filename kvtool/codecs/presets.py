@@ -5,7 +5,10 @@
 * ``default`` — every registered codec at its defaults, plus the ``bits`` codecs (and their variants) at
   2, 3 and 4 bits: a short list whose frontier is worth a plot;
 * ``all`` — ``quant`` and ``default``, plus every value of every choice parameter (``axis``, ``format``,
-  ``variant`` ...) with the rest at defaults.
+  ``variant`` ...) with the rest at defaults;
+* ``plan`` — ``kvtool plan``'s default candidates: every ``bits`` codec in its recommended form (its
+  ``sweep_variants`` where it declares some, else its defaults) at 1–6 and 8 bits, and ``fp16``: a ladder
+  fine enough for the knapsack to trade bits between layers, heads and roles.
 
 A codec class may name parameter sets worth sweeping beside its defaults in a class attribute
 ``sweep_variants`` (e.g. TurboQuant's ``center=true,sink=1``); a new codec joins the presets by registering.
@@ -22,7 +25,8 @@ from kvtool.errors import CodecError
 
 QUANT_BITS = tuple(range(2, 9))
 DEFAULT_BITS = (2, 3, 4)
-PRESETS = ("default", "quant", "all")
+PLAN_BITS = (1, 2, 3, 4, 5, 6, 8)
+PRESETS = ("default", "quant", "all", "plan")
 
 
 def short_spec(codec: Codec) -> str:
@@ -62,6 +66,15 @@ def _bits_specs(widths: Iterable[int]) -> Iterator[str | None]:
                 yield _canonical(_with(name, ",".join(filter(None, (f"bits={bits}", extra)))))
 
 
+def _recommended_specs(widths: Iterable[int]) -> Iterator[str | None]:
+    for name, cls in sorted(REGISTRY.items()):
+        if "bits" not in codec_parameters(cls):
+            continue
+        for extra in getattr(cls, "sweep_variants", ()) or ("",):
+            for bits in widths:
+                yield _canonical(_with(name, ",".join(filter(None, (f"bits={bits}", extra)))))
+
+
 def _default_specs() -> Iterator[str | None]:
     from kvtool.codecs.crosslayer import PairCodec
 
@@ -84,6 +97,7 @@ def preset(name: str) -> list[str]:
         raise CodecError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     groups = {"quant": [_bits_specs(QUANT_BITS)], "default": [_default_specs(), _bits_specs(DEFAULT_BITS)]}
     groups["all"] = [*groups["quant"], *groups["default"], _choice_specs()]
+    groups["plan"] = [_recommended_specs(PLAN_BITS), iter(["fp16"])]
     return list(dict.fromkeys(s for g in groups[name] for s in g if s is not None))
 
 
