@@ -41,6 +41,7 @@ from kvtool import knapsack, metrics
 from kvtool.codecs import Codec, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
+from kvtool.codecs.crosslayer import PairCodec
 from kvtool.codecs.heads import CLOSE, OPEN, SEP, head_context
 from kvtool.codecs.presets import expand
 from kvtool.compress import _context, encode_tensor, query_split, reference_for, split_queries
@@ -161,8 +162,11 @@ def measure(
             raise InputError(f"{path}: the cache has no captured queries; plan measures attention error, "
                              "capture with --queries last:N")
         assignments = [Assignment.of(name, name) for name in names]
-        for a in assignments:
+        for name, a in zip(names, assignments, strict=True):
             a.validate(info.head_dim, info.num_layers)
+            if isinstance(parse_spec(name), PairCodec):
+                raise InputError(f"candidate {name!r} codes two layers together, but plan measures and "
+                                 "chooses one layer at a time; leave it out")
         layers = list(range(info.num_layers))
         observe = query_split(info, assignments, layers, sequence, None)["observe"]  # compress's default
         m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe)

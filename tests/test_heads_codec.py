@@ -82,3 +82,10 @@ def test_context_is_cut_to_the_head() -> None:
     np.testing.assert_array_equal(cut.keys, k[1:2])
     np.testing.assert_array_equal(cut.key_positions, np.arange(5))
     assert cut.layer == 2 and head_context(None, 0, 3) is None
+
+
+def test_parts_may_hold_bracketed_values() -> None:
+    spec = "heads[age:bands=[0-16:fp16;16-:turboquant:bits=4]|fp16]"
+    codec = parse_spec(spec)
+    assert isinstance(codec, PerHead) and len(codec.parts) == 2 and codec.parts[0].name == "age"
+    assert parse_spec(codec.spec()).spec() == codec.spec()

@@ -175,3 +175,4 @@ def test_prescreen_drops_dominated_candidates_only(cache: Path) -> None:
     assert screened.candidates == CANDIDATES and len(screened.full) == LAYERS * 2 * len(CANDIDATES)
     for b in (3.5, 5.0):
         assert make_plan(screened, b)[0].choices == make_plan(full, b)[0].choices
+    assert_one_line_error(run("plan", cache, "-c", "minicache"), "codes two layers together")

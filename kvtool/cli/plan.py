@@ -64,23 +64,20 @@ def plan(
 
 def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
     """A short label (#1, #2, ...) for every spec the plan uses, in order of first use."""
-    from kvtool.codecs.heads import CLOSE, OPEN, SEP
+    from kvtool.codecs.heads import head_specs
 
     labels: dict[str, str] = {}
     for layer in choices.values():
         for spec in layer.values():
-            parts = spec[len(OPEN):-len(CLOSE)].split(SEP) if spec.startswith(OPEN) else [spec]
-            for part in parts:
+            for part in head_specs(spec):
                 labels.setdefault(part, f"#{len(labels) + 1}")
     return labels
 
 
 def _cell(spec: str, labels: dict[str, str]) -> str:
-    from kvtool.codecs.heads import CLOSE, OPEN, SEP
+    from kvtool.codecs.heads import head_specs
 
-    if spec.startswith(OPEN):
-        return " ".join(labels[p] for p in spec[len(OPEN):-len(CLOSE)].split(SEP))
-    return labels[spec]
+    return " ".join(labels[p] for p in head_specs(spec))
 
 
 def render_plan(r: dict[str, Any]) -> None:

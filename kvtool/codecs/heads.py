@@ -135,13 +135,22 @@ def is_heads_spec(text: str) -> bool:
     return text.strip().startswith(OPEN)
 
 
-def parse_heads(text: str, parse_one) -> PerHead:
-    """``heads[a|b|...]`` → :class:`PerHead`; ``parse_one`` parses each part (``kvtool.codecs.parse_spec``)."""
+def head_specs(text: str) -> list[str]:
+    """The per-head parts of ``heads[a|b|...]`` (split outside nested brackets), or ``[text]`` for any other
+    spec."""
+    from kvtool.codecs import split_top
+
     text = text.strip()
+    if not is_heads_spec(text):
+        return [text]
     if not text.endswith(CLOSE):
         raise CodecError(f"a per-head spec is heads[SPEC|SPEC|...], one spec per KV head; got {text!r}")
-    inner = text[len(OPEN):-len(CLOSE)]
-    items = inner.split(SEP)
+    return split_top(text[len(OPEN):-len(CLOSE)], SEP)
+
+
+def parse_heads(text: str, parse_one) -> PerHead:
+    """``heads[a|b|...]`` → :class:`PerHead`; ``parse_one`` parses each part (``kvtool.codecs.parse_spec``)."""
+    items = head_specs(text)
     if any(not item.strip() for item in items):
         raise CodecError(f"empty codec spec in {text!r}; heads[...] needs one spec per KV head")
     if any(is_heads_spec(item) for item in items):
