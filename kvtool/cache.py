@@ -43,6 +43,7 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -528,12 +529,21 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def _as_assignment(assignment: Assignment | Codec | str) -> Assignment:
+def _as_assignment(assignment: Any, shape: Any = None) -> Assignment:
+    """An Assignment from an Assignment, a codec or spec (both roles), or a plan (a ``kvtool.plan.Plan``
+    or a plan file's ``Path``; checked against the model's geometry ``shape``)."""
+    from kvtool.plan import Plan, load_plan
+
+    if isinstance(assignment, (Plan, os.PathLike)):
+        plan = assignment if isinstance(assignment, Plan) else load_plan(assignment)
+        if shape is not None:
+            plan.check_geometry({g: getattr(shape, g) for g in plan.geometry}, "the model")
+        return plan.assignment()
     if isinstance(assignment, Assignment):
         return assignment
     if isinstance(assignment, (Codec, str)):
         return Assignment.of(assignment, assignment)
-    raise InputError(f"a CodecCache needs an Assignment or a codec spec, got {type(assignment).__name__}")
+    raise InputError(f"a CodecCache needs an Assignment, a codec spec or a plan, got {type(assignment).__name__}")
 
 
 def _layer_kinds(config: Any) -> list[int | None]:
@@ -566,22 +576,23 @@ class CodecCache(Cache):
     """A transformers ``Cache`` that stores keys and values through kvtool codecs.
 
     ``model``: the model (or its config); ``assignment``: an :class:`Assignment` (keys/values specs and
-    per-layer overrides, e.g. from a plan file) or one spec/codec for both; ``mode``: ``"prefill"`` or
+    per-layer overrides), one spec/codec for both, or a plan (:class:`kvtool.plan.Plan` or a plan file's
+    ``Path``, checked against the model's geometry); ``mode``: ``"prefill"`` or
     ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
     attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,
     it installs kvtool's attention on that model (:func:`install_attention`).
     """
 
-    def __init__(self, model: Any, assignment: Assignment | Codec | str, *, mode: str = "prefill",
+    def __init__(self, model: Any, assignment: Any, *, mode: str = "prefill",
                  queries: int = DEFAULT_QUERIES) -> None:
         from kvtool.capture import model_shape
 
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         config = getattr(model, "config", model)
-        self.assignment = _as_assignment(assignment)
-        self.mode = mode
         shape = model_shape(config)
+        self.assignment = _as_assignment(assignment, shape)
+        self.mode = mode
         self.assignment.validate(shape.head_dim, shape.num_layers)
         kinds = _layer_kinds(config)
         layers: list[CodecLayer] = []

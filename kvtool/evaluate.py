@@ -113,7 +113,8 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
-    pass); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
+    pass), each an :class:`Assignment` or a :class:`kvtool.plan.Plan` (checked against the model's identity
+    and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
     tokens of each chunk are scored); ``labels``: a name per method (default: its specs). Returns the JSON
     report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
     statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
@@ -127,6 +128,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         raise InputError("give at least one method (--method, or --keys and --values)")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     check_context(loaded, tokens, context)
+    assignments = [_plan_assignment(loaded, a) for a in assignments]
     model = loaded.model
     for a in assignments:  # bad specs and non-streaming selectors fail before any forward pass
         CodecCache(model.config, a, mode=mode)
@@ -191,6 +193,19 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         "methods": methods, "seconds_exact": seconds_exact, "seconds": time.perf_counter() - started,
     })
     return json_safe(report)
+
+
+def _plan_assignment(loaded: LoadedModel, a: Any) -> Assignment:
+    """``a`` itself, or a plan's assignment once the plan is checked against the loaded model."""
+    from kvtool.capture import model_shape
+    from kvtool.plan import Plan
+
+    if not isinstance(a, Plan):
+        return a
+    a.check_model(loaded.spec, loaded.source, loaded.architecture, "the model")
+    shape = model_shape(loaded.config)
+    a.check_geometry({g: getattr(shape, g) for g in a.geometry}, "the model")
+    return a.assignment()
 
 
 def _label(a: Assignment) -> str:

@@ -69,6 +69,10 @@ def eval_command(
                                                     "Python code to run (off unless you pass it).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
                                                    "('-' for stdout, no table).")] = None,
+    plan: Annotated[list[Path] | None, typer.Option("--plan", help="A plan file from `kvtool plan` (a codec "
+                                                    "per layer, head and role), scored like a method; "
+                                                    "repeatable, and may be combined with --method.")]
+    = None,
 ) -> None:
     """Score a text with the exact cache and with each codec inside the model's cache.
 
@@ -86,9 +90,17 @@ def eval_command(
 
         if mode not in MODES:
             raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-        assignments, labels = assignments_from_options(method, keys, values)
+        from kvtool.plan import load_plan
+
+        plans = [load_plan(p) for p in plan or []]  # a bad plan file fails before the model loads
+        assignments, labels = (assignments_from_options(method, keys, values) if method or keys or values
+                               or not plans else ([], []))
+        for path, p in zip(plan or [], plans, strict=True):
+            assignments.append(p)
+            labels.append(f"plan {path.name} ({p.budget_bits:g} bits)")
         if mode == "streaming":  # a selector that cannot stream fails before the model loads
             for a in assignments:
+                a = a.assignment() if hasattr(a, "assignment") else a  # a plan
                 for layer in {0, *a.layers}:
                     for role in ("keys", "values"):
                         a.codec(layer, role).streaming_form()

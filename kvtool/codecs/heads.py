@@ -13,6 +13,7 @@ heads (``queries``) to that KV head's query group.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -75,6 +76,11 @@ class PerHead(Codec):
 
     def for_role(self, role: str) -> Codec:
         return PerHead(tuple(p.for_role(role) for p in self.parts))
+
+    def streaming_form(self) -> tuple[int, Codec]:
+        """Blocks every part can code: the least common multiple of the parts' blocks."""
+        forms = [p.streaming_form() for p in self.parts]
+        return math.lcm(*(block for block, _ in forms)), PerHead(tuple(codec for _, codec in forms))
 
     def uses_queries(self) -> bool:
         return any(p.uses_queries() for p in self.parts)
