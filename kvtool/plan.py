@@ -48,6 +48,7 @@ from kvtool.compress import _context, encode_tensor, query_split, reference_for,
 from kvtool.errors import CodecError, InputError
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
+from kvtool.sweep import EVAL_KEYS, EvalText, load_eval
 
 PLAN_VERSION = 1
 PLAN_FIELD = "kvtool_plan"
@@ -488,7 +489,7 @@ def plan(
     objective: str = "attention",
     granularity: str = "head",
     sequence: int = 0,
-    sensitivity: Mapping[int, float] | None = None,
+    eval_text: EvalText | None = None,
     output: Path | str | None = None,
     force: bool = False,
     verify: bool = True,
@@ -497,10 +498,15 @@ def plan(
 ) -> dict[str, Any]:
     """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
 
+    ``objective="kld"`` needs ``eval_text``: the layers' sensitivities are measured in the model on it
+    (:func:`sensitivities`). With ``eval_text`` and ``verify`` the plan and the best uniform spec are also
+    scored in the model (``kvtool eval``), whatever the objective.
+
     Returns a ``plan`` report: the plan's JSON form, the predicted figures, the best uniform candidate at
-    the same budget, and with ``verify`` the figures ``compress`` measures for both.
+    the same budget, and with ``verify`` the figures ``compress`` (and eval) measure for both.
     """
     from kvtool.compress import compress
+    from kvtool.evaluate import evaluate
 
     started = time.perf_counter()
     path = Path(path)
@@ -508,17 +514,28 @@ def plan(
         raise InputError(f"--budget-bits must be in (0, {MAX_BITS:g}] stored bits per element, got {budget_bits:g}")
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "kld" and eval_text is None:
+        raise InputError("--objective kld measures each layer's sensitivity in the model: give --eval-text FILE")
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     m = measure(path, candidates, granularity=granularity, sequence=sequence, prescreen=prescreen,
                 progress=progress)
-    the_plan, account = make_plan(m, budget_bits, objective=objective, sensitivity=sensitivity)
+    loaded = tokens = sens = None
+    if eval_text is not None:
+        loaded, tokens = load_eval(m.info, eval_text)
+    if objective == "kld":
+        sens = sensitivities(m, loaded, tokens, eval_text, reference_spec(m, budget_bits),  # type: ignore[arg-type]
+                             progress=progress)
+    the_plan, account = make_plan(m, budget_bits, objective=objective,
+                                  sensitivity=None if sens is None else sens["sensitivity"])
     if output is not None:
         save_plan(the_plan, output, force=force)
     report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
                               "output": str(output) if output is not None else None,
                               "plan": the_plan.to_json(), **account, "measure_seconds": m.seconds,
                               "prescreen": {"layers": m.screened, "dropped": m.dropped}}
+    if sens is not None:
+        report["sensitivity"] = sens
     if verify:
         # scored on the held-out queries the prediction used
         report["verify"] = {"plan": _measured(compress(path, plan=the_plan, sequence=sequence))}
@@ -526,8 +543,49 @@ def plan(
         if best is not None:
             report["verify"]["best_uniform"] = _measured(compress(path, assignment=Assignment.of(
                 best["spec"], best["spec"]), sequence=sequence, observe=m.observe))
+        if loaded is not None:
+            methods = [the_plan] + ([Assignment.of(best["spec"], best["spec"])] if best is not None else [])
+            scored = evaluate(loaded, tokens, methods, context=eval_text.context,  # type: ignore[union-attr]
+                              labels=["plan", "best uniform"][:len(methods)], source=str(eval_text.text),  # type: ignore[union-attr]
+                              progress=progress)
+            for key, row in zip(("plan", "best_uniform"), scored["methods"], strict=False):
+                report["verify"][key]["eval"] = {k: row[k] for k in EVAL_KEYS if k in row}
+            report["verify"]["eval"] = {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored")}
     report["seconds"] = time.perf_counter() - started
     return json_safe(report)
+
+
+def reference_spec(m: Measurements, budget_bits: float) -> str:
+    """The codec the sensitivities are measured with: the best uniform candidate (attention objective) that
+    fits the budget, else the cheapest — errors of the size the plan will make."""
+    weights = _weights(m, None)
+    uniform = uniform_options(m, weights)
+    budget = budget_bits * elements(m) / 8
+    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
+    return min(fitting, key=lambda u: u["objective"])["spec"] if fitting else uniform[0]["spec"]
+
+
+def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText, reference: str,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Per layer ``s_l = KLD_l / e_l²``: the next-token KL divergence of the model (``kvtool eval``, prefill,
+    one exact pass shared by all layers) with only layer ``l`` coded by ``reference`` (keys and values; the
+    ``none`` codec elsewhere), over that layer's squared relative attention-output error under the same
+    codec on the cache (``e_l²``, from the measurements). ``Σ_l s_l · e_l²`` is then a first-order estimate
+    of the KLD of any plan. One coded pass per layer, instead of one per (layer, role, head, candidate)."""
+    from kvtool.evaluate import evaluate
+
+    n = m.candidates.index(reference)
+    methods = [Assignment("none", "none", {i: {"keys": reference, "values": reference}}) for i in m.layers]
+    scored = evaluate(loaded, tokens, methods, context=setup.context, labels=[f"layer {i}" for i in m.layers],
+                      source=str(setup.text), progress=progress)
+    kld, e2, sens = {}, {}, {}
+    for i, row in zip(m.layers, scored["methods"], strict=True):
+        energy = sum(m.energy[i])
+        e2[i] = sum(sum(m.full[(i, r, n)].errors) for r in ROLES) / energy if energy > 0 else 0.0
+        kld[i] = float(row["kld_mean"])
+        sens[i] = kld[i] / e2[i] if e2[i] > 0 else 0.0
+    return {"reference": reference, "sensitivity": sens, "kld": kld, "e2": e2,
+            "eval": {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored", "seconds")}}
 
 
 def _measured(report: dict[str, Any]) -> dict[str, Any]:

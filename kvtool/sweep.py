@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,46 @@ from kvtool.store import KIND_CACHE, CacheReader
 Progress = Callable[[int, int], None]
 ATTENTION_ERROR = "attention_output_rel_error"
 RECONSTRUCTION_ERROR = "rel_mse"
+#: the eval statistics a sweep keeps per spec (kvtool.metrics.summarize_next_token)
+EVAL_KEYS = ("kld_mean", "kld_stderr", "delta_ppl_pct", "delta_ppl_pct_stderr", "top1_agreement", "ppl_exact",
+             "ppl_compressed", "tokens_scored")
+
+
+@dataclass
+class EvalText:
+    """What ``sweep --eval-text`` and ``plan --objective kld`` score in the model (``kvtool eval``'s
+    protocol, prefill mode): ``text`` cut to ``max_tokens`` tokens, chunks of ``context``; ``model``
+    defaults to the cache's own model spec."""
+
+    text: Path | str
+    model: str | None = None
+    max_tokens: int | None = 1024
+    context: int = 512
+
+
+def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
+    """(loaded model, token ids) for ``setup``; refuses a model other than the one the cache was captured
+    with when both identify their weights."""
+    from kvtool.evaluate import check_context, tokenize_text
+    from kvtool.models import load_model
+
+    loaded = load_model(setup.model or info.model)
+    if info.model_source and loaded.source and info.model_source != loaded.source:
+        raise InputError(f"the cache was captured with {info.model!r} ({info.model_source}), but the eval model "
+                         f"{loaded.spec!r} is {loaded.source}")
+    tokens = tokenize_text(loaded, setup.text, setup.max_tokens)
+    check_context(loaded, tokens, setup.context)
+    return loaded, tokens
+
+
+def eval_specs(info: Any, specs: Sequence[str], setup: EvalText, progress: Progress | None = None
+               ) -> dict[str, Any]:
+    """``kvtool eval`` of every spec (keys and values) in one run sharing the exact pass: the eval report."""
+    from kvtool.evaluate import evaluate
+
+    loaded, tokens = load_eval(info, setup)
+    return evaluate(loaded, tokens, [Assignment.of(s, s) for s in specs], context=setup.context,
+                    labels=list(specs), source=str(setup.text), progress=progress)
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -83,6 +124,7 @@ def sweep(
     layers: list[int] | None = None,
     sequence: int = 0,
     topk: int = 8,
+    eval_text: EvalText | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every spec in ``specs`` (codec specs or preset names, see :mod:`kvtool.codecs.presets`) on
@@ -90,7 +132,10 @@ def sweep(
 
     Returns a ``sweep`` report: ``results`` sorted by ``stored_bits``, each with the spec, ``stored_bits``,
     ``error`` (``error_metric``), ``frontier`` (on the Pareto frontier), compress's ``total`` and compact
-    per-layer rows. ``progress(done, total)`` counts (layer, spec) pairs.
+    per-layer rows. ``progress(done, total)`` counts (layer, spec) pairs, then eval's forward passes.
+
+    With ``eval_text`` every spec is also scored inside the model (:func:`eval_specs`, one exact pass for
+    all): each result gains ``eval`` (KLD, Δppl, top-1 agreement) and ``frontier_kld``/``frontier_ppl``.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -131,17 +176,60 @@ def sweep(
                         "stored_bits": total["bits_per_element_with_state"],
                         "bits_per_element": total["bits_per_element"], "error": _error(total, attention),
                         "total": total, "layers": [_compact(r) for r in spec_rows]})
+    evaluated = None
+    if eval_text is not None:
+        evaluated = eval_specs(info, names, eval_text, progress)
+        for r, m in zip(results, evaluated["methods"], strict=True):
+            r["eval"] = {k: m[k] for k in EVAL_KEYS if k in m}
     results.sort(key=lambda r: (r["stored_bits"], r["error"]))
     for r, on in zip(results, pareto_frontier([(r["stored_bits"], r["error"]) for r in results]), strict=True):
         r["frontier"] = on
+    if evaluated is not None:
+        for key, metric in (("frontier_kld", "kld_mean"), ("frontier_ppl", "delta_ppl_pct")):
+            marks = pareto_frontier([(r["stored_bits"], r["eval"][metric]) for r in results])
+            for r, on in zip(results, marks, strict=True):
+                r[key] = on
     report = {**store_header("sweep", info), "source": str(path), "sequence": sequence, "layers": chosen,
               "attention": attention, "error_metric": ATTENTION_ERROR if attention else RECONSTRUCTION_ERROR,
               "topk": topk, "query_split": split, "results": results, "seconds": time.perf_counter() - started}
+    if evaluated is not None:
+        report["eval"] = {k: evaluated[k] for k in ("text", "mode", "context", "chunks", "tokens_in_text",
+                                                    "scored_per_chunk", "ppl_exact", "seconds") if k in evaluated}
+        report["eval"]["model"] = evaluated["model"]
     return json_safe(report)
 
 
+def _family(spec: str) -> str:
+    return spec.split(":")[0].split("+")[0]
+
+
+def _panel(ax: Any, results: list[dict[str, Any]], value: Callable[[dict[str, Any]], float], frontier: str,
+           ylabel: str) -> None:
+    """Every spec as a point (stored bits, value), coloured by codec; the frontier as a staircase, named."""
+    families = sorted({_family(r["spec"]) for r in results})
+    for n, fam in enumerate(families):
+        pts = [r for r in results if _family(r["spec"]) == fam]
+        ax.scatter([r["stored_bits"] for r in pts], [value(r) for r in pts], s=22, color=f"C{n % 10}", label=fam,
+                   alpha=0.8)
+    front = [r for r in results if r[frontier] and value(r) > 0]  # a log axis has no room for 0
+    ax.step([r["stored_bits"] for r in front], [value(r) for r in front], where="post", color="black", lw=1,
+            zorder=0, label="Pareto frontier")
+    for r in front:
+        ax.annotate(r["spec"], (r["stored_bits"], value(r)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    hidden = [r["spec"] for r in results if value(r) <= 0]
+    if hidden:
+        ax.text(0.99, 0.01, f"≤ 0, not drawn: {', '.join(hidden)}", transform=ax.transAxes, fontsize=7,
+                ha="right", va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per element (arrays + shared state)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
-    """A PNG of a sweep report: every spec as a point (stored bits, error), the frontier joined and named.
+    """A PNG of a sweep report: every spec as a point (stored bits, error), the frontier drawn and named;
+    with eval results a second panel of KLD.
 
     Written to a temporary file beside ``output`` and renamed, so no partial PNG is left behind.
     """
@@ -152,32 +240,18 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
 
     output = Path(output)
     results = report["results"]
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    families = sorted({r["spec"].split(":")[0].split("+")[0] for r in results})
-    colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
-    for fam in families:
-        pts = [r for r in results if r["spec"].split(":")[0].split("+")[0] == fam]
-        ax.scatter([r["stored_bits"] for r in pts], [r["error"] for r in pts], s=22, color=colours[fam],
-                   label=fam, alpha=0.8)
-    front = [r for r in results if r["frontier"] and r["error"] > 0]  # a log axis has no room for 0
-    ax.step([r["stored_bits"] for r in front], [r["error"] for r in front], where="post", color="black",
-            lw=1, zorder=0, label="Pareto frontier")
-    for r in front:
-        ax.annotate(r["spec"], (r["stored_bits"], r["error"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
-    exact = [r["spec"] for r in results if r["error"] == 0]
-    if exact:
-        ax.text(0.99, 0.01, f"error 0, not drawn: {', '.join(exact)}", transform=ax.transAxes, fontsize=7,
-                ha="right", va="bottom")
-    ax.set_yscale("log")
-    ax.set_xlabel("stored bits per element (arrays + shared state)")
+    with_eval = "eval" in report
+    fig = Figure(figsize=(8.5, 10 if with_eval else 5.5), layout="constrained")
+    axes = fig.subplots(2 if with_eval else 1, 1, squeeze=False)[:, 0]
     metric = "attention-output error ‖ô−o‖/‖o‖ (mean over layers)" if report["attention"] else \
         "relative MSE of keys and values (mean over layers)"
-    ax.set_ylabel(metric)
-    ax.set_title(f"kvtool sweep: {Path(report['source']).name}, {len(results)} specs", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _panel(axes[0], results, lambda r: r["error"], "frontier", metric)
+    axes[0].set_title(f"kvtool sweep: {Path(report['source']).name}, {len(results)} specs", fontsize=10)
+    if with_eval:
+        _panel(axes[1], results, lambda r: r["eval"]["kld_mean"], "frontier_kld",
+               "next-token KL divergence (kvtool eval, mean)")
+        axes[1].set_title(f"in the model: {Path(report['eval']['text']).name}, {report['eval']['chunks']} chunk(s) "
+                          f"of {report['eval']['context']} tokens", fontsize=10)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
     except OSError as exc:

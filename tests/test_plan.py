@@ -176,3 +176,13 @@ def test_prescreen_drops_dominated_candidates_only(cache: Path) -> None:
     for b in (3.5, 5.0):
         assert make_plan(screened, b)[0].choices == make_plan(full, b)[0].choices
     assert_one_line_error(run("plan", cache, "-c", "minicache"), "codes two layers together")
+
+
+def test_sensitivity_weights_move_bits_to_the_weighted_layer(measured) -> None:
+    m = measured["layer"]
+    plain = _bits(make_plan(m, 4.5)[1])
+    weights = {i: 50.0 if i == 2 else 1.0 for i in m.layers}
+    weighted = _bits(make_plan(m, 4.5, objective="kld", sensitivity=weights)[1])
+    assert weighted[2] > plain[2]
+    with pytest.raises(InputError, match="sensitivities"):
+        make_plan(m, 4.5, objective="kld")

@@ -86,3 +86,59 @@ def test_cli_eval_plan_on_the_bundled_model(smollm, tmp_path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert_one_line_error(cli_run("eval", "--text", "samples/apache-2.0.txt", "--plan", tmp_path / "bad.json"),
                           "plan version 7 is not supported")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model_factory, tmp_path_factory):
+    """A cache captured with a tiny random Llama (3 layers), whose folder `load_model` can load again."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from kvtool.capture import TextInput, capture
+    from kvtool.models import load_model
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    loaded = load_model(str(tiny_model_factory(config, "plan-kld")))
+    text = TextInput("apache", Path("samples/apache-2.0.txt").read_text()[:1200])
+    return capture(loaded, [text], tmp_path_factory.mktemp("kld") / "c.h5", queries="last:32",
+                   dtype="float32").path
+
+
+EVAL = {"text": "samples/gpl-3.0.txt", "max_tokens": 128, "context": 64}
+SPECS = ["uniform:bits=2", "uniform:bits=4", "uniform:bits=8"]
+
+
+def test_sweep_eval_text_scores_every_spec_in_the_model(tiny_cache, tmp_path) -> None:
+    from kvtool.sweep import EvalText, plot_frontier, sweep
+
+    report = sweep(tiny_cache, SPECS, eval_text=EvalText(**EVAL))
+    assert report["eval"]["chunks"] == 2 and report["eval"]["model"] == report["model"]
+    kld = [r["eval"]["kld_mean"] for r in report["results"]]  # sorted by bits: 2, 4, 8
+    assert [r["spec"] for r in report["results"]] == SPECS and kld[0] > kld[1] > kld[2] > 0
+    assert all(r["frontier_kld"] for r in report["results"]) and "frontier_ppl" in report["results"][0]
+    png = plot_frontier(report, tmp_path / "f.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_kld_objective_weights_layers_by_measured_sensitivity(tiny_cache, tmp_path) -> None:
+    from kvtool.plan import plan
+    from kvtool.sweep import EvalText
+
+    r = plan(tiny_cache, 4.0, SPECS, objective="kld", eval_text=EvalText(**EVAL), output=tmp_path / "p.json")
+    sens = r["sensitivity"]
+    assert sens["reference"] in SPECS and set(sens["sensitivity"]) == {"0", "1", "2"}
+    for i, s in sens["sensitivity"].items():
+        assert s * sens["e2"][i] == pytest.approx(sens["kld"][i]) and sens["kld"][i] > 0
+    # the objective is the predicted KLD: Σ_l s_l e_l² over the plan's predicted layer errors
+    predicted = sum(sens["sensitivity"][str(row["layer"])] * row["attention_output_rel_error"] ** 2
+                    for row in r["predicted"]["layers"])
+    assert r["predicted"]["objective"] == pytest.approx(predicted)
+    assert r["plan"]["objective"] == "kld" and r["predicted"]["stored_bytes"] <= r["budget_bytes"]
+    measured = r["verify"]["plan"]["eval"]["kld_mean"], r["verify"]["best_uniform"]["eval"]["kld_mean"]
+    assert all(x > 0 for x in measured)
+
+
+def test_plan_kld_needs_an_eval_text(tiny_cache) -> None:
+    assert_one_line_error(cli_run("plan", tiny_cache, "-c", "fp16", "--objective", "kld"), "give --eval-text")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kvtool.cli._app import app, console, run_guarded, write_json
-from kvtool.cli.sweep import step_progress
+from kvtool.cli.sweep import EvalContextOption, EvalTokensOption, ModelOption, eval_setup, step_progress
 
 
 @app.command()
@@ -25,6 +25,12 @@ def plan(
     objective: Annotated[str, typer.Option("--objective", help="attention (Σ per-layer squared "
                                            "attention-output error) or kld (weighted by each layer's "
                                            "measured KL sensitivity; needs --eval-text).")] = "attention",
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text to score in the model: each "
+                                                   "layer's KL sensitivity (--objective kld), and the plan vs "
+                                                   "the best uniform spec (kvtool eval, prefill).")] = None,
+    eval_tokens: EvalTokensOption = 1024,
+    eval_context: EvalContextOption = 512,
+    model: ModelOption = None,
     granularity: Annotated[str, typer.Option("--granularity", help="head (a codec per layer, KV head and "
                                              "role) or layer (per layer and role).")] = "head",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the plan file (JSON) here; "
@@ -54,7 +60,7 @@ def plan(
         with step_progress("measuring (layer × candidate)", quiet) as progress:
             report = run(path, budget_bits, items, objective=objective, granularity=granularity,
                          sequence=sequence, output=output, force=force, verify=verify, prescreen=prescreen,
-                         progress=progress)
+                         eval_text=eval_setup(eval_text, eval_tokens, eval_context, model), progress=progress)
         write_json(report, json_path)
         if not quiet:
             render_plan(report)
@@ -125,6 +131,24 @@ def render_plan(r: dict[str, Any]) -> None:
     if at is not None:
         line("plan at the uniform's bits", at, None)
     console.print(summary)
+    if "eval" in verify:
+        e = verify["eval"]
+        kld = p["objective"] == "kld"
+        inmodel = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                        title=f"in the model: {e['text']}, {e['chunks']} chunk(s) of {e['context']} tokens")
+        for col in ("", "KLD predicted" if kld else "", "KLD measured", "Δppl %", "top-1 %"):
+            inmodel.add_column(col, justify="left" if not col else "right")
+        for label, key, pred_ in (("plan", "plan", pred), ("best uniform", "best_uniform", best)):
+            if key in verify and "eval" in verify[key]:
+                m = verify[key]["eval"]
+                inmodel.add_row(label, f"{pred_['objective']:.5f}" if kld else "",
+                                f"{m['kld_mean']:.5f}±{m['kld_stderr']:.5f}",
+                                f"{m['delta_ppl_pct']:+.3f}", f"{100 * m['top1_agreement']:.2f}")
+        console.print(inmodel)
+        if "eval" in verify.get("best_uniform", {}) and verify["best_uniform"]["eval"]["kld_mean"] > 0:
+            gain = 1 - verify["plan"]["eval"]["kld_mean"] / verify["best_uniform"]["eval"]["kld_mean"]
+            console.print(f"measured KLD {abs(gain):.1%} {'below' if gain >= 0 else 'above'} the best uniform "
+                          "spec's")
     if best is not None:
         console.print(f"best uniform: the candidate with the least predicted error that fits the budget, "
                       f"{escape(best['spec'])} for every layer and both roles")

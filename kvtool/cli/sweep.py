@@ -14,6 +14,27 @@ from kvtool.cli._app import app, console, err_console, run_guarded, write_json
 
 FRONTIER_MARK = "★"
 
+EvalTextOption = Annotated[Path | None, typer.Option("--eval-text", help="Also score every spec inside the "
+                                                     "model on this text (kvtool eval, prefill mode, one "
+                                                     "exact pass shared by all).")]
+EvalTokensOption = Annotated[int, typer.Option("--eval-tokens", help="Use the first N tokens of --eval-text.")]
+EvalContextOption = Annotated[int, typer.Option("--eval-context", help="Chunk length of the in-model "
+                                                "scoring (as kvtool eval --context).")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Model for --eval-text (default: the one the "
+                                                 "cache was captured with).")]
+
+
+def eval_setup(text: Path | None, tokens: int, context: int, model: str | None) -> Any:
+    """The in-model scoring options as a :class:`kvtool.sweep.EvalText` (None without a text); the text is
+    read here, so a bad one fails before anything slow."""
+    if text is None:
+        return None
+    from kvtool.capture import read_text
+    from kvtool.sweep import EvalText
+
+    read_text(text)
+    return EvalText(text, model, tokens, context)
+
 
 @contextlib.contextmanager
 def step_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
@@ -43,6 +64,10 @@ def sweep(
                                                    "('-' for stdout, no table).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of bits vs error with the "
                                               "frontier.")] = None,
+    eval_text: EvalTextOption = None,
+    eval_tokens: EvalTokensOption = 1024,
+    eval_context: EvalContextOption = 512,
+    model: ModelOption = None,
 ) -> None:
     """Measure many codec specs in one pass (each layer read once, its exact attention computed once);
     mark the Pareto frontier of stored bits against attention-output error."""
@@ -59,8 +84,10 @@ def sweep(
         chosen = parse_layers(layers, read_info(path).num_layers)
         items = [*(methods or []), *(specs or [])] or ["default"]
         quiet = json_path is not None and str(json_path) == "-"
-        with step_progress("sweeping (layer × spec)", quiet) as progress:
-            report = run(path, items, layers=chosen, sequence=sequence, topk=topk, progress=progress)
+        setup = eval_setup(eval_text, eval_tokens, eval_context, model)
+        with step_progress("sweeping (layer × spec), then eval passes", quiet) as progress:
+            report = run(path, items, layers=chosen, sequence=sequence, topk=topk, eval_text=setup,
+                         progress=progress)
         if plot is not None:
             plot_frontier(report, plot)
         write_json(report, json_path)
@@ -79,7 +106,9 @@ def render_sweep(r: dict[str, Any]) -> None:
     att = r["attention"]
     table = Table(title=f"sweep of {r['source']}: {len(r['results'])} specs, {len(r['layers'])} layers",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    ev = "eval" in r
     cols = ["", "spec", "bits", "K mse", "V mse"] + (["out err", "out cos", "KL", "top-k"] if att else [])
+    cols += ["", "KLD", "Δppl %"] if ev else []
     for n, col in enumerate(cols):
         table.add_column(col, justify="left" if n < 2 else "right", no_wrap=n != 1,
                          overflow="fold" if n == 1 else "ellipsis")
@@ -90,8 +119,17 @@ def render_sweep(r: dict[str, Any]) -> None:
         if att:
             cells += [f"{t['attention_output_rel_error']:.4f}", f"{t['attention_output_cosine']:.4f}",
                       f"{t['attention_kl']:.1e}", f"{t['topk_overlap']:.3f}"]
+        if ev:
+            e = row["eval"]
+            cells += [FRONTIER_MARK if row["frontier_kld"] else "", f"{e['kld_mean']:.2e}",
+                      f"{e['delta_ppl_pct']:+.2f}"]
         table.add_row(*cells, style="bold" if row["frontier"] else None)
     console.print(table)
     metric = "attention-output error" if att else "mean keys/values relative MSE"
     console.print(f"{FRONTIER_MARK} Pareto frontier of stored bits (arrays + shared state) against {metric}; "
                   f"errors are means over layers; {r['seconds']:.1f} s")
+    if ev:
+        e = r["eval"]
+        console.print(f"KLD, Δppl: inside the model ({e['model']}) on {e['text']}, {e['chunks']} chunk(s) of "
+                      f"{e['context']} tokens (kvtool eval, prefill); the second {FRONTIER_MARK} marks the KLD "
+                      "frontier")
