@@ -12,7 +12,8 @@ The bound is a fixed number (``KEY=0.3``) or, with a baseline report, the baseli
 * ``tolerance`` — the value may be worse than the baseline by a relative (``5%``) or absolute (``0.002``)
   margin;
 * ``significance`` — a one-tailed z-test where the reports carry standard errors. A key ``K`` has its
-  standard error in the sibling ``K_stderr`` (``delta_ppl_pct`` / ``delta_ppl_pct_stderr``). The check fails
+  standard error in the sibling ``K_stderr`` (``delta_ppl_pct`` / ``delta_ppl_pct_stderr``), or, for a mean
+  ``X_mean``, in ``X_stderr`` (``kld_mean`` / ``kld_stderr``, as eval reports name them). The check fails
   when ``(value - baseline) / sqrt(se² + se_base²)`` exceeds the ``1 - significance`` normal quantile (for
   ``--max``; mirrored for ``--min``), so a change within the noise of the measurement passes. This is the
   threshold TensorRT-LLM's accuracy suite uses, ``reference ± z · sqrt(2σ²/n)``
@@ -44,13 +45,15 @@ from kvtool.report import KIND_FIELD, REPORT_KINDS
 MAX, MIN = "max", "min"
 STDERR_SUFFIX = "_stderr"
 #: Fields that name a list item in messages ("layer 12" rather than "layers.12"), first found wins.
-LABEL_FIELDS = ("layer", "head", "name", "spec", "codec", "context", "batch")
+LABEL_FIELDS = ("layer", "head", "label", "name", "spec", "codec", "context", "batch")
 
 #: Keys compared with a baseline when no ``--max KEY``/``--min KEY`` is given, per report kind. Keys absent
 #: from both reports are skipped (a compress report without queries has no attention figures).
 DEFAULT_BASELINE_CHECKS: dict[str, tuple[tuple[str, str], ...]] = {
     "compress": ((MAX, "total.bits_per_element"), (MAX, "total.keys.rel_mse"), (MAX, "total.values.rel_mse"),
                  (MAX, "total.attention_output_rel_error"), (MAX, "total.attention_output_rel_error_max")),
+    # eval reports: the first method's figures at the top level (kvtool/evaluate.py), each with a stderr
+    "eval": ((MAX, "delta_ppl_pct"), (MAX, "kld_mean"), (MIN, "top1_agreement")),
 }
 
 # Metric names whose better direction is known: a lower error, a higher agreement. Used to pick default
@@ -364,12 +367,21 @@ def _against_bound(check: Check, matches: list[Match]) -> CheckResult:
     return CheckResult(check, "bound", items)
 
 
+def stderr_names(key_name: str) -> list[str]:
+    """Where a value's standard error may sit beside it: ``K_stderr``, and ``X_stderr`` for ``K = X_mean``."""
+    names = [key_name + STDERR_SUFFIX]
+    if key_name.endswith("_mean"):
+        names.append(key_name[: -len("_mean")] + STDERR_SUFFIX)
+    return names
+
+
 def _stderr_of(m: Match, key_name: str) -> float | None:
     parent = m.parent
     if isinstance(parent, dict):
-        se = parent.get(key_name + STDERR_SUFFIX)
-        if isinstance(se, (int, float)) and not isinstance(se, bool) and math.isfinite(se) and se >= 0:
-            return float(se)
+        for name in stderr_names(key_name):
+            se = parent.get(name)
+            if isinstance(se, (int, float)) and not isinstance(se, bool) and math.isfinite(se) and se >= 0:
+                return float(se)
     return None
 
 
@@ -413,8 +425,8 @@ def _against_baseline(check: Check, matches: list[Match], baseline: dict[str, An
             items.append(ItemResult(m.path, m.where, v, limit, p >= significance, bv, spread, z, p))
             continue
         if tolerance is None:
-            raise InputError(f"{check.key}: {m.path} has no standard error ({key_name}{STDERR_SUFFIX}) in "
-                             "both reports, so --significance cannot test it; add --tolerance for such keys")
+            raise InputError(f"{check.key}: {m.path} has no standard error ({' or '.join(stderr_names(key_name))}) "
+                             "in both reports, so --significance cannot test it; add --tolerance for such keys")
         modes.add("tolerance")
         limit = None if bv is None else bv + sign * tolerance.allowance(bv)
         ok = v is not None and limit is not None and (v <= limit if check.op == MAX else v >= limit)
@@ -429,8 +441,8 @@ def _against_baseline(check: Check, matches: list[Match], baseline: dict[str, An
 
 
 def default_baseline_checks(report: dict[str, Any], baseline: dict[str, Any]) -> list[Check]:
-    """The checks run against a baseline when none are named: per kind (compress), or every key with a
-    standard error whose better direction its name tells (eval)."""
+    """The checks run against a baseline when none are named: per kind (compress, eval), else every key with
+    a standard error whose better direction its name tells."""
     kind = report[KIND_FIELD]
     chosen: list[Check] = []
     for op, key in DEFAULT_BASELINE_CHECKS.get(kind, ()):
@@ -441,11 +453,13 @@ def default_baseline_checks(report: dict[str, Any], baseline: dict[str, Any]) ->
     for key in leaf_keys(report):
         if not key.endswith(STDERR_SUFFIX) or "*" in key:
             continue
-        base = key[: -len(STDERR_SUFFIX)]
-        name = base.rsplit(".", 1)[-1]
-        op = MAX if _LOWER_IS_BETTER.search(name) else MIN if _HIGHER_IS_BETTER.search(name) else None
-        if op is not None and list(_walk(report, base.split("."), [], [], None)):
-            chosen.append(Check(op, base))
+        stem = key[: -len(STDERR_SUFFIX)]
+        for base in (stem, stem + "_mean"):
+            name = base.rsplit(".", 1)[-1]
+            op = MAX if _LOWER_IS_BETTER.search(name) else MIN if _HIGHER_IS_BETTER.search(name) else None
+            if op is not None and list(_walk(report, base.split("."), [], [], None)):
+                chosen.append(Check(op, base))
+                break
     if not chosen:
         raise InputError(f"no default checks for a {kind} report against a baseline; name the keys to compare "
                          "with --max KEY or --min KEY (no =NUMBER)")

@@ -27,9 +27,11 @@ def compress_like(errors: list[float], *, model_source: str = "sha256:abc", bits
 
 
 def eval_like(dppl: float, dppl_se: float, top1: float, top1_se: float, **extra: object) -> dict:
-    # the field names eval reports carry: a metric K and its standard error K_stderr beside it
+    # the field names eval reports carry (kvtool.metrics.summarize_next_token): a metric K and its standard
+    # error K_stderr beside it; the mean KL divergence kld_mean with kld_stderr
     return {**header("eval", model="default", model_source="sha256:abc"), "delta_ppl_pct": dppl,
-            "delta_ppl_pct_stderr": dppl_se, "top1_agreement": top1, "top1_agreement_stderr": top1_se, **extra}
+            "delta_ppl_pct_stderr": dppl_se, "top1_agreement": top1, "top1_agreement_stderr": top1_se,
+            "kld_mean": 0.01, "kld_stderr": 0.001, **extra}
 
 
 def write(tmp_path: Path, name: str, data: object) -> Path:
@@ -180,10 +182,17 @@ def test_significance_needs_standard_errors(tmp_path: Path) -> None:
                   tolerance="5%")
     assert [r.mode for r in result.results] == ["tolerance", "significance"]
     assert [r.passed for r in result.results] == [False, True]
-    # eval reports get default checks: every key with a standard error whose direction its name tells
+    # eval reports get default checks, kld_mean tested with its kld_stderr
     defaults = gate(cur, baseline_path=base, significance=0.05)
-    assert {(r.check.op, r.check.key) for r in defaults.results} == {("max", "delta_ppl_pct"),
-                                                                      ("min", "top1_agreement")}
+    assert [(r.check.op, r.check.key, r.mode) for r in defaults.results] == [
+        ("max", "delta_ppl_pct", "significance"), ("max", "kld_mean", "significance"),
+        ("min", "top1_agreement", "significance")]
+    assert defaults.results[1].items[0].stderr == pytest.approx(0.001 * 2**0.5)
+    # another kind with standard errors: every key whose better direction its name tells
+    other = {**eval_like(1.0, 0.5, 0.95, 0.004), "kvtool_report": "sweep", "rms_dp": 0.1, "rms_dp_stderr": 0.01}
+    path = write(tmp_path, "sweep.json", other)
+    keys = [r.check.key for r in gate(path, baseline_path=path, significance=0.05).results]
+    assert keys == ["delta_ppl_pct", "top1_agreement", "kld_mean"]
 
 
 # ----------------------------------------------------------------------------------- JUnit and Markdown
