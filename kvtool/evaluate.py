@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,22 @@ from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
 from kvtool.models import LoadedModel
 from kvtool.report import header, json_safe
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Another transformers cache scored in the same run as the assignments (e.g. HF ``QuantizedCache``).
+
+    ``make(model)`` returns a fresh cache per chunk; it takes the prompt in one forward pass (its own
+    prefill) and then the continuation, like the methods in prefill mode. ``footprint(cache)``, called right
+    after the prompt, returns ``{"keys"|"values": {"stored_bytes", "elements"}}`` as
+    :meth:`kvtool.cache.CodecCache.footprint` does.
+    """
+
+    label: str
+    make: Callable[[Any], Any]
+    footprint: Callable[[Any], dict[str, dict[str, int]]]
+
 
 DEFAULT_CONTEXT = 512
 MIN_CONTEXT = 8
@@ -109,13 +126,14 @@ def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None
 def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment], *,
              mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int = DEFAULT_QUERIES,
              labels: Sequence[str] | None = None, progress: Progress | None = None,
-             source: str = "") -> dict[str, Any]:
+             source: str = "", baselines: Sequence[Baseline] = ()) -> dict[str, Any]:
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
     pass), each an :class:`Assignment` or a :class:`kvtool.plan.Plan` (checked against the model's identity
     and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
-    tokens of each chunk are scored); ``labels``: a name per method (default: its specs). Returns the JSON
+    tokens of each chunk are scored); ``labels``: a name per method (default: its specs); ``baselines``: other
+    caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
     report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
     statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
     ``seconds``) and, at top level, the fields of the first method.
@@ -133,14 +151,16 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     for a in assignments:  # bad specs and non-streaming selectors fail before any forward pass
         CodecCache(model.config, a, mode=mode)
     labels = list(labels) if labels is not None else [_label(a) for a in assignments]
+    labels += [b.label for b in baselines]
+    runs: list[Any] = [*assignments, *baselines]
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     first = context // 2
-    total_passes = len(chunks) * (1 + len(assignments))
+    total_passes = len(chunks) * (1 + len(runs))
     done = 0
-    per_method: list[list[dict[str, np.ndarray]]] = [[] for _ in assignments]
-    sizes = [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in assignments]  # [stored bytes, elements]
-    exact_bytes = np.zeros(len(assignments))
-    seconds = np.zeros(len(assignments))
+    per_method: list[list[dict[str, np.ndarray]]] = [[] for _ in runs]
+    sizes = [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in runs]  # [stored bytes, elements]
+    exact_bytes = np.zeros(len(runs))
+    seconds = np.zeros(len(runs))
     seconds_exact = 0.0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -154,9 +174,12 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
             done += 1
             if progress is not None:
                 progress(done, total_passes)
-            for m, assignment in enumerate(assignments):
+            for m, run in enumerate(runs):
                 t0 = time.perf_counter()
-                logits, fp = _method_pass(model, assignment, mode, ids, first, prefill, records, queries)
+                if isinstance(run, Baseline):
+                    logits, fp = _baseline_pass(model, run, ids, first)
+                else:
+                    logits, fp = _method_pass(model, run, mode, ids, first, prefill, records, queries)
                 stats = metrics.next_token_stats(exact_logits, logits, targets)
                 seconds[m] += time.perf_counter() - t0
                 per_method[m].append(stats)
@@ -168,14 +191,15 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
                 if progress is not None:
                     progress(done, total_passes)
     methods = []
-    for m, assignment in enumerate(assignments):
+    for m, run in enumerate(runs):
         summary = metrics.summarize_next_token(metrics.concat_stats(per_method[m]))
         stored = {role: float(sizes[m][role][0]) for role in ("keys", "values")}
         elements = {role: float(sizes[m][role][1]) for role in ("keys", "values")}
         bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
         bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
         methods.append({
-            "label": labels[m], "assignment": assignment.describe(), **summary,
+            "label": labels[m], "assignment": run.describe() if isinstance(run, Assignment) else None,
+            **summary,
             "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
             "bits_per_element_values": bits["values"],
             "cache_bytes_exact": exact_bytes[m] / len(chunks),
@@ -256,6 +280,13 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
                 pieces.append(out[max(first - pos, 0):])
             pos = stop
         return torch.cat(pieces, dim=0), cache.footprint()
+
+
+def _baseline_pass(model: Any, baseline: Baseline, ids: Any, first: int) -> tuple[Any, dict[str, dict[str, int]]]:
+    cache = baseline.make(model)
+    _forward(model, ids[:, :first], cache, logits=False)
+    footprint = baseline.footprint(cache)
+    return _forward(model, ids[:, first:-1], cache), footprint
 
 
 def _exact_bytes(footprint: dict[str, dict[str, int]], dtype: Any) -> float:

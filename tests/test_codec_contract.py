@@ -39,6 +39,8 @@ TABLE: list[tuple[str, object]] = [
     ("turboquant:bits=1,variant=prod", lambda d, t: 1 + 16 / d),  # QJL alone: no residual norm
     # fp16 first token, fp16 per-head mean, the rest coded as usual
     ("turboquant:bits=3,center=true,sink=1", lambda d, t: (16 + (t - 1) * (3 + 16 / d)) / t + 16 / t),
+    # one byte per norm and an fp16 (min, max) of the log-norms per head
+    ("turboquant:bits=3,norm_bits=8,unbiased=true", lambda d, t: 3 + 8 / d + 32 / (t * d)),
     ("qjl", lambda d, t: 1 + 16 / d),
     ("qjl:sketch=128", lambda d, t: (128 + 16) / d),
     ("polarquant", lambda d, t: 4 / 2 + 2 * (1 / 2 - 1 / 16) + 16 / 16),  # 3.875

@@ -248,3 +248,34 @@ def test_center_and_sink_store_their_arrays() -> None:
     np.testing.assert_array_equal(fresh.decode(enc), codec.decode(enc))
     short = parse_spec("turboquant:bits=3,sink=8").encode(x[:, :5])  # fewer tokens than the sink: all fp16
     assert short.arrays["sink_rows"].shape == (3, 5, 64) and short.arrays["norms"].shape == (3, 0)
+
+
+def test_norm_bits_8_stores_log_norms_in_a_byte():
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 500, 64)) * rng.lognormal(0, 0.5, (3, 500, 1))).astype(np.float32)
+    plain = parse_spec("turboquant:bits=3")
+    small = parse_spec("turboquant:bits=3,norm_bits=8")
+    e16, e8 = plain.encode(x), small.encode(x)
+    assert e8.arrays["norms"].dtype == np.uint8
+    assert e8.bits_per_element() == pytest.approx(3 + 8 / 64 + 3 * 2 * 16 / x.size)  # + fp16 range per head
+    err = lambda c, e: float(((c.decode(e) - x) ** 2).sum() / (x**2).sum())  # noqa: E731
+    assert err(small, e8) < err(plain, e16) * 1.01  # a 1 % step in the norm is far below the 3-bit error
+    with pytest.raises(CodecError, match="norm_bits must be one of 8, 16"):
+        parse_spec("turboquant:norm_bits=4")
+    with pytest.raises(CodecError, match="cannot be combined with center"):
+        parse_spec("turboquant:norm_bits=8,center=true")
+
+
+def test_unbiased_norms_keep_each_vector_s_own_direction_exact():
+    """unbiased=true: the decoded vector's projection on x is x (⟨x̂, x⟩ = ‖x‖², up to fp16 norms)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 300, 64)).astype(np.float32)
+    codec = parse_spec("turboquant:bits=3,unbiased=true")
+    y = codec.decode(codec.encode(x))
+    ratio = (y * x).sum(-1) / (x * x).sum(-1)
+    assert np.abs(ratio - 1).max() < 2e-3
+    plain = parse_spec("turboquant:bits=3")
+    biased = (plain.decode(plain.encode(x)) * x).sum(-1) / (x * x).sum(-1)
+    assert biased.mean() == pytest.approx(1 - 0.0334, abs=0.005)  # the mse codebook shrinks by 1 − D_mse
+    with pytest.raises(CodecError, match="unbiased applies to variant=mse"):
+        parse_spec("turboquant:unbiased=true,variant=prod")

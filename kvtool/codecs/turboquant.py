@@ -139,6 +139,7 @@ class _Stage:
     seed: int
     part: int
     prefix: str = ""
+    unbiased: bool = False
 
     @property
     def mse_bits(self) -> int:
@@ -181,6 +182,11 @@ class _Stage:
             if self.mse_bits:
                 c = quantize(y, bounds)  # (c, dim) uint8
                 codes.append(bitpack.pack(c, self.mse_bits))
+                if self.unbiased and not self.prod:
+                    # ‖x‖ / ⟨u, û⟩: the decoded vector's component along x is x itself (see TurboQuant)
+                    y_hat = torch.index_select(centroids, 0, torch.from_numpy(c).view(-1).int()).view_as(y)
+                    dot = (y_hat * y).sum(1)
+                    norms[s:e] = torch.where(dot > 1e-6, nrm / dot.clamp_min(1e-6), nrm)
             if self.prod:
                 if self.mse_bits:
                     y_mse = torch.index_select(centroids, 0, torch.from_numpy(c).view(-1).int())
@@ -249,6 +255,8 @@ class TurboQuant(Codec):
     variant: Literal["mse", "prod"] = "mse"
     center: bool = False
     sink: int = 0
+    unbiased: bool = False
+    norm_bits: int = 16
     name: ClassVar[str] = "turboquant"
     #: parameter sets `kvtool sweep`'s presets add beside the defaults at each width (kvtool.codecs.presets)
     sweep_variants: ClassVar[tuple[str, ...]] = ("center=true,sink=1",)
@@ -269,6 +277,14 @@ class TurboQuant(Codec):
             raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
         if not isinstance(self.center, bool):
             raise CodecError(f"center must be one of true, false, got {self.center}")
+        if not isinstance(self.unbiased, bool):
+            raise CodecError(f"unbiased must be one of true, false, got {self.unbiased}")
+        if self.norm_bits not in (8, 16):
+            raise CodecError(f"norm_bits must be one of 8, 16, got {self.norm_bits}")
+        if self.norm_bits == 8 and (self.center or self.variant == "prod"):
+            raise CodecError("norm_bits=8 cannot be combined with center=true or variant=prod (they use fp16 norms)")
+        if self.unbiased and self.variant == "prod":
+            raise CodecError("unbiased applies to variant=mse (variant=prod is unbiased by its QJL stage)")
         if not isinstance(self.sink, int) or isinstance(self.sink, bool) or not 0 <= self.sink <= MAX_SINK:
             raise CodecError(f"sink must be one of 0..{MAX_SINK}, got {self.sink}")
         if head_dim is not None and not (bits * head_dim).is_integer():
@@ -338,6 +354,9 @@ class TurboQuant(Codec):
         coded = _norms_per_head(coded, heads, tokens)
         if centred is not None:
             np.negative(coded["norms"], out=coded["norms"], where=centred)  # the sign bit says "add the mean"
+        if self.norm_bits == 8:
+            coded = {k2: v2 for k, v in coded.items() for k2, v2 in (_log8(k, v) if k.endswith("norms") else
+                                                                       {k: v}).items()}
         arrays.update(coded)
         return Encoded(arrays, x.shape, {"seed": self.seed})
 
@@ -363,12 +382,12 @@ class TurboQuant(Codec):
         seed = self.seed if seed is None else seed
         prod = self.variant == "prod"
         if not self.fractional:
-            stage = _Stage(d, int(self.bits), prod, seed, 0)
+            stage = _Stage(d, int(self.bits), prod, seed, 0, unbiased=self.unbiased)
             return [(stage, stage.basis())]
         hi, lo = self._channel_sets(heads, d)
         n_out, b_hi, b_lo = self._split(d)
-        normal = _Stage(d - n_out, b_lo, prod, seed, 0)
-        outlier = _Stage(n_out, b_hi, prod, seed, 1, OUTLIER)
+        normal = _Stage(d - n_out, b_lo, prod, seed, 0, unbiased=self.unbiased)
+        outlier = _Stage(n_out, b_hi, prod, seed, 1, OUTLIER, unbiased=self.unbiased)
         return [(normal, normal.basis(lo, d)), (outlier, outlier.basis(hi, d))]
 
     def _channel_sets(self, heads: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,7 +413,7 @@ class TurboQuant(Codec):
         n_sink = 0 if sink is None else sink.shape[1]
         tokens = total - n_sink
         out = torch.empty(heads * tokens, d)
-        arrays = dict(enc.arrays)
+        arrays = _unlog8(dict(enc.arrays))
         centred = np.signbit(arrays["norms"]) if "mean" in arrays else None  # (heads, tokens)
         if centred is not None:
             arrays["norms"] = np.abs(arrays["norms"])
@@ -407,6 +426,33 @@ class TurboQuant(Codec):
         if sink is None:
             return body
         return np.concatenate([sink.astype(np.float32), body], axis=1)
+
+
+LOG8 = "_log8_range"
+
+
+def _log8(name: str, norms: np.ndarray) -> dict[str, np.ndarray]:
+    """``norm_bits=8``: norms ``(heads, tokens)`` as uint8 codes of their logarithm, uniform between each
+    head's smallest and largest log-norm (stored as fp16 ``(heads, 2)``, and the codes against those rounded
+    values). A step of ``range/255`` in log space: about 1 % of the norm for norms spanning e^2.6."""
+    logs = np.log(np.maximum(norms.astype(np.float32), 1e-30))  # (heads, tokens)
+    bounds = np.stack([logs.min(axis=1), logs.max(axis=1)], axis=1).astype(np.float16) if logs.size else \
+        np.zeros((norms.shape[0], 2), np.float16)
+    lo, hi = bounds[:, :1].astype(np.float32), bounds[:, 1:].astype(np.float32)
+    step = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+    codes = np.clip(np.rint((logs - lo) / step), 0, 255).astype(np.uint8)
+    return {name: codes, name + LOG8: bounds}
+
+
+def _unlog8(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`_log8` for every norm array stored that way (others pass through)."""
+    for key in [k for k in arrays if k.endswith(LOG8)]:
+        name = key[: -len(LOG8)]
+        bounds = arrays.pop(key).astype(np.float32)
+        lo, hi = bounds[:, :1], bounds[:, 1:]
+        step = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        arrays[name] = np.exp(lo + arrays[name].astype(np.float32) * step).astype(np.float32)
+    return arrays
 
 
 def _norms_per_head(arrays: dict[str, np.ndarray], heads: int, tokens: int) -> dict[str, np.ndarray]:
