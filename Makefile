@@ -70,6 +70,9 @@ bench: install
 		--output benchmarks/results/quality_layer15_seeds.md
 	$(BIN)/python benchmarks/bench_analyze.py
 	$(BIN)/python benchmarks/bench_evict.py
+	$(BIN)/pip install --quiet -e '.[bench]' || echo "HF QuantizedCache backends unavailable: bench_eval skips them"
+	$(BIN)/python benchmarks/bench_eval.py --fidelity
+	$(BIN)/python benchmarks/bench_eval_speed.py
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

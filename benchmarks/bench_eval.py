@@ -115,7 +115,18 @@ def main() -> None:
     parser.add_argument("--fidelity", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "eval.md")
+    parser.add_argument("--combine", type=Path, nargs="*", help="Only write --output from the .json files of "
+                        "earlier runs (one text each, e.g. run in parallel).")
     args = parser.parse_args()
+    if args.combine:
+        results, notes = {}, []
+        for path in args.combine:
+            data = json.loads(path.read_text())
+            notes += data.pop("_notes", [])
+            results.update(data)
+        args.output.write_text(render(results, args, sorted(set(notes))))
+        print(f"wrote {args.output}")
+        return
     loaded = load_model("default")
     baselines, notes = ([], ["HF QuantizedCache: not run (--no-hf)"]) if args.no_hf else hf_baselines(loaded)
     results = {}
@@ -132,7 +143,7 @@ def main() -> None:
         r["wall_seconds"] = time.perf_counter() - started
         results[text] = r
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    args.output.with_suffix(".json").write_text(json.dumps({**results, "_notes": notes}, indent=1))
     args.output.write_text(render(results, args, notes))
     print(f"wrote {args.output}")
 

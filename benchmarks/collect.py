@@ -23,6 +23,9 @@ SECTIONS = [
      "benchmarks/results/quality_layer15_seeds.md"),
     ("analyze.md", "`kvtool analyze`: wall time and peak memory", "benchmarks/bench_analyze.py"),
     ("evict.md", "Eviction, age bands and cross-layer sharing (held-out queries)", "benchmarks/bench_evict.py"),
+    ("eval.md", "End to end: the codec inside the model (`kvtool eval`), HF QuantizedCache beside it",
+     "benchmarks/bench_eval.py --fidelity"),
+    ("eval_speed.md", "Eval overhead and streaming decode speed", "benchmarks/bench_eval_speed.py"),
 ]
 
 

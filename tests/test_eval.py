@@ -159,6 +159,7 @@ def test_cli_eval_errors_after_loading(args, message):
     (["--method", "nope"], "unknown codec 'nope'"),
     (["--keys", "fp16"], "give --method SPEC for both keys and values"),
     (["--method", "fp16", "--mode", "sideways"], "--mode must be one of prefill, streaming, got 'sideways'"),
+    (["--method", "fp16", "--device-map", "auto", "--max-memory", "cpu"], "--max-memory must be DEVICE=SIZE"),
     (["--method", "droprange:start=1,stop=3+kivi:bits=4", "--mode", "streaming"],
      "--mode streaming cannot use 'droprange': it selects tokens from the whole prompt at once; token "
      "selectors that can stream: keepfirst"),
