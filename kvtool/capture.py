@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvtool.compat import output_cache
-from kvtool.errors import InputError, KvtoolError
+from kvtool.errors import InputError, KvtoolError, NonFiniteError
 from kvtool.models import LoadedModel
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
 
@@ -435,14 +435,34 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
         pre = rec.prerope.get(i)
         writer.write_layer(
             seq, i,
-            to_host(keys, storage),
-            to_host(values, storage),
-            queries=to_host(q, storage) if q is not None else None,
+            _stored(keys, storage, i, "keys"),
+            _stored(values, storage, i, "values"),
+            queries=_stored(q, storage, i, "queries") if q is not None else None,
             query_positions=qpos if q is not None else None,
             layer_type=shape.layer_types[i],
             sliding_window=shape.sliding_window if shape.layer_types[i] == LAYER_SLIDING else 0,
             key_start=num_tokens - t_i,
-            keys_prerope=to_host(pre[:, num_tokens - t_i:, :], storage) if pre is not None else None,
+            keys_prerope=_stored(pre[:, num_tokens - t_i:, :], storage, i, "pre-RoPE keys") if pre is not None
+            else None,
         )
         if progress is not None:
             progress("write", i + 1, shape.num_layers)
+
+
+def _stored(x: Any, storage: Any, layer: int, name: str) -> np.ndarray:
+    """``x`` cast to the storage dtype, as numpy. Refuses (NonFiniteError naming the layer) values the
+    model produced as NaN/inf, and values the cast overflows (float16 ends at 65,504)."""
+    import torch
+
+    host = x.detach().to("cpu")  # copied first, then cast: the cast never allocates on a full GPU
+    y = host.to(storage)
+    if bool(torch.isfinite(y).all()):
+        return y.numpy()
+    if bool(torch.isfinite(host).all()):
+        x = host
+        peak = float(x.abs().max())
+        raise NonFiniteError(f"layer {layer}: {name} reach {peak:.4g}, beyond float16's largest value 65504; "
+                             "capture with --dtype float32")
+    raise NonFiniteError(f"layer {layer}: the model produced NaN or infinity in its {name} (computing in "
+                         f"{str(x.dtype).removeprefix('torch.')}); capture with --dtype float32 and "
+                         "--model-dtype float32")

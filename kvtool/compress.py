@@ -28,6 +28,7 @@ from kvtool.errors import CodecError, InputError, StoreError
 from kvtool.report import json_safe, store_header
 from kvtool.store import (
     CODEC_ATTR,
+    DAMAGED_HINT,
     KEYS,
     KIND_CACHE,
     KIND_COMPRESSED,
@@ -41,6 +42,7 @@ from kvtool.store import (
     CacheWriter,
     LayerData,
     StoreInfo,
+    check_finite,
     copy_sequence,
     derived_writer,
 )
@@ -492,21 +494,30 @@ def decode_tensor(reader: CacheReader, layer: int, name: str, sequence: int = 0
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`read_tensor` and the codec's token mask ``(kv_heads, T)`` (None when every row exists)."""
     arrays, attrs = reader.read_encoded(layer, name, sequence)
+    where = f"{reader.path}: sequence {sequence}, layer {layer}, {name}"
     try:
         codec = parse_spec(str(attrs[CODEC_ATTR]))
     except (KeyError, CodecError) as exc:
-        raise StoreError(f"{reader.path}: layer {layer} {name}: cannot rebuild its codec ({exc})") from None
+        raise StoreError(f"{where}: cannot rebuild its codec ({exc})") from None
     stored = {k: v for k, v in arrays.items() if not k.startswith(SHARED_PREFIX)}
     shared = {k[len(SHARED_PREFIX):]: v for k, v in arrays.items() if k.startswith(SHARED_PREFIX)}
     meta = {k[len(META_PREFIX):]: _scalar(v) for k, v in attrs.items() if k.startswith(META_PREFIX)}
-    shape = tuple(int(s) for s in attrs["shape"])
-    codec.load_shared_state(shared)
-    enc = Encoded(stored, shape, meta)  # type: ignore[arg-type]
-    if PARTNER in meta:  # the second layer of a cross-layer pair also reads what the first stored once
-        first, _ = reader.read_encoded(int(meta[PARTNER]), name, sequence)
-        partner = Encoded({k: v for k, v in first.items() if not k.startswith(SHARED_PREFIX)}, shape)
-        enc = with_partner(enc, partner)
-    return codec.decode(enc), codec.token_mask(enc)
+    try:
+        shape = tuple(int(s) for s in attrs["shape"])
+        codec.load_shared_state(shared)
+        enc = Encoded(stored, shape, meta)  # type: ignore[arg-type]
+        if PARTNER in meta:  # the second layer of a cross-layer pair also reads what the first stored once
+            first, _ = reader.read_encoded(int(meta[PARTNER]), name, sequence)
+            partner = Encoded({k: v for k, v in first.items() if not k.startswith(SHARED_PREFIX)}, shape)
+            enc = with_partner(enc, partner)
+        with np.errstate(all="ignore"):  # damaged scales show up as non-finite output, checked below
+            x, mask = codec.decode(enc), codec.token_mask(enc)
+    except (KeyError, ValueError, TypeError, IndexError, OverflowError, CodecError) as exc:
+        # the file's checksums passed, so its arrays or attributes were written inconsistently
+        raise StoreError(f"{where}: the stored arrays do not decode with {codec.spec()} "
+                         f"({type(exc).__name__}: {exc})") from None
+    check_finite(np.asarray(x), f"{where}: the decoded tensor", DAMAGED_HINT)
+    return x, mask
 
 
 def _scalar(v: Any) -> int | float | str:
@@ -518,8 +529,8 @@ def _scalar(v: Any) -> int | float | str:
 def _decompress_layer(reader: CacheReader, writer: CacheWriter, j: int, i: int) -> None:
     g = reader.layer_group(i, j)
     layer_info = reader.info.sequences[j].layers[i]
-    queries = g[QUERIES][()] if QUERIES in g else None
-    qpos = g[QUERY_POSITIONS][()] if QUERIES in g else None
+    queries = reader.read_dataset(g, QUERIES, j, i) if QUERIES in g else None
+    qpos = reader.read_dataset(g, QUERY_POSITIONS, j, i) if QUERIES in g else None
     keys, keys_mask = decode_tensor(reader, i, KEYS, j)
     values, values_mask = decode_tensor(reader, i, VALUES, j)
     writer.write_layer(j, i, keys, values, queries=queries, query_positions=qpos,

@@ -29,7 +29,29 @@ class CodecError(KvtoolError):
     """An unknown codec, an unknown parameter, or parameter values the codec cannot honour."""
 
 
+class NonFiniteError(KvtoolError):
+    """Keys, values or queries holding NaN or infinity: a damaged file, or a model (or float16 cast) that
+    overflowed during capture."""
+
+
 class GateFailed(KvtoolError):
     """A regression gate failed (``kvtool check``)."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) turned into an exception in the main thread, so that the
+    cleanup that runs for Ctrl-C (temporary files removed) runs for it too. A BaseException, like
+    KeyboardInterrupt, so ``except Exception`` blocks do not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention for a process ended by a signal

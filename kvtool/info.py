@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvtool.store import KEYS, QUERIES, SCHEMA_VERSION, VALUES, CacheReader
+from kvtool.store import KEYS, QUERIES, SCHEMA_VERSION, VALUES, CacheReader, checksum_coverage
 
 
 def _storage(obj: Any) -> tuple[int, int]:
@@ -23,10 +23,12 @@ def describe(path: Path | str) -> dict[str, Any]:
     """Model, texts, per-layer shapes and bytes of a kvtool file.
 
     ``bytes_in_memory`` is what the tensors take uncompressed at the file's dtype (a compressed file
-    counts its keys/values at 16 bits, the baseline a KV cache would hold).
+    counts its keys/values at 16 bits, the baseline a KV cache would hold); ``bytes_on_disk`` includes the
+    4-byte checksum of each chunk. ``checksums`` says whether the datasets carry Fletcher-32.
     """
     with CacheReader(path) as reader:
         info = reader.info
+        checksummed, datasets = checksum_coverage(reader)
         itemsize = 4 if info.dtype == "float32" else 2
         layers: list[dict[str, Any]] = []
         for i in range(info.num_layers):
@@ -77,4 +79,8 @@ def describe(path: Path | str) -> dict[str, Any]:
             "bytes_in_memory": sum(x["bytes_in_memory"] for x in layers),
         },
         "file_bytes": Path(path).stat().st_size,
+        # "fletcher32" on every dataset, "none" (a file written before kvtool checksummed its data), or "partial"
+        "checksums": "fletcher32" if checksummed == datasets else "none" if checksummed == 0 else "partial",
+        "checksummed_datasets": checksummed,
+        "datasets": datasets,
     }

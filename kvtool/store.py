@@ -57,18 +57,30 @@ has ``meta.partner`` (the first layer's index) and its codec reads the first gro
 Queries, when present, stay as they were so attention metrics still work. A compressed file keeps its
 source's ``text_sha256`` values.
 
+Integrity. Every dataset is chunked and carries HDF5's Fletcher-32 filter (one checksum per chunk):
+keys, values, queries and keys_prerope one chunk per head, every other array (tokens, query positions,
+a codec's arrays) one chunk (split along its first axis past 1 GiB). HDF5 cannot chunk a 0-d array,
+so a codec's scalar array is stored with shape (1,) and the attribute ``kvtool_scalar`` = 1. Files use
+HDF5's 1.10 format (library version bounds v110), whose superblock and object headers carry checksums
+too. Keys, values, queries and keys_prerope hold only finite values. Files written before checksums
+existed (earliest format, no filter) stay readable; ``kvtool inspect`` says they carry none.
+
 Readers validate the schema version, the required attributes and every shape against the root
-attributes, and fail with a :class:`~kvtool.errors.StoreError` that names what was expected.
-Writers go to a temporary file beside the target and rename it on success, so an interrupted write
-never leaves a file posing as complete.
+attributes, and fail with a :class:`~kvtool.errors.StoreError` that names what was expected. A chunk
+that fails its checksum, or data that cannot be read, fails with one StoreError naming the file, the
+sequence, the layer and the dataset; a layer holding NaN or infinity with a NonFiniteError naming the
+sequence and the layer. Writers go to a temporary file beside the target (space reserved ahead of
+each write, so a full disk fails cleanly) and rename it on success, so an interrupted or failed write
+never leaves a file posing as complete, nor a temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,7 +89,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtool.errors import StoreError
+from kvtool.errors import NonFiniteError, StoreError
+from kvtool.util import os_error_reason, publish, temp_beside
 
 SCHEMA_VERSION = 1
 KIND_CACHE = "cache"
@@ -99,6 +112,15 @@ LAYER_SLIDING = "sliding"
 LAYER_TYPES = (LAYER_FULL, LAYER_SLIDING)
 
 STORAGE_DTYPES = ("float16", "float32")
+
+#: HDF5 file-format bounds of every file kvtool writes: the 1.10 format checksums its own metadata.
+LIBVER = ("v110", "v110")
+#: Marks a codec array that was 0-d before it was stored as shape (1,) (HDF5 cannot chunk a scalar).
+SCALAR_ATTR = "kvtool_scalar"
+#: Above this a non-head-chunked array is split along its first axis (HDF5 caps a chunk at 4 GiB).
+MAX_CHUNK_BYTES = 1 << 30
+#: Datasets whose values must be finite (float keys/values/queries of a cache).
+FLOAT_DATASETS = (KEYS, VALUES, QUERIES, KEYS_PREROPE)
 
 REQUIRED_ROOT_ATTRS: dict[str, type] = {
     "kvtool_schema": int,
@@ -219,9 +241,43 @@ def _attr(obj: Any, name: str, kind: type, path: Path | str) -> Any:
         if kind is float:
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _fail(path, f"attribute '{name}' on {obj.name} should be {kind.__name__}, "
                     f"found {value!r}") from None
+
+
+def _problem(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if "filter returned failure" in text:  # Fletcher-32 is the only filter kvtool writes
+        return "checksum mismatch: the data is damaged (restore the file or capture it again)"
+    return f"cannot be read: the file is truncated or corrupt ({text[:160] or type(exc).__name__})"
+
+
+@contextlib.contextmanager
+def _reading(path: Path | str, where: str):
+    """Turn whatever h5py raises while reading damaged data into one StoreError naming ``where``."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:
+        raise _fail(path, f"{where}: {_problem(exc)}") from None
+
+
+def _where(sequence: int, layer: int | None = None, name: str | None = None) -> str:
+    parts = [f"sequence {sequence}"] + ([f"layer {layer}"] if layer is not None else [])
+    return ", ".join(parts + ([name] if name else []))
+
+
+def check_finite(x: np.ndarray, what: str, hint: str) -> None:
+    """Raise :class:`NonFiniteError` "``what`` holds N NaN and M infinite value(s); ``hint``" when ``x``
+    is not all finite (a no-op for integer arrays)."""
+    if x.dtype.kind != "f" or np.isfinite(x).all():
+        return
+    n_nan = int(np.isnan(x).sum())
+    raise NonFiniteError(f"{what} holds {n_nan} NaN and {int(x.size - n_nan - np.isfinite(x).sum())} "
+                         f"infinite value(s); {hint}")
+
+
+DAMAGED_HINT = "the file is damaged, or its capture overflowed (capture again with --dtype float32)"
 
 
 def _open_h5(path: Path | str, mode: str = "r"):
@@ -234,7 +290,7 @@ def _open_h5(path: Path | str, mode: str = "r"):
         raise StoreError(f"{p}: is a directory, expected a kvtool .h5 file")
     try:
         return h5py.File(p, mode)
-    except OSError as exc:
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
         reason = str(exc).split("(")[0].strip().rstrip(",")
         raise StoreError(f"{p}: not a readable HDF5 file ({reason or 'unreadable'})") from None
 
@@ -291,6 +347,8 @@ class CacheReader:
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
             if root[name] < 1:
                 raise _fail(path, f"attribute '{name}' must be >= 1, found {root[name]}")
+        if not (math.isfinite(root["attn_scaling"]) and root["attn_scaling"] > 0):
+            raise _fail(path, f"attribute 'attn_scaling' must be a positive number, found {root['attn_scaling']}")
         if root["num_q_heads"] % root["num_kv_heads"]:
             raise _fail(path, f"num_q_heads ({root['num_q_heads']}) is not a multiple of num_kv_heads "
                         f"({root['num_kv_heads']})")
@@ -377,48 +435,75 @@ class CacheReader:
 
     def layer_group(self, layer: int, sequence: int = 0):
         self.check_layer(layer, sequence)
-        return self._h5[f"/{SEQUENCES}/{sequence}/{LAYERS}/{layer}"]
+        with _reading(self.path, _where(sequence, layer)):
+            return self._h5[f"/{SEQUENCES}/{sequence}/{LAYERS}/{layer}"]
+
+    def read_dataset(self, group: Any, name: str, sequence: int, layer: int | None = None, *,
+                     label: str | None = None) -> np.ndarray:
+        """Every chunk of ``group[name]``, checksums verified; a damaged chunk raises StoreError naming the
+        file, sequence, layer and dataset (``label``, default ``name``). Float keys/values/queries are
+        checked to be finite (NonFiniteError)."""
+        where = _where(sequence, layer, label or name)
+        with _reading(self.path, where):
+            ds = group[name]
+            x = ds[()]
+            if SCALAR_ATTR in ds.attrs:
+                x = x.reshape(())
+        if name in FLOAT_DATASETS:
+            check_finite(x, f"{self.path}: {where}", DAMAGED_HINT)
+        return x
 
     def tokens(self, sequence: int = 0) -> np.ndarray:
         self.check_layer(0, sequence)
-        return self._h5[f"/{SEQUENCES}/{sequence}/{TOKENS}"][()]
+        with _reading(self.path, _where(sequence)):
+            g = self._h5[f"/{SEQUENCES}/{sequence}"]
+        return self.read_dataset(g, TOKENS, sequence)
 
     def layer(self, layer: int, sequence: int = 0, *, queries: bool = True) -> LayerData:
-        """Read one layer of one sequence as float32 arrays (see :class:`LayerData`)."""
+        """Read one layer of one sequence as float32 arrays (see :class:`LayerData`).
+
+        Raises StoreError when a chunk fails its checksum, NonFiniteError when the layer holds NaN/inf.
+        """
         g = self.layer_group(layer, sequence)
         info = self.info.sequences[sequence].layers[layer]
         if info.encoded:
             raise _fail(self.path, "keys/values are codec-encoded; decode them with "
                         "`kvtool decompress` or kvtool.compress.decompress")
-        try:
-            keys = g[KEYS][()].astype(np.float32, copy=False)
-            values = g[VALUES][()].astype(np.float32, copy=False)
-            q = g[QUERIES][()].astype(np.float32, copy=False) if queries and QUERIES in g else None
-            qpos = g[QUERY_POSITIONS][()].astype(np.int64) if q is not None else None
-            pre = g[KEYS_PREROPE][()].astype(np.float32, copy=False) if KEYS_PREROPE in g else None
-            kept = g[KEPT][()].astype(bool) if KEPT in g else None
-        except OSError as exc:
-            raise _fail(self.path, f"cannot read {g.name} (truncated or corrupt: {exc})") from None
+
+        def read(name: str) -> np.ndarray | None:
+            with _reading(self.path, _where(sequence, layer)):
+                present = name in g
+            return self.read_dataset(g, name, sequence, layer).astype(np.float32, copy=False) if present else None
+
+        keys, values = read(KEYS), read(VALUES)
+        q = read(QUERIES) if queries else None
+        qpos = self.read_dataset(g, QUERY_POSITIONS, sequence, layer).astype(np.int64) if q is not None else None
+        with _reading(self.path, _where(sequence, layer)):
+            has_kept = KEPT in g
+        kept = self.read_dataset(g, KEPT, sequence, layer).astype(bool) if has_kept else None
         return LayerData(
             layer=layer,
-            keys=keys,
-            values=values,
+            keys=keys,  # type: ignore[arg-type]  # validation guarantees keys and values exist
+            values=values,  # type: ignore[arg-type]
             queries=q,
             key_positions=np.arange(info.key_start, info.key_start + info.num_tokens, dtype=np.int64),
             query_positions=qpos,
             layer_type=info.layer_type,
             sliding_window=info.sliding_window,
             scaling=self.info.attn_scaling,
-            keys_prerope=pre,
+            keys_prerope=read(KEYS_PREROPE),
             kept=kept,
         )
 
     def read_encoded(self, layer: int, name: str, sequence: int = 0) -> tuple[dict[str, np.ndarray],
                                                                                dict[str, Any]]:
         """Arrays and attributes of a codec group (``name`` is ``keys`` or ``values``)."""
-        g = self.layer_group(layer, sequence)[name]
-        arrays = {k: g[k][()] for k in g}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+        group = self.layer_group(layer, sequence)
+        with _reading(self.path, _where(sequence, layer, name)):
+            g = group[name]
+            names = list(g)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+        arrays = {k: self.read_dataset(g, k, sequence, layer, label=f"{name}/{k}") for k in names}
         return arrays, attrs
 
 
@@ -437,6 +522,73 @@ def load_layer(path: Path | str, layer: int, sequence: int = 0
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         data = reader.layer(layer, sequence)
     return data.keys, data.values, data.queries
+
+
+def _label(name: str) -> str:
+    """"/sequences/0/layers/15/keys/codes" -> "sequence 0, layer 15, keys/codes"."""
+    parts = name.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == SEQUENCES:
+        if len(parts) >= 5 and parts[2] == LAYERS:
+            return _where(int(parts[1]) if parts[1].isdigit() else -1,
+                          int(parts[3]) if parts[3].isdigit() else -1, "/".join(parts[4:]))
+        return f"sequence {parts[1]}, {'/'.join(parts[2:])}"
+    return name
+
+
+def checksum_coverage(reader: CacheReader) -> tuple[int, int]:
+    """(datasets carrying the Fletcher-32 filter, all datasets) of an open kvtool file."""
+    import h5py
+
+    datasets: list[Any] = []
+    reader.h5.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return sum(bool(ds.fletcher32) for ds in datasets), len(datasets)
+
+
+def verify(path: Path | str) -> dict[str, Any]:
+    """Read every chunk of every dataset of a kvtool file: checksums where the file has them, and that
+    keys/values/queries are finite. Memory: one chunk (one head of one layer) at a time.
+
+    Returns ``{"datasets", "checksummed", "chunks", "bytes", "problems"}``; ``problems`` holds one line per
+    damaged dataset ("sequence 0, layer 15, keys: checksum mismatch in 1 of 3 chunks: ...").
+    """
+    import h5py
+
+    with CacheReader(path) as reader:
+        names: list[str] = []
+        with _reading(reader.path, "listing the datasets"):
+            reader.h5.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        out: dict[str, Any] = {"datasets": len(names), "checksummed": 0, "chunks": 0, "bytes": 0,
+                               "problems": []}
+        for name in names:
+            _verify_dataset(reader, name, out)
+    return out
+
+
+def _verify_dataset(reader: CacheReader, name: str, out: dict[str, Any]) -> None:
+    label = _label(name)
+    try:
+        ds = reader.h5[name]
+        out["checksummed"] += bool(ds.fletcher32)
+        pieces = list(ds.iter_chunks()) if ds.chunks and ds.size else [()]
+    except Exception as exc:  # damaged metadata: h5py raises a variety of types
+        out["problems"].append(f"{label}: {_problem(exc)}")
+        return
+    bad, first, nonfinite = 0, "", 0
+    for sel in pieces:
+        try:
+            x = ds[sel]
+        except Exception as exc:
+            bad += 1
+            first = first or _problem(exc)
+            continue
+        out["chunks"] += 1
+        out["bytes"] += int(np.asarray(x).nbytes)
+        if name.rsplit("/", 1)[-1] in FLOAT_DATASETS and np.asarray(x).dtype.kind == "f":
+            nonfinite += int(np.size(x) - np.isfinite(x).sum())
+    if bad:
+        out["problems"].append(f"{label}: {bad} of {len(pieces)} chunk(s) bad, {first}")
+    if nonfinite:
+        out["problems"].append(f"{label}: {nonfinite} NaN/infinite value(s); {DAMAGED_HINT}")
 
 
 def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
@@ -485,11 +637,47 @@ def check_output_path(path: Path | str, force: bool) -> Path:
     return p
 
 
+#: Disk space kept reserved beyond what a writer has written so far (HDF5's own metadata), and an upper
+#: bound of one object's metadata (object header, chunk index, attributes).
+RESERVE_HEADROOM = 256 << 10
+RESERVE_PER_OBJECT = 8 << 10
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _hdf5_end(path: Path) -> int | None:
+    """The end-of-file address a version 2/3 superblock records (None for other superblocks)."""
+    with open(path, "rb") as f:
+        head = f.read(48)
+    if len(head) < 48 or head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
+        return None
+    base = int.from_bytes(head[12:20], "little")
+    return base + int.from_bytes(head[28:36], "little")
+
+
+def _chunking(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """One chunk for the whole array; split along the first axis when it is larger than MAX_CHUNK_BYTES."""
+    chunks = [max(1, n) for n in shape]
+    row = itemsize * math.prod(chunks[1:])
+    if chunks and row * chunks[0] > MAX_CHUNK_BYTES:
+        chunks[0] = max(1, MAX_CHUNK_BYTES // row)
+    return tuple(chunks)
+
+
+def _attrs_bytes(attrs: Mapping[str, Any]) -> int:
+    return sum(len(k) + (np.asarray(v).nbytes if not isinstance(v, str) else len(v.encode()))
+               for k, v in attrs.items())
+
+
 class CacheWriter:
     """Atomic writer of a kvtool file.
 
     Everything goes to a hidden temporary file beside ``path``; :meth:`commit` (called by a clean
     ``with`` exit) renames it into place. Any exception, KeyboardInterrupt included, removes it.
+
+    Disk space is reserved (``posix_fallocate``) before each write, so a full disk or a file-size limit
+    fails as one StoreError with the temporary file removed, not inside HDF5 (whose write errors surface
+    late, or not at all). Without ``force`` an output that another process finished meanwhile is never
+    overwritten.
     """
 
     def __init__(self, path: Path | str, header: StoreHeader, *, force: bool = False) -> None:
@@ -501,19 +689,76 @@ class CacheWriter:
             raise StoreError(f"kind must be one of {', '.join(KINDS)}, got {header.kind!r}")
         self.path = check_output_path(path, force)
         self.header = header
+        self._force = force
         self._np_dtype = np.dtype(header.dtype)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            os.close(fd)
+            self._tmp = temp_beside(self.path)
         except OSError as exc:
             raise StoreError(f"{self.path.parent}: output directory is not writable "
                              f"({exc.strerror or exc})") from None
-        self._tmp = Path(tmp)
-        self._h5 = h5py.File(self._tmp, "w")
+        self._done = False
+        self._fd: int | None = None
+        self._estimate = self._reserved = 0
         self._texts = hashlib.sha256()
         self._sequences = 0
-        self._done = False
-        self._write_root()
+        with self._writing():
+            self._h5 = h5py.File(self._tmp, "w", libver=LIBVER)
+            self._fd = os.open(self._tmp, os.O_WRONLY)
+            self._reserve(_attrs_bytes(header.extra), objects=2)
+            self._write_root()
+
+    # -- disk space and failures --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An OSError while writing (a full disk, a file-size limit) aborts: one StoreError, no file left."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"{self.path}: cannot write ({os_error_reason(exc)}); no file was left") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self, nbytes: int, objects: int = 1) -> None:
+        """Allocate disk space for ``nbytes`` of data and ``objects`` new HDF5 objects before HDF5 writes
+        them; raises OSError (ENOSPC, EFBIG) while nothing is half-written."""
+        self._estimate += nbytes + objects * RESERVE_PER_OBJECT
+        end = self._estimate + RESERVE_HEADROOM
+        if self._fd is None or end <= self._reserved:
+            return
+        try:
+            os.posix_fallocate(self._fd, self._reserved, end - self._reserved)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+                self._close_fd()  # a file system that cannot reserve: write unreserved (best effort)
+                return
+            raise
+        self._reserved = end
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _create(self, g: Any, name: str, data: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
+        """A chunked dataset with the Fletcher-32 filter (see "Integrity" in the module docstring)."""
+        x = np.asarray(data)
+        scalar = x.ndim == 0
+        if scalar:
+            x = x.reshape(1)
+        chunks = tuple(max(1, int(c)) for c in (chunks or _chunking(x.shape, x.itemsize)))
+        # HDF5 needs chunk sides >= 1, so an empty axis must be extendible to be chunked at all.
+        maxshape = tuple(None if n == 0 else n for n in x.shape)
+        n_chunks = math.prod(-(-max(n, 1) // c) for n, c in zip(x.shape, chunks, strict=True))
+        self._reserve(x.nbytes + 4 * n_chunks)
+        ds = g.create_dataset(name, data=x, chunks=chunks, maxshape=maxshape, fletcher32=True)
+        if scalar:
+            ds.attrs[SCALAR_ATTR] = 1
+
+    # -- the file -----------------------------------------------------------------------------------
 
     def _write_root(self) -> None:
         h = self.header
@@ -554,18 +799,21 @@ class CacheWriter:
         raw = text.encode() if isinstance(text, str) else text
         self._texts.update(raw)
         j = self._sequences
-        g = self._h5.create_group(f"{SEQUENCES}/{j}")
-        g.attrs["source"] = source
-        g.attrs["text_sha256"] = text_sha256 or hashlib.sha256(raw).hexdigest()
-        g.attrs["num_tokens"] = int(len(tokens))
-        g.create_dataset(TOKENS, data=np.asarray(tokens, dtype=np.int32))
-        g.create_group(LAYERS)
+        with self._writing():
+            self._reserve(len(source.encode()), objects=2)
+            g = self._h5.create_group(f"{SEQUENCES}/{j}")
+            g.attrs["source"] = source
+            g.attrs["text_sha256"] = text_sha256 or hashlib.sha256(raw).hexdigest()
+            g.attrs["num_tokens"] = int(len(tokens))
+            self._create(g, TOKENS, np.asarray(tokens, dtype=np.int32))
+            g.create_group(LAYERS)
         self._sequences += 1
         return j
 
     def _layer_group(self, sequence: int, layer: int, layer_type: str, sliding_window: int, key_start: int):
         if layer_type not in LAYER_TYPES:
             raise StoreError(f"layer_type must be one of {', '.join(LAYER_TYPES)}, got {layer_type!r}")
+        self._reserve(0)
         g = self._h5.require_group(f"{SEQUENCES}/{sequence}/{LAYERS}/{layer}")
         g.attrs["layer_type"] = layer_type
         g.attrs["sliding_window"] = int(sliding_window)
@@ -576,8 +824,12 @@ class CacheWriter:
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[2] != self.header.head_dim:
             raise StoreError(f"{name} must be (heads, tokens, {self.header.head_dim}), got {x.shape}")
-        chunks = (1, max(1, x.shape[1]), x.shape[2])  # one head per chunk
-        g.create_dataset(name, data=x.astype(self._np_dtype, copy=False), chunks=chunks)
+        with np.errstate(over="ignore"):  # an overflowing cast is reported below, not as a warning
+            stored = x.astype(self._np_dtype, copy=False)
+        check_finite(stored, f"{self.path}: cannot store {g.name}/{name}: it",
+                     f"kvtool files hold finite {self.header.dtype} values only"
+                     + (" (a float16 overflow needs --dtype float32)" if self.header.dtype == "float16" else ""))
+        self._create(g, name, stored, chunks=(1, max(1, x.shape[1]), x.shape[2]))  # one head per chunk
 
     def write_layer(self, sequence: int, layer: int, keys: np.ndarray, values: np.ndarray, *,
                     queries: np.ndarray | None = None, query_positions: np.ndarray | None = None,
@@ -589,17 +841,18 @@ class CacheWriter:
         for name, x in ((KEYS, keys), (VALUES, values)):
             if np.shape(x)[0] != h.num_kv_heads:
                 raise StoreError(f"{name} have {np.shape(x)[0]} heads, expected {h.num_kv_heads}")
-        g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
-        self._put(g, KEYS, keys)
-        self._put(g, VALUES, values)
-        if keys_prerope is not None:
-            if np.shape(keys_prerope) != np.shape(keys):
-                raise StoreError(f"keys_prerope shape {np.shape(keys_prerope)} differs from keys {np.shape(keys)}")
-            self._put(g, KEYS_PREROPE, keys_prerope)
-        if kept is not None:
-            if np.shape(kept) != np.shape(keys)[:2]:
-                raise StoreError(f"kept mask shape {np.shape(kept)} differs from keys {np.shape(keys)[:2]}")
-            g.create_dataset(KEPT, data=np.asarray(kept, dtype=bool))
+        if keys_prerope is not None and np.shape(keys_prerope) != np.shape(keys):
+            raise StoreError(f"keys_prerope shape {np.shape(keys_prerope)} differs from keys {np.shape(keys)}")
+        if kept is not None and np.shape(kept) != np.shape(keys)[:2]:
+            raise StoreError(f"kept mask shape {np.shape(kept)} differs from keys {np.shape(keys)[:2]}")
+        with self._writing():
+            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
+            self._put(g, KEYS, keys)
+            self._put(g, VALUES, values)
+            if keys_prerope is not None:
+                self._put(g, KEYS_PREROPE, keys_prerope)
+            if kept is not None:
+                self._create(g, KEPT, np.asarray(kept, dtype=bool))
         if queries is not None:
             self.write_queries(sequence, layer, queries, query_positions)
 
@@ -609,43 +862,56 @@ class CacheWriter:
             raise StoreError(f"queries have {np.shape(queries)[0]} heads, expected {self.header.num_q_heads}")
         if query_positions is None or len(query_positions) != np.shape(queries)[1]:
             raise StoreError("queries need query_positions with one position per query token")
-        g = self._h5.require_group(f"{SEQUENCES}/{sequence}/{LAYERS}/{layer}")
-        self._put(g, QUERIES, queries)
-        g.create_dataset(QUERY_POSITIONS, data=np.asarray(query_positions, dtype=np.int32))
+        with self._writing():
+            self._reserve(0)
+            g = self._h5.require_group(f"{SEQUENCES}/{sequence}/{LAYERS}/{layer}")
+            self._put(g, QUERIES, queries)
+            self._create(g, QUERY_POSITIONS, np.asarray(query_positions, dtype=np.int32))
 
     def write_encoded(self, sequence: int, layer: int, name: str, arrays: Mapping[str, np.ndarray],
                       attrs: Mapping[str, Any], *, shape: tuple[int, int, int], layer_type: str = LAYER_FULL,
                       sliding_window: int = 0, key_start: int = 0) -> None:
         """Write a codec group (compressed files): ``arrays`` stored as-is, ``attrs`` as attributes."""
-        g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
-        grp = g.create_group(name)
-        for k, v in arrays.items():
-            grp.create_dataset(k, data=np.asarray(v))
-        for k, v in attrs.items():
-            grp.attrs[k] = v
-        grp.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+        with self._writing():
+            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
+            self._reserve(_attrs_bytes(attrs))
+            grp = g.create_group(name)
+            for k, v in arrays.items():
+                self._create(grp, k, np.asarray(v))
+            for k, v in attrs.items():
+                grp.attrs[k] = v
+            grp.attrs["shape"] = np.asarray(shape, dtype=np.int64)
 
     def commit(self) -> Path:
+        """Close the temporary file and rename it to ``path``; StoreError (and nothing left) on failure."""
         if self._done:
             return self.path
-        self._h5.attrs["text_sha256"] = self.header.text_sha256 or self._texts.hexdigest()
-        self._h5.close()
-        # mkstemp creates 0600; give the finished file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)
-        os.replace(self._tmp, self.path)
+        with self._writing():
+            self._reserve(0)
+            self._h5.attrs["text_sha256"] = self.header.text_sha256 or self._texts.hexdigest()
+            self._h5.close()
+            self._close_fd()
+            end = _hdf5_end(self._tmp) if self._reserved else None
+            if end is not None and end < self._tmp.stat().st_size:
+                os.truncate(self._tmp, end)  # give back the space reserved beyond HDF5's end of file
+            try:
+                publish(self._tmp, self.path, replace=self._force)
+            except FileExistsError:
+                raise StoreError(f"{self.path}: another process created this file while kvtool was writing "
+                                 "it; it was left as it is (pass --force to overwrite)") from None
         self._done = True
         return self.path
 
     def abort(self) -> None:
+        """Remove the temporary file (safe to call twice, and after a failed write)."""
         if self._done:
             return
+        self._done = True
         with contextlib.suppress(Exception):
             self._h5.close()
+        self._close_fd()
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
-        self._done = True
 
 
 # ------------------------------------------------------------------------ derived files (compress/decompress)

@@ -38,7 +38,10 @@ def test_capture_default_model_and_inspect_json(tmp_path):
     assert len(d["layers"]) == 30 and d["layers"][0]["num_queries"] == [8, 8]
     # float16 keys+values+queries: 2 sequences × 30 layers × (2·3·40·64 + 9·8·64) elements × 2 bytes
     assert d["total"]["bytes_in_memory"] == 2 * 30 * (2 * 3 * 40 * 64 + 9 * 8 * 64) * 2
-    assert d["total"]["bytes_on_disk"] == d["total"]["bytes_in_memory"]  # stored uncompressed
+    # stored uncompressed, plus a 4-byte Fletcher-32 checksum per chunk (one chunk per head of keys, values
+    # and queries: 2 sequences × 30 layers × (3 + 3 + 9) chunks)
+    assert d["total"]["bytes_on_disk"] == d["total"]["bytes_in_memory"] + 4 * 2 * 30 * (3 + 3 + 9)
+    assert d["checksums"] == "fletcher32" and d["checksummed_datasets"] == d["datasets"]
     r = run("inspect", str(out))
     assert r.exit_code == 0 and "LlamaForCausalLM" in r.stdout
 

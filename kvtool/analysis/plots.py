@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from kvtool.analysis.similarity import SHARE_COSINE
 from kvtool.analysis.spectrum import ENERGIES
+from kvtool.util import atomic_write
 
 DPI = 110
 ANNOTATE_MAX_CELLS = 400  # write the number into each heatmap cell only while it stays legible
@@ -35,7 +36,7 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
         fig = draw(result)
         if fig is not None:
             path = out_dir / name
-            fig.savefig(path, dpi=DPI)
+            atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=DPI, format="png"), "a plot")
             written.append(path)
     return written
 

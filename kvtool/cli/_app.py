@@ -1,8 +1,10 @@
 """Shared pieces of the kvtool command line: the Typer app, consoles, the error guard, JSON output.
 
 Errors meant for users (:class:`kvtool.errors.KvtoolError`) become one red line on stderr and their exit
-code (2 bad input, 1 a failed gate); Ctrl-C exits 2. A traceback means a bug. Each command lives in its own
-module of :mod:`kvtool.cli` and registers itself on :data:`app` when imported.
+code (2 bad input, 1 a failed gate); Ctrl-C exits 2, SIGTERM and SIGHUP 128 + the signal number (143, 129),
+each after the same cleanup (no temporary file is left) and with one line saying which outputs, if any, were
+finished before. A traceback means a bug. Each command lives in its own module of :mod:`kvtool.cli` and
+registers itself on :data:`app` when imported.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from kvtool.errors import KvtoolError
+from kvtool.errors import Interrupted, KvtoolError
 
 app = typer.Typer(
     name="kvtool",
@@ -65,32 +68,88 @@ def _root(
     """Capture, analyse and compress the KV cache of causal language models, offline."""
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
-    """Call ``fn``; turn user errors and Ctrl-C into one line on stderr and an exit code."""
+#: Signals handled like Ctrl-C: the ones a CI timeout, ``kill``, a container stop or a closed terminal send.
+TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM/SIGHUP raise :class:`kvtool.errors.Interrupted` in the main thread, so
+    the cleanup that runs for Ctrl-C (writers removing their temporary files) runs for them too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        for sig in previous:  # a second signal must not interrupt the cleanup of the first
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for name in TERMINATION_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is None or signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup stays ignored
+            continue
+        previous[sig] = signal.signal(sig, handler)
     try:
-        return fn()
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _on_disk() -> str:
+    """What the interrupted or failed command left: the outputs it finished, or none."""
+    from kvtool.util import written_outputs
+
+    done = written_outputs()
+    if not done:
+        return "no output file was written"
+    return f"finished before it: {', '.join(str(p) for p in done)}; nothing partial was left"
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Call ``fn``; turn user errors, Ctrl-C, SIGTERM and SIGHUP into one line on stderr and an exit code."""
+    from kvtool.util import forget_outputs, written_outputs
+
+    forget_outputs()
+    try:
+        with _signals_raise():
+            return fn()
     except KvtoolError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True)
+        done = written_outputs()
+        suffix = f" (already written: {', '.join(str(p) for p in done)})" if done else ""
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}{escape(suffix)}", markup=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted:[/] stopped by the user; no output file was written")
+        err_console.print(f"[bold red]interrupted:[/] stopped by the user (Ctrl-C); {escape(_on_disk())}")
         raise typer.Exit(2) from None
+    except Interrupted as exc:
+        err_console.print(f"[bold red]interrupted:[/] stopped by {exc.name}; {escape(_on_disk())}")
+        raise typer.Exit(exc.exit_code) from None
 
 
 def write_json(data: Any, target: Path | None) -> None:
-    """JSON to a file, or to stdout when ``target`` is "-"."""
-    text = json.dumps(data, indent=2, allow_nan=False)
+    """JSON to a file (atomically), or to stdout when ``target`` is "-". NaN/inf become null (never
+    non-standard JSON); a write that fails (full disk, file-size limit) is one InputError line."""
+    from kvtool.errors import InputError
+    from kvtool.report import json_safe
+    from kvtool.util import atomic_write, os_error_reason
+
     if target is None:
         return
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     if str(target) == "-":
-        sys.stdout.write(text + "\n")
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as exc:
+            raise InputError(f"cannot write JSON to stdout ({os_error_reason(exc)})") from None
         return
-    from kvtool.errors import InputError
-
-    try:
-        target.write_text(text + "\n")
-    except OSError as exc:
-        raise InputError(f"{target}: cannot write JSON ({exc.strerror or exc})") from None
+    atomic_write(target, lambda tmp: tmp.write_text(text), "JSON")
 
 
 def human_bytes(n: float) -> str:

@@ -15,13 +15,26 @@ from kvtool.cli._app import app, console, human_bytes, run_guarded, write_json
 def inspect(
     path: Annotated[Path, typer.Argument(help="A kvtool HDF5 file (cache or compressed).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object instead of tables.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk: checksums (Fletcher-32) and "
+                                         "finite keys/values/queries; exit 2 naming what is damaged.")] = False,
 ) -> None:
-    """Show what a kvtool file holds: model, texts, per-layer shapes, dtype, bytes on disk vs in memory."""
+    """Show what a kvtool file holds: model, texts, per-layer shapes, dtype, bytes on disk vs in memory,
+    whether its data carries checksums."""
 
     def work() -> None:
+        from kvtool.errors import StoreError
         from kvtool.info import describe
 
         data = describe(path)
+        if verify:
+            from kvtool.store import verify as read_all
+
+            result = read_all(path)
+            if result["problems"]:
+                n = len(result["problems"])
+                raise StoreError(f"{path}: {n} damaged dataset{'s' if n > 1 else ''}: "
+                                 + "; ".join(result["problems"][:3]) + ("; ..." if n > 3 else ""))
+            data["verify"] = result
         if as_json:
             write_json(data, Path("-"))
         else:
@@ -56,3 +69,13 @@ def _render_inspect(d: dict[str, Any]) -> None:
     t = d["total"]
     console.print(f"total: {human_bytes(t['bytes_on_disk'])} on disk (keys+values+queries), "
                   f"{human_bytes(t['bytes_in_memory'])} in memory; file {human_bytes(d['file_bytes'])}")
+    console.print({
+        "fletcher32": f"checksums: Fletcher-32 on all {d['datasets']} datasets",
+        "none": "checksums: none (a file written before kvtool checksummed its data: damage inside a chunk "
+                "cannot be detected)",
+    }.get(d["checksums"], f"checksums: Fletcher-32 on {d['checksummed_datasets']} of {d['datasets']} datasets"))
+    v = d.get("verify")
+    if v:
+        what = "every checksum matches" if v["checksummed"] else "read without error (no checksums to compare)"
+        console.print(f"verified: {v['chunks']} chunks of {v['datasets']} datasets, "
+                      f"{human_bytes(v['bytes'])}; {what}; keys, values and queries are finite")
