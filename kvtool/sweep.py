@@ -233,10 +233,9 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
 
     Written to a temporary file beside ``output`` and renamed, so no partial PNG is left behind.
     """
-    import os
-    import tempfile
-
     from matplotlib.figure import Figure
+
+    from kvtool.util import atomic_write
 
     output = Path(output)
     results = report["results"]
@@ -252,15 +251,5 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
                "next-token KL divergence (kvtool eval, mean)")
         axes[1].set_title(f"in the model: {Path(report['eval']['text']).name}, {report['eval']['chunks']} chunk(s) "
                           f"of {report['eval']['context']} tokens", fontsize=10)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".png", dir=output.parent)
-    except OSError as exc:
-        raise InputError(f"{output}: cannot write the plot ({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
+    # temp file + rename; a full disk or a file-size limit is one InputError line, nothing left behind
+    return atomic_write(output, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), "the plot")
