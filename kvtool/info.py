@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvtool.store import KEYS, QUERIES, SCHEMA_VERSION, VALUES, CacheReader, checksum_coverage
+from kvtool.store import KEYS, QUERIES, SCHEMA_VERSION, VALUES, CacheReader, checksum_coverage, reading
 
 
 def _storage(obj: Any) -> tuple[int, int]:
@@ -35,11 +35,12 @@ def describe(path: Path | str) -> dict[str, Any]:
             disk = mem = 0
             for seq in info.sequences:
                 g = reader.layer_group(i, seq.index)
-                for name in (KEYS, VALUES, QUERIES):
-                    if name in g:
-                        d, n = _storage(g[name])
-                        disk += d
-                        mem += n * (2 if info.kind == "compressed" and name != QUERIES else itemsize)
+                with reading(info.path, f"sequence {seq.index}, layer {i}"):  # damaged metadata: one line
+                    for name in (KEYS, VALUES, QUERIES):
+                        if name in g:
+                            d, n = _storage(g[name])
+                            disk += d
+                            mem += n * (2 if info.kind == "compressed" and name != QUERIES else itemsize)
             first = info.sequences[0].layers[i]
             layers.append({
                 "index": i,

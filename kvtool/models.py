@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,17 +342,22 @@ def _main_device(model: Any) -> str:
 def _load_gguf(path: Path, torch_dtype: Any, spec: str, placement: dict[str, Any]) -> LoadedModel:
     digest = file_sha256(path)
     converted = cache_dir() / "gguf" / digest
-    if (converted / "config.json").is_file():
-        with contextlib.suppress(Exception):  # a damaged copy is rebuilt below
-            return _from_converted(converted, torch_dtype, spec, digest, placement)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    loaded = _reuse_converted(converted, torch_dtype, spec, digest, placement)
+    if loaded is not None:
+        return loaded
+    with _conversion_lock(converted):
+        # Another process may have converted the file while this one waited for the lock: reuse its copy.
+        loaded = _reuse_converted(converted, torch_dtype, spec, digest, placement)
+        if loaded is not None:
+            return loaded
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
-    except Exception as exc:  # gguf raises a zoo of types for a bad file
-        raise ModelError(f"{path}: cannot load as a GGUF model ({_short(exc)})") from None
-    _save_converted(model, tokenizer, converted)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        except Exception as exc:  # gguf raises a zoo of types for a bad file
+            raise ModelError(f"{path}: cannot load as a GGUF model ({_short(exc)})") from None
+        _save_converted(model, tokenizer, converted)
     if placement:
         # accelerate dispatches a checkpoint while loading it: the converted copy is that checkpoint.
         del model
@@ -374,8 +380,44 @@ def _from_converted(converted: Path, torch_dtype: Any, spec: str, digest: str, p
     return loaded
 
 
+def _reuse_converted(converted: Path, torch_dtype: Any, spec: str, digest: str,
+                     placement: dict[str, Any]) -> LoadedModel | None:
+    """The converted copy of a GGUF file, or None when there is none (or it is damaged: rebuilt then)."""
+    if not (converted / "config.json").is_file():
+        return None
+    with contextlib.suppress(Exception):
+        return _from_converted(converted, torch_dtype, spec, digest, placement)
+    return None
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<target>.lock`` while this process converts: a second process converting
+    the same file waits, then reuses the copy. Where no lock can be taken (no fcntl, a read-only cache)
+    the conversion runs unlocked; the atomic rename in :func:`_save_converted` still keeps the copy whole."""
+    try:
+        import fcntl
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{target}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also when the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
-    """Save a de-quantised copy atomically; failures only cost speed, never correctness."""
+    """Save a de-quantised copy atomically; failures only cost speed, never correctness.
+
+    The copy is written to a temporary folder and renamed into place, so readers see no copy or a whole
+    one, never a half-written or mixed one. A damaged copy already there is renamed aside first (a folder
+    cannot be replaced by rename while it has files); without the lock, a whole copy that another process
+    renamed into place meanwhile wins and this one is dropped.
+    """
     # transformers refuses to serialise a model that still carries its GGUF quantisation config,
     # although the weights are already de-quantised tensors.
     model.config.quantization_config = None
@@ -384,16 +426,22 @@ def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     for attr, value in (("hf_quantizer", None), ("is_quantized", False)):
         with contextlib.suppress(AttributeError):
             setattr(model, attr, value)
+    tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except Exception:
-        with contextlib.suppress(Exception):
+        if target.exists():  # under the lock a copy here is one that failed to load: damaged
+            old = Path(tempfile.mkdtemp(prefix=".old-", dir=target.parent))
+            os.replace(target, old / "copy")
+            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileExistsError, OSError):  # ENOTEMPTY: another whole copy got there first
+            os.replace(tmp, target)
+    except Exception:  # a copy that cannot be saved only costs speed at the next load
+        pass
+    finally:  # also on Ctrl-C or SIGTERM: no temporary folder is left behind
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -233,17 +233,16 @@ def _attr(obj: Any, name: str, kind: type, path: Path | str) -> Any:
         raise _fail(path, f"missing attribute '{name}' on {obj.name} (not a kvtool file of schema "
                     f"{SCHEMA_VERSION}?)")
     value = obj.attrs[name]
-    if isinstance(value, bytes):
-        value = value.decode()
-    try:
-        if kind is int:
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError, OverflowError):
-        raise _fail(path, f"attribute '{name}' on {obj.name} should be {kind.__name__}, "
-                    f"found {value!r}") from None
+    with contextlib.suppress(UnicodeDecodeError):
+        value = value.decode() if isinstance(value, bytes) else value
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    integral = isinstance(value, (int, np.integer)) and number
+    text = isinstance(value, str) and value.encode("utf-8", "replace").decode() == value  # no stray surrogates
+    if (kind is int and integral) or (kind is float and number) or (kind is str and text):
+        return kind(value)
+    shown = repr(value)
+    raise _fail(path, f"attribute '{name}' on {obj.name} should be {kind.__name__}, found "
+                f"{shown[:60] + '...' if len(shown) > 60 else shown}")
 
 
 def _problem(exc: BaseException) -> str:
@@ -254,8 +253,9 @@ def _problem(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _reading(path: Path | str, where: str):
-    """Turn whatever h5py raises while reading damaged data into one StoreError naming ``where``."""
+def reading(path: Path | str, where: str):
+    """Turn whatever h5py raises while reading damaged data or metadata into one StoreError naming ``where``
+    (for code outside this module that touches the open file directly, such as ``kvtool inspect``)."""
     try:
         yield
     except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError) as exc:
@@ -435,7 +435,7 @@ class CacheReader:
 
     def layer_group(self, layer: int, sequence: int = 0):
         self.check_layer(layer, sequence)
-        with _reading(self.path, _where(sequence, layer)):
+        with reading(self.path, _where(sequence, layer)):
             return self._h5[f"/{SEQUENCES}/{sequence}/{LAYERS}/{layer}"]
 
     def read_dataset(self, group: Any, name: str, sequence: int, layer: int | None = None, *,
@@ -444,7 +444,7 @@ class CacheReader:
         file, sequence, layer and dataset (``label``, default ``name``). Float keys/values/queries are
         checked to be finite (NonFiniteError)."""
         where = _where(sequence, layer, label or name)
-        with _reading(self.path, where):
+        with reading(self.path, where):
             ds = group[name]
             x = ds[()]
             if SCALAR_ATTR in ds.attrs:
@@ -455,7 +455,7 @@ class CacheReader:
 
     def tokens(self, sequence: int = 0) -> np.ndarray:
         self.check_layer(0, sequence)
-        with _reading(self.path, _where(sequence)):
+        with reading(self.path, _where(sequence)):
             g = self._h5[f"/{SEQUENCES}/{sequence}"]
         return self.read_dataset(g, TOKENS, sequence)
 
@@ -471,14 +471,14 @@ class CacheReader:
                         "`kvtool decompress` or kvtool.compress.decompress")
 
         def read(name: str) -> np.ndarray | None:
-            with _reading(self.path, _where(sequence, layer)):
+            with reading(self.path, _where(sequence, layer)):
                 present = name in g
             return self.read_dataset(g, name, sequence, layer).astype(np.float32, copy=False) if present else None
 
         keys, values = read(KEYS), read(VALUES)
         q = read(QUERIES) if queries else None
         qpos = self.read_dataset(g, QUERY_POSITIONS, sequence, layer).astype(np.int64) if q is not None else None
-        with _reading(self.path, _where(sequence, layer)):
+        with reading(self.path, _where(sequence, layer)):
             has_kept = KEPT in g
         kept = self.read_dataset(g, KEPT, sequence, layer).astype(bool) if has_kept else None
         return LayerData(
@@ -499,7 +499,7 @@ class CacheReader:
                                                                                dict[str, Any]]:
         """Arrays and attributes of a codec group (``name`` is ``keys`` or ``values``)."""
         group = self.layer_group(layer, sequence)
-        with _reading(self.path, _where(sequence, layer, name)):
+        with reading(self.path, _where(sequence, layer, name)):
             g = group[name]
             names = list(g)
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
@@ -540,8 +540,9 @@ def checksum_coverage(reader: CacheReader) -> tuple[int, int]:
     import h5py
 
     datasets: list[Any] = []
-    reader.h5.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
-    return sum(bool(ds.fletcher32) for ds in datasets), len(datasets)
+    with reading(reader.path, "listing the datasets"):
+        reader.h5.visititems(lambda _name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        return sum(bool(ds.fletcher32) for ds in datasets), len(datasets)
 
 
 def verify(path: Path | str) -> dict[str, Any]:
@@ -555,7 +556,7 @@ def verify(path: Path | str) -> dict[str, Any]:
 
     with CacheReader(path) as reader:
         names: list[str] = []
-        with _reading(reader.path, "listing the datasets"):
+        with reading(reader.path, "listing the datasets"):
             reader.h5.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         out: dict[str, Any] = {"datasets": len(names), "checksummed": 0, "chunks": 0, "bytes": 0,
                                "problems": []}

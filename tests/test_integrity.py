@@ -148,3 +148,54 @@ def test_nonstandard_json_never_written(real: Path, tmp_path: Path) -> None:
     assert_one_line_error(run("inspect", bad, "--json"), "attn_scaling' must be a positive number")
     with pytest.raises(StoreError):
         CacheReader(bad)
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_model_factory, tmp_path_factory):
+    """A tiny random llama, and a copy of it with a weight changed: planted(name, fn) -> model folder."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    base = tiny_model_factory(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64), "planted-llama")
+
+    def make(name: str, change) -> Path:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            change(model)
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out)
+        for f in base.iterdir():
+            if "token" in f.name or f.name.endswith(".jinja"):
+                shutil.copy(f, out / f.name)
+        return out
+
+    return make
+
+
+def test_capture_refuses_a_float16_overflow(planted, tmp_path: Path) -> None:
+    """Layer 1's values reach ~1e6 (an outlier activation): fine in float32, inf once cast to float16."""
+    model = planted("overflow", lambda m: m.model.layers[1].self_attn.v_proj.weight.mul_(1e6))
+    out = tmp_path / "c.h5"
+    args = ("capture", "--model", model, "--prompt", "a large activation, planted", "--output", out)
+    line = one_line_error(run(*args))
+    assert "layer 1: values reach" in line and "beyond float16's largest value 65504" in line
+    assert line.endswith("capture with --dtype float32")
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary file
+    assert run(*args, "--dtype", "float32").exit_code == 0
+    with CacheReader(out) as r:
+        assert np.abs(r.layer(1).values).max() > 65504
+
+
+def test_capture_refuses_nan_from_the_model(planted, tmp_path: Path) -> None:
+    model = planted("nan", lambda m: m.model.layers[2].self_attn.k_proj.weight.fill_(float("nan")))
+    line = one_line_error(run("capture", "--model", model, "--prompt", "not a number", "--output",
+                              tmp_path / "c.h5"))
+    assert "layer 2: the model produced NaN or infinity in its keys (computing in float32)" in line
+    assert "--dtype float32" in line and list(tmp_path.iterdir()) == []
