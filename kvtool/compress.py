@@ -364,7 +364,8 @@ def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chos
         raise InputError(f"--observe {observe} leaves no held-out queries for the attention metrics: the "
                          f"cache holds {tq} queries per layer; use 0..{tq - 1}")
     with CacheReader(info.path) as reader:
-        positions = reader.layer_group(chosen[0], sequence)[QUERY_POSITIONS][()].astype(int).tolist()
+        group = reader.layer_group(chosen[0], sequence)
+        positions = reader.read_dataset(group, QUERY_POSITIONS, sequence, chosen[0]).astype(int).tolist()
     seen, held = positions[:observe], positions[observe:]
     note = (f"codecs saw the first {observe} of the {tq} captured queries (positions {seen[0]}..{seen[-1]}); "
             f"attention metrics use the other {len(held)} (positions {held[0]}..{held[-1]})"
