@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/pip install --quiet -e '.[bench]' || echo "HF QuantizedCache backends unavailable: bench_eval skips them"
 	$(BIN)/python benchmarks/bench_eval.py --fidelity
 	$(BIN)/python benchmarks/bench_eval_speed.py
+	$(BIN)/python benchmarks/bench_integrity.py
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

@@ -26,6 +26,7 @@ SECTIONS = [
     ("eval.md", "End to end: the codec inside the model (`kvtool eval`), HF QuantizedCache beside it",
      "benchmarks/bench_eval.py --fidelity"),
     ("eval_speed.md", "Eval overhead and streaming decode speed", "benchmarks/bench_eval_speed.py"),
+    ("integrity.md", "Checksums: write, read and verify cost; capture with them on", "benchmarks/bench_integrity.py"),
 ]
 
 

@@ -463,6 +463,9 @@ def _stored(x: Any, storage: Any, layer: int, name: str) -> np.ndarray:
         peak = float(x.abs().max())
         raise NonFiniteError(f"layer {layer}: {name} reach {peak:.4g}, beyond float16's largest value 65504; "
                              "capture with --dtype float32")
+    computing = str(x.dtype).removeprefix("torch.")
+    all_float32 = computing == "float32" and storage == torch.float32
+    hint = ("the model's weights or its input are broken (float32 cannot help here)" if all_float32
+            else "capture with --dtype float32 and --model-dtype float32")
     raise NonFiniteError(f"layer {layer}: the model produced NaN or infinity in its {name} (computing in "
-                         f"{str(x.dtype).removeprefix('torch.')}); capture with --dtype float32 and "
-                         "--model-dtype float32")
+                         f"{computing}); {hint}")
