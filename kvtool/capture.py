@@ -10,6 +10,7 @@ implementation. No model code is forked or patched.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -451,16 +452,18 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
 
 def _stored(x: Any, storage: Any, layer: int, name: str) -> np.ndarray:
     """``x`` cast to the storage dtype, as numpy. Refuses (NonFiniteError naming the layer) values the
-    model produced as NaN/inf, and values the cast overflows (float16 ends at 65,504)."""
+    model produced as NaN/inf, and values the cast overflows (float16 ends at 65,504; from 65,520 a value
+    rounds to infinity). One min/max pass over the tensor (NaN propagates through it)."""
     import torch
 
     host = x.detach().to("cpu")  # copied first, then cast: the cast never allocates on a full GPU
-    y = host.to(storage)
-    if bool(torch.isfinite(y).all()):
-        return y.numpy()
-    if bool(torch.isfinite(host).all()):
-        x = host
-        peak = float(x.abs().max())
+    if host.numel() == 0:
+        return host.to(storage).numpy()
+    lo, hi = (float(v) for v in torch.aminmax(host.float() if host.dtype != torch.float32 else host))
+    peak = max(-lo, hi)
+    if math.isfinite(peak) and (storage != torch.float16 or peak < 65520):
+        return host.to(storage).numpy()
+    if math.isfinite(peak):
         raise NonFiniteError(f"layer {layer}: {name} reach {peak:.4g}, beyond float16's largest value 65504; "
                              "capture with --dtype float32")
     computing = str(x.dtype).removeprefix("torch.")

@@ -267,10 +267,16 @@ def _where(sequence: int, layer: int | None = None, name: str | None = None) -> 
     return ", ".join(parts + ([name] if name else []))
 
 
+def _all_finite(x: np.ndarray) -> bool:
+    if x.dtype == np.float16:  # numpy's float16 arithmetic is emulated: test the exponent bits instead
+        return not bool(((x.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(x).all())
+
+
 def check_finite(x: np.ndarray, what: str, hint: str) -> None:
     """Raise :class:`NonFiniteError` "``what`` holds N NaN and M infinite value(s); ``hint``" when ``x``
     is not all finite (a no-op for integer arrays)."""
-    if x.dtype.kind != "f" or np.isfinite(x).all():
+    if x.dtype.kind != "f" or _all_finite(x):
         return
     n_nan = int(np.isnan(x).sum())
     raise NonFiniteError(f"{what} holds {n_nan} NaN and {int(x.size - n_nan - np.isfinite(x).sum())} "
@@ -642,6 +648,7 @@ def check_output_path(path: Path | str, force: bool) -> Path:
 #: bound of one object's metadata (object header, chunk index, attributes).
 RESERVE_HEADROOM = 256 << 10
 RESERVE_PER_OBJECT = 8 << 10
+RESERVE_STEP = 64 << 20  # reservations grow geometrically up to this step
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -729,6 +736,7 @@ class CacheWriter:
         end = self._estimate + RESERVE_HEADROOM
         if self._fd is None or end <= self._reserved:
             return
+        end = max(end, min(2 * self._reserved, self._reserved + RESERVE_STEP))  # fewer, larger reservations
         try:
             os.posix_fallocate(self._fd, self._reserved, end - self._reserved)
         except OSError as exc:
