@@ -646,8 +646,8 @@ def check_output_path(path: Path | str, force: bool) -> Path:
 
 #: Disk space kept reserved beyond what a writer has written so far (HDF5's own metadata), and an upper
 #: bound of one object's metadata (object header, chunk index, attributes).
-RESERVE_HEADROOM = 256 << 10
-RESERVE_PER_OBJECT = 8 << 10
+RESERVE_HEADROOM = 128 << 10
+RESERVE_PER_OBJECT = 2 << 10
 RESERVE_STEP = 64 << 20  # reservations grow geometrically up to this step
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -736,15 +736,19 @@ class CacheWriter:
         end = self._estimate + RESERVE_HEADROOM
         if self._fd is None or end <= self._reserved:
             return
-        end = max(end, min(2 * self._reserved, self._reserved + RESERVE_STEP))  # fewer, larger reservations
-        try:
-            os.posix_fallocate(self._fd, self._reserved, end - self._reserved)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
-                self._close_fd()  # a file system that cannot reserve: write unreserved (best effort)
-                return
-            raise
-        self._reserved = end
+        ahead = max(end, min(2 * self._reserved, self._reserved + RESERVE_STEP))  # fewer, larger reservations
+        for want in dict.fromkeys((ahead, end)):  # near a limit, reserve only what is needed before failing
+            try:
+                os.posix_fallocate(self._fd, self._reserved, want - self._reserved)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+                    self._close_fd()  # a file system that cannot reserve: write unreserved (best effort)
+                    return
+                if want == end:
+                    raise
+                continue
+            self._reserved = want
+            return
 
     def _close_fd(self) -> None:
         if self._fd is not None:

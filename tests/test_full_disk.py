@@ -69,3 +69,29 @@ def test_writes_past_a_file_size_limit(tmp_path: Path) -> None:
     assert [p for p in after["left"] if not p.endswith(".png")] == ["plots"] and len(after["left"]) == 6
     assert "a.json: cannot write JSON" in after["stderr"] and "(already written: " in after["stderr"]
     assert "ranks.png" in after["stderr"]
+
+
+def test_reservations_cover_what_hdf5_writes(tmp_path: Path, monkeypatch) -> None:
+    """The space reserved ahead of each write must cover HDF5's whole file (data, checksums, metadata), or
+    a full disk could still fail inside HDF5: on a real cache and on compressed files with many small arrays."""
+    from kvtool import store
+    from kvtool.codecs import parse_spec
+    from kvtool.compress import compress
+
+    seen: list[tuple[str, int, int]] = []
+    commit = store.CacheWriter.commit
+
+    def measured(self):
+        reserved = self._estimate + store.RESERVE_HEADROOM
+        path = commit(self)
+        seen.append((path.name, path.stat().st_size, reserved))
+        return path
+
+    monkeypatch.setattr(store.CacheWriter, "commit", measured)
+    src = rewrite(tmp_path / "cache.h5", layers=8)
+    for spec in ("polarquant", "snapkv:keep=0.5+turboquant:bits=3"):
+        codec = parse_spec(spec)
+        compress(src, codec, codec, output=tmp_path / f"{spec[:5]}.h5")
+    assert len(seen) == 3
+    for name, size, reserved in seen:
+        assert size <= reserved, (name, size, reserved)
