@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from kvtool.errors import CodecError, InputError
+from kvtool.util import atomic_write
 
 GIB = 1024**3
 DEFAULT_CONTEXTS = "4k,32k,128k"
@@ -536,9 +537,6 @@ def plot_budget(report: dict[str, Any], geometry: Geometry, costs: list[KVCost],
                 points: int = 48) -> Path:
     """A PNG (or any format matplotlib knows from the suffix) of KV memory against context, one panel per
     batch size (up to 4), weights as dashed lines. Written to a temporary file, then renamed."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -568,15 +566,9 @@ def plot_budget(report: dict[str, Any], geometry: Geometry, costs: list[KVCost],
     fig.suptitle(f"{report['model']}: weights vs KV cache (stored bytes per codec)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise InputError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:  # temp file + rename (util.atomic_write): a full disk or an interruption leaves nothing partial
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=fmt), "the plot")
     finally:
         plt.close(fig)
     return path

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +47,7 @@ from kvtool.errors import CodecError, InputError
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
 from kvtool.sweep import EVAL_KEYS, EvalText, load_eval
+from kvtool.util import atomic_write
 
 PLAN_VERSION = 1
 PLAN_FIELD = "kvtool_plan"
@@ -329,18 +328,9 @@ def save_plan(plan: Plan, path: Path | str, *, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} exists; use --force to overwrite it")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan.to_json(), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(plan.to_json(), indent=2, allow_nan=False) + "\n"
+    # temp file + rename (util.atomic_write): a full disk or an interruption leaves nothing partial
+    atomic_write(path, lambda tmp: tmp.write_text(text), "the plan")
     return path
 
 

@@ -26,6 +26,10 @@ REPORTS = [
     ("codecs", ["codecs", "--json"]),
     ("sweep", ["sweep", "{cache}", "-m", "fp16", "-m", "kivi:bits=2", "--json", "{json}"]),
     ("check", ["check", "{report}", "--max", "total.attention_output_rel_error=0.5", "--json", "{json}"]),
+    ("eval", ["eval", "--model", "{model}", "--text", "{text}", "--method", "fp8", "--context", "16",
+              "--max-tokens", "48", "--json", "{json}"]),
+    ("plan", ["plan", "{cache}", "--budget-bits", "12", "-c", "fp8", "-c", "fp16", "--json", "{json}"]),
+    ("budget", ["budget", "--model", "{model}", "--context", "1k", "--kv", "fp8", "--json", "{json}"]),
 ]
 #: Exit codes a row may end with besides 0 (a gate may fail: that is its answer, not an error).
 GATES = {"check": (0, 1)}
@@ -69,7 +73,8 @@ def test_reports_hold_only_standard_json(kind, args, which, caches, model, tmp_p
     if which == "overflow" and "{cache}" not in args and "{report}" not in args:
         pytest.skip("reads no cache")
     out = tmp_path / "report.json"
-    fill = {"{cache}": str(caches[which]), "{model}": str(model), "{json}": "-" if which == "real" else str(out)}
+    fill = {"{cache}": str(caches[which]), "{model}": str(model), "{json}": "-" if which == "real" else str(out),
+            "{text}": str(Path(__file__).resolve().parents[1] / "samples" / "cc0-1.0.txt")}
     if "{report}" in args:
         fill["{report}"] = str(tmp_path / "compress.json")
         assert run("compress", caches[which], "--method", "kivi:bits=2", "--json", fill["{report}"]).exit_code == 0
