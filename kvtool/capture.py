@@ -23,6 +23,7 @@ import numpy as np
 from kvtool.compat import output_cache
 from kvtool.errors import InputError, KvtoolError, NonFiniteError
 from kvtool.models import LoadedModel
+from kvtool.rope import RopeRecorder
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
 
 ATTN_PREFIX = "kvtool_capture_"
@@ -189,6 +190,7 @@ class _Recorder:
         self.queries: dict[int, Any] = {}
         self.scaling: dict[int, float] = {}
         self.prerope: dict[int, Any] = {}
+        self.rope: dict[int, Any] = {}  # layer -> kvtool.rope.RopeParams, where the model's RoPE is reproducible
         self.q_heads = 0
 
     def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -304,14 +306,18 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
     recorder = _Recorder(_base_attention(name), shape.num_layers, keep_last, progress, hook)
     _ACTIVE[name] = recorder
     handles = _prerope_hooks(model, recorder, shape.num_kv_heads) if pre_rope_keys else []
+    rope = RopeRecorder(model)
     model.set_attn_implementation(name)
     try:
         with torch.inference_mode():
             # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
             out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        # read after the pass: dynamic RoPE variants update their frequencies during it
+        recorder.rope = rope.params(model)
     finally:
         model.set_attn_implementation(previous)
         _ACTIVE.pop(name, None)
+        rope.remove()
         for h in handles:
             h.remove()
     cache = output_cache(out)
@@ -445,6 +451,7 @@ def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, s
             key_start=num_tokens - t_i,
             keys_prerope=_stored(pre[:, num_tokens - t_i:, :], storage, i, "pre-RoPE keys") if pre is not None
             else None,
+            rope=rec.rope.get(i),
         )
         if progress is not None:
             progress("write", i + 1, shape.num_layers)

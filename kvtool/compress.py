@@ -12,6 +12,7 @@ covers only the selected layers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,9 +55,18 @@ Progress = Callable[[int, int], None]
 # ------------------------------------------------------------------------------------------- one tensor
 
 
-def encode_tensor(codec: Codec, x: np.ndarray, context: LayerContext) -> tuple[Encoded, np.ndarray]:
-    """Fit ``codec`` to ``x`` ``(kv_heads, T, head_dim)``, encode and decode: (stored, reconstruction)."""
+def encode_tensor(codec: Codec, x: np.ndarray, context: LayerContext,
+                  state: dict[str, np.ndarray] | None = None) -> tuple[Encoded, np.ndarray]:
+    """Fit ``codec`` to ``x`` ``(kv_heads, T, head_dim)``, encode and decode: (stored, reconstruction).
+
+    ``state``: shared state fitted elsewhere (``--fit-on``). It is restored before ``fit`` (codecs then fit
+    only what belongs to ``x``) and again after it, for a codec that refits regardless.
+    """
+    if state is not None:
+        codec.load_shared_state(state)
     codec.fit(x, context)
+    if state is not None:
+        codec.load_shared_state(state)
     enc = codec.encode(x)
     return enc, codec.decode(enc)
 
@@ -109,10 +119,13 @@ def _context(data: LayerData, role: str, observed: Queries = None) -> LayerConte
     """The context codecs are fitted with: the layer's keys, values and positions, and only the
     ``observed`` queries (None: no queries)."""
     queries, positions = observed if observed is not None else (None, None)
+    rope = data.rope
     return LayerContext(layer=data.layer, role=role, queries=queries,
                         query_positions=positions, key_positions=data.key_positions,
                         keys=data.keys, values=data.values, scaling=data.scaling,
-                        sliding_window=data.sliding_window)
+                        sliding_window=data.sliding_window, keys_prerope=data.keys_prerope, rope=rope,
+                        rope_inv_freq=rope.inv_freq if rope is not None and
+                        rope.rotary_dim == data.keys.shape[-1] else None)
 
 
 def reference_for(data: LayerData, heldout: Queries, topk: int) -> metrics.AttentionReference | None:
@@ -173,7 +186,7 @@ def _write_tensor(writer: CacheWriter, j: int, data: LayerData, name: str, codec
     attrs.update({META_PREFIX + k: v for k, v in enc.meta.items()})
     writer.write_encoded(j, data.layer, name, arrays, attrs, shape=enc.shape, layer_type=data.layer_type,
                          sliding_window=data.sliding_window, key_start=int(data.key_positions[0])
-                         if data.key_positions.size else 0)
+                         if data.key_positions.size else 0, rope=data.rope)
 
 
 def _write_layer(writer: CacheWriter, j: int, data: LayerData, keys: tuple, values: tuple) -> None:
@@ -186,6 +199,62 @@ def _write_layer(writer: CacheWriter, j: int, data: LayerData, keys: tuple, valu
 def _passthrough(writer: CacheWriter, j: int, data: LayerData) -> None:
     codec = parse_spec(PASSTHROUGH)
     _write_layer(writer, j, data, (codec, codec.encode(data.keys)), (codec, codec.encode(data.values)))
+
+
+# ------------------------------------------------------------------------------------------- --fit-on
+
+
+def check_same_model(calib: StoreInfo, target: StoreInfo, label: str = "--fit-on") -> None:
+    """Refuse a calibration cache of another model or geometry (one line naming what differs)."""
+    fields = [("model architecture", "model_architecture"), ("layers", "num_layers"),
+              ("query heads", "num_q_heads"), ("kv heads", "num_kv_heads"), ("head_dim", "head_dim")]
+    if calib.model_source and target.model_source:
+        fields.insert(0, ("model", "model_source"))
+    elif calib.model != target.model:
+        fields.insert(0, ("model", "model"))
+    for what, name in fields:
+        a, b = getattr(calib, name), getattr(target, name)
+        if a != b:
+            raise InputError(f"{label} {calib.path}: {what} differs ({a} there, {b} here); fit on a cache of "
+                             "the same model")
+
+
+def fit_shared_state(reader: CacheReader, assignment: Assignment, layer: int, sequence: int = 0
+                     ) -> dict[str, dict[str, np.ndarray]]:
+    """Fit fresh codecs of ``layer`` to a calibration cache (every query of it is observed: it is not the
+    cache being scored): ``{"keys": state, "values": state}``."""
+    data = reader.layer(layer, sequence)
+    observed = (data.queries, data.query_positions) if data.queries is not None else None
+    out = {}
+    for role, x in (("keys", data.keys), ("values", data.values)):
+        codec = assignment.codec(layer, role)
+        codec.fit(x, _context(data, role, observed))
+        out[role] = codec.shared_state()
+    return out
+
+
+def _calibration(fit_on: Path | str, info: StoreInfo) -> CacheReader:
+    """Open the ``--fit-on`` cache and check it belongs to the same model and geometry."""
+    reader = CacheReader(fit_on, kinds=(KIND_CACHE,))
+    try:
+        check_same_model(reader.info, info)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _fitted_on(calib: CacheReader | None, info: StoreInfo, sequence: int) -> tuple[Any, list[str]]:
+    """The report's ``fitted_on`` and the notes that go with it."""
+    if calib is None:
+        return "self", []
+    seq = calib.info.sequences[0]
+    fitted = {"file": str(calib.path), "sequence": 0, "text_sha256": seq.text_sha256}
+    notes = []
+    if seq.text_sha256 == info.sequences[sequence].text_sha256:
+        notes.append(f"--fit-on {calib.path}: its text is this cache's text (sha256 {seq.text_sha256[:12]}…), "
+                     "so the fit is not out-of-sample")
+    return fitted, notes
 
 
 # ------------------------------------------------------------------------------------------- totals
@@ -252,12 +321,16 @@ def compress(
     assignment: Assignment | None = None,
     observe: int | None = None,
     plan: Any = None,
+    fit_on: Path | str | None = None,
 ) -> dict[str, Any]:
     """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
 
     ``assignment`` (instead of the codec pair) chooses the codec of each layer and role; every layer is
     coded by a fresh codec instance either way. ``plan`` (a :class:`kvtool.plan.Plan` or a plan file's
     path, instead of both) is checked against the cache's model and geometry and applied as its assignment.
+    ``fit_on``: another cache of the same model and geometry (its sequence 0) to fit the codecs' shared
+    state on — a basis, a codebook — which is then applied here; the report's ``fitted_on`` names it
+    (``"self"`` without), and a note warns when its text is the text of this cache.
 
     Measures every layer in ``layers`` (default: all) of sequence ``sequence``; with ``output`` writes a
     compressed file holding every sequence and layer (unselected layers as fp16). ``progress(done, total)``
@@ -301,27 +374,34 @@ def compress(
         if require_attention and not info.has_queries:
             raise InputError(f"{path}: the cache has no captured queries, so attention metrics cannot be "
                              "computed; capture with --queries last:N")
-        writer = None
-        if output is not None:
-            extra = {"codec_keys": assignment.keys, "codec_values": assignment.values}
-            writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
-        try:
-            rows = _run(reader, assignment, chosen, sequence, writer, progress, topk, split["observe"], pairs)
-        except BaseException:
+        with contextlib.ExitStack() as stack:
+            calib = stack.enter_context(_calibration(fit_on, info)) if fit_on is not None else None
+            fitted_on, notes = _fitted_on(calib, info, sequence)
+            writer = None
+            if output is not None:
+                extra = {"codec_keys": assignment.keys, "codec_values": assignment.values}
+                writer = derived_writer(output, info, kind=KIND_COMPRESSED, extra=extra, force=force)
+            try:
+                rows = _run(reader, assignment, chosen, sequence, writer, progress, topk, split["observe"], pairs,
+                            calib)
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
             if writer is not None:
-                writer.abort()
-            raise
-        if writer is not None:
-            writer.commit()
+                writer.commit()
     report: dict[str, Any] = {**store_header("compress", info), "source": str(path),
                               "output": str(output) if output is not None else None,
                               "keys_spec": assignment.keys, "values_spec": assignment.values,
                               "assignment": assignment.describe(),
-                              "sequence": sequence, "query_split": split, "layers": rows,
-                              "total": totals(rows), "notes": []}
+                              "fitted_on": fitted_on, "sequence": sequence, "query_split": split,
+                              "layers": rows, "total": totals(rows), "notes": notes}
     if plan is not None:
         report["plan"] = {"budget_bits": plan.budget_bits, "objective": plan.objective,
                           "made_from": plan.source, "predicted": plan.predicted}
+    if fit_on is not None and report["total"]["shared_state_bytes"] == 0:
+        report["notes"].append(f"--fit-on {fit_on}: these codecs keep no shared state, so nothing was fitted "
+                               "on it")
     report["attention"] = any("attention_output_rel_error" in r for r in rows)
     if pairs:
         report["cross_layer"] = {"pairs": pairs, "shared_bytes": sum(p["shared_bytes"] for p in pairs),
@@ -376,7 +456,8 @@ def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chos
 
 def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,
          writer: CacheWriter | None, progress: Progress | None, topk: int,
-         observe: int = 0, pairs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+         observe: int = 0, pairs: list[dict[str, Any]] | None = None,
+         calib: CacheReader | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     selected = set(chosen)
     sequences = range(len(reader.info.sequences)) if writer is not None else [sequence]
@@ -397,7 +478,7 @@ def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequenc
                 group = [pending, data] if pending is not None else [data]
                 pending = None
                 for row in _emit(assignment, group, j, writer, observe, topk, num_layers, selected,
-                                 pairs if j == sequence else None, report=j == sequence):
+                                 pairs if j == sequence else None, report=j == sequence, calib=calib):
                     rows.append(row)
                     done += 1
                     if progress is not None:
@@ -409,10 +490,13 @@ def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequenc
 
 def _emit(assignment: Assignment, group: list[LayerData], j: int, writer: CacheWriter | None, observe: int,
           topk: int, num_layers: int, selected: set[int], pairs: list[dict[str, Any]] | None, *,
-          report: bool) -> list[dict[str, Any]]:
-    """Code one layer (or a cross-layer pair), write it, and return its report rows (with ``report``)."""
+          report: bool, calib: CacheReader | None = None) -> list[dict[str, Any]]:
+    """Code one layer (or a cross-layer pair), write it, and return its report rows (with ``report``).
+
+    ``calib``: the ``--fit-on`` cache, whose layers the shared state is fitted on."""
     splits = [split_queries(d, observe) for d in group]
-    coded = _code_layers(assignment, group, [seen for seen, _ in splits], num_layers, selected, pairs)
+    states = [fit_shared_state(calib, assignment, d.layer) if calib is not None else {} for d in group]
+    coded = _code_layers(assignment, group, [seen for seen, _ in splits], num_layers, selected, pairs, states)
     rows = []
     for d, (keys, values), (_, held) in zip(group, coded, splits, strict=True):
         if writer is not None:
@@ -435,7 +519,8 @@ def _partner(assignment: Assignment, layer: int, role: str, num_layers: int, sel
 
 
 def _code_layers(assignment: Assignment, group: list[LayerData], observed: list[Queries], num_layers: int,
-                 selected: set[int], pairs: list[dict[str, Any]] | None) -> list[tuple[tuple, tuple]]:
+                 selected: set[int], pairs: list[dict[str, Any]] | None,
+                 states: list[dict[str, dict[str, np.ndarray]]] | None = None) -> list[tuple[tuple, tuple]]:
     """Fit, encode and decode keys and values of one layer, or of two adjacent layers whose codecs share
     (:class:`~kvtool.codecs.crosslayer.PairCodec`). Returns ``[(keys, values)]`` per layer, each a
     ``(codec, stored Encoded, reconstruction)``; ``pairs`` collects what each pair shared."""
@@ -458,7 +543,8 @@ def _code_layers(assignment: Assignment, group: list[LayerData], observed: list[
                               "stored_bytes": stored, "fp16_bytes": fp16, "bytes_saved": fp16 - stored})
             continue
         for n, (codec, x, ctx) in enumerate(zip(codecs, tensors, contexts, strict=True)):
-            coded[n][role] = (codec, *encode_tensor(codec, x, ctx))
+            state = states[n].get(role) if states else None  # fitted on the --fit-on cache
+            coded[n][role] = (codec, *encode_tensor(codec, x, ctx, state))
     return [(c["keys"], c["values"]) for c in coded]
 
 
@@ -536,5 +622,6 @@ def _decompress_layer(reader: CacheReader, writer: CacheWriter, j: int, i: int) 
     values, values_mask = decode_tensor(reader, i, VALUES, j)
     writer.write_layer(j, i, keys, values, queries=queries, query_positions=qpos,
                        layer_type=layer_info.layer_type, sliding_window=layer_info.sliding_window,
-                       key_start=layer_info.key_start, kept=_joint_mask(keys_mask, values_mask))
+                       key_start=layer_info.key_start, kept=_joint_mask(keys_mask, values_mask),
+                       rope=reader.rope(i, j))
 

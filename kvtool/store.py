@@ -31,7 +31,13 @@ Groups and datasets::
     /sequences/<j>/layers/<i>            attrs: layer_type ("full" | "sliding"),
                                                 sliding_window (int, 0 if none),
                                                 key_start (position of the first stored key; > 0 only
-                                                when a sliding-window cache dropped older tokens)
+                                                when a sliding-window cache dropped older tokens),
+                                                optional rope_inv_freq (float32 (n,)) and
+                                                rope_attention_factor (float): the layer's rotary
+                                                embedding, post = factor * R(position) * pre on the first
+                                                2n channels (transformers' rotate_half layout); absent in
+                                                files of older captures and for models whose rotary
+                                                embedding kvtool cannot reproduce (kvtool/rope.py)
     /sequences/<j>/layers/<i>/keys       (kv_heads, T_i, head_dim)   post-RoPE, as the cache holds them
     /sequences/<j>/layers/<i>/values     (kv_heads, T_i, head_dim)
     /sequences/<j>/layers/<i>/queries    (q_heads, Tq, head_dim)     optional, post-RoPE
@@ -90,6 +96,7 @@ from typing import Any
 import numpy as np
 
 from kvtool.errors import NonFiniteError, StoreError
+from kvtool.rope import RopeParams
 from kvtool.util import os_error_reason, publish, temp_beside
 
 SCHEMA_VERSION = 1
@@ -106,6 +113,8 @@ QUERIES = "queries"
 QUERY_POSITIONS = "query_positions"
 KEYS_PREROPE = "keys_prerope"
 KEPT = "kept"
+ROPE_INV_FREQ = "rope_inv_freq"
+ROPE_ATTENTION_FACTOR = "rope_attention_factor"
 
 LAYER_FULL = "full"
 LAYER_SLIDING = "sliding"
@@ -204,6 +213,7 @@ class LayerData:
     keys, values: (kv_heads, T_i, head_dim); queries: (q_heads, Tq, head_dim) or None;
     keys_prerope: (kv_heads, T_i, head_dim) or None (only when captured with --pre-rope-keys).
     kept: (kv_heads, T_i) bool or None: the rows that exist in a decompressed evicted cache.
+    rope: the layer's rotary embedding, or None (older files, or a model kvtool cannot reproduce).
     ``key_positions`` (T_i,) and ``query_positions`` (Tq,) are absolute token positions, which is
     what a causal mask needs when a sliding-window layer kept only its window.
     """
@@ -219,6 +229,7 @@ class LayerData:
     scaling: float
     keys_prerope: np.ndarray | None = None
     kept: np.ndarray | None = None
+    rope: RopeParams | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -499,7 +510,19 @@ class CacheReader:
             scaling=self.info.attn_scaling,
             keys_prerope=read(KEYS_PREROPE),
             kept=kept,
+            rope=self.rope(layer, sequence),
         )
+
+    def rope(self, layer: int, sequence: int = 0) -> RopeParams | None:
+        """The layer's recorded rotary embedding (``None`` when the file has none)."""
+        g = self.layer_group(layer, sequence)
+        if ROPE_INV_FREQ not in g.attrs:
+            return None
+        inv = np.asarray(g.attrs[ROPE_INV_FREQ], dtype=np.float32).reshape(-1)
+        if inv.size == 0 or 2 * inv.size > self.info.head_dim:
+            raise _fail(self.path, f"{g.name}: {ROPE_INV_FREQ} holds {inv.size} frequencies; expected 1.."
+                        f"{self.info.head_dim // 2} (half the rotated channels)")
+        return RopeParams(inv, float(g.attrs.get(ROPE_ATTENTION_FACTOR, 1.0)))
 
     def read_encoded(self, layer: int, name: str, sequence: int = 0) -> tuple[dict[str, np.ndarray],
                                                                                dict[str, Any]]:
@@ -823,7 +846,8 @@ class CacheWriter:
         self._sequences += 1
         return j
 
-    def _layer_group(self, sequence: int, layer: int, layer_type: str, sliding_window: int, key_start: int):
+    def _layer_group(self, sequence: int, layer: int, layer_type: str, sliding_window: int, key_start: int,
+                     rope: RopeParams | None = None):
         if layer_type not in LAYER_TYPES:
             raise StoreError(f"layer_type must be one of {', '.join(LAYER_TYPES)}, got {layer_type!r}")
         self._reserve(0)
@@ -831,6 +855,9 @@ class CacheWriter:
         g.attrs["layer_type"] = layer_type
         g.attrs["sliding_window"] = int(sliding_window)
         g.attrs["key_start"] = int(key_start)
+        if rope is not None:
+            g.attrs[ROPE_INV_FREQ] = np.asarray(rope.inv_freq, dtype=np.float32)
+            g.attrs[ROPE_ATTENTION_FACTOR] = float(rope.attention_factor)
         return g
 
     def _put(self, g: Any, name: str, x: np.ndarray) -> None:
@@ -847,9 +874,11 @@ class CacheWriter:
     def write_layer(self, sequence: int, layer: int, keys: np.ndarray, values: np.ndarray, *,
                     queries: np.ndarray | None = None, query_positions: np.ndarray | None = None,
                     layer_type: str = LAYER_FULL, sliding_window: int = 0, key_start: int = 0,
-                    keys_prerope: np.ndarray | None = None, kept: np.ndarray | None = None) -> None:
+                    keys_prerope: np.ndarray | None = None, kept: np.ndarray | None = None,
+                    rope: RopeParams | None = None) -> None:
         """Write one layer: keys/values (and keys_prerope) (kv_heads, T_i, head_dim), queries (q_heads, Tq, d),
-        ``kept`` (kv_heads, T_i) bool for a decompressed evicted cache."""
+        ``kept`` (kv_heads, T_i) bool for a decompressed evicted cache; ``rope``: the layer's rotary
+        embedding, if known."""
         h = self.header
         for name, x in ((KEYS, keys), (VALUES, values)):
             if np.shape(x)[0] != h.num_kv_heads:
@@ -859,7 +888,7 @@ class CacheWriter:
         if kept is not None and np.shape(kept) != np.shape(keys)[:2]:
             raise StoreError(f"kept mask shape {np.shape(kept)} differs from keys {np.shape(keys)[:2]}")
         with self._writing():
-            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
+            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start, rope)
             self._put(g, KEYS, keys)
             self._put(g, VALUES, values)
             if keys_prerope is not None:
@@ -883,10 +912,10 @@ class CacheWriter:
 
     def write_encoded(self, sequence: int, layer: int, name: str, arrays: Mapping[str, np.ndarray],
                       attrs: Mapping[str, Any], *, shape: tuple[int, int, int], layer_type: str = LAYER_FULL,
-                      sliding_window: int = 0, key_start: int = 0) -> None:
+                      sliding_window: int = 0, key_start: int = 0, rope: RopeParams | None = None) -> None:
         """Write a codec group (compressed files): ``arrays`` stored as-is, ``attrs`` as attributes."""
         with self._writing():
-            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start)
+            g = self._layer_group(sequence, layer, layer_type, sliding_window, key_start, rope)
             self._reserve(_attrs_bytes(attrs))
             grp = g.create_group(name)
             for k, v in arrays.items():

@@ -62,6 +62,12 @@ TABLE: list[tuple[str, object]] = [
      lambda d, t: (64 * 16 * d + _kept(0.5, t - 64) * (8 + 3 * d + 16)) / (t * d)),
     ("h2o:keep=0.5+turboquant:bits=3", lambda d, t: _kept(0.5, t) * (8 + 3 * d + 16) / (t * d)),
     ("snapkv:keep=0.25+uniform:bits=4", lambda d, t: _kept(0.25, t) * (8 + 4 * d + 32) / (t * d)),
+    # token 0 in fp16, the rest as 16 fp16 coefficients (the basis is shared state, not counted here)
+    ("lowrank:rank=16", lambda d, t: (16 * d + (t - 1) * 16 * 16) / (t * d)),
+    ("lowrank:rank=24,sink=0,group=all", lambda d, t: 24 * 16 / (HEADS * d)),  # one basis for both heads
+    # chained: the 16 coefficients of each token coded by TurboQuant at head_dim 16 (4 bits + fp16 norm)
+    ("lowrank:rank=16+turboquant:bits=4", lambda d, t: (16 * d + (t - 1) * (16 * 4 + 16)) / (t * d)),
+    ("lowrank:rank=8,sink=4+uniform:bits=8,group=8", lambda d, t: (4 * 16 * d + (t - 4) * 8 * (8 + 4)) / (t * d)),
 ]
 
 # (spec template with {} for the bit width, bit widths in increasing order)
@@ -76,6 +82,8 @@ MONOTONE: list[tuple[str, list[object]]] = [
     ("polarquant:bits={0},upper_bits={0}", list(range(1, 7))),
     ("knorm:keep={}", [0.125, 0.25, 0.5, 1.0]),
     ("snapkv:keep={},window=8", [0.125, 0.25, 0.5, 1.0]),
+    ("lowrank:rank={}", [1, 2, 4, 8, 16, 32, 64]),
+    ("lowrank:rank=32+turboquant:bits={}", list(range(1, 9))),
 ]
 
 

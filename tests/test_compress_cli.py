@@ -174,7 +174,8 @@ def test_bad_files_one_line_exit_2(cache: Path, tmp_path: Path) -> None:
     assert_one_line_error(run("decompress", cache, "-o", tmp_path / "d.h5"), "expected one of compressed")
 
 
-@pytest.mark.parametrize("spec", sorted({*REGISTRY, "turboquant:bits=2.5", "kivi:bits=2,residual=8"}))
+@pytest.mark.parametrize("spec", sorted({*REGISTRY, "turboquant:bits=2.5", "kivi:bits=2,residual=8",
+                                         "lowrank:rank=8,group=all+turboquant:bits=4"}))
 def test_decompress_rebuilds_every_codec_from_the_file(cache: Path, tmp_path: Path, spec: str) -> None:
     """Decoding from the file alone (spec, arrays, meta, shared state) equals the in-memory decode."""
     out, back = tmp_path / "c.h5", tmp_path / "d.h5"
@@ -221,3 +222,81 @@ def test_shared_state_is_amortized_over_this_cache(cache: Path, tmp_path: Path) 
     assert total["bits_per_element_with_state"] == pytest.approx(
         16 * (total["bytes_after"] + state) / total["bytes_before"])
     assert total["keys"]["bits_per_element_with_state"] > total["keys"]["bits_per_element"]
+
+
+# -- --fit-on: shared state fitted on another cache ------------------------------------------------------
+
+
+def _subspace_cache(path: Path, seed: int, text: str = "synthetic", head_dim: int = HEAD_DIM) -> Path:
+    """Keys and values of exact rank 4 per head, in a subspace drawn from ``seed``; queries included."""
+    from _synth_cache import low_rank
+
+    rng = np.random.default_rng(seed)
+    with CacheWriter(path, header(LAYERS, d=head_dim)) as w:
+        w.add_sequence(np.arange(TOKENS), source=text, text=text)
+        for i in range(LAYERS):
+            k, v = low_rank(rng, KV_HEADS, TOKENS, head_dim, 4), low_rank(rng, KV_HEADS, TOKENS, head_dim, 4)
+            q = gaussian(rng, Q_HEADS, N_Q, head_dim)
+            w.write_layer(0, i, k, v, queries=q, query_positions=np.arange(TOKENS - N_Q, TOKENS))
+    return path
+
+
+def test_fit_on_uses_the_other_files_basis(tmp_path: Path) -> None:
+    a, b = _subspace_cache(tmp_path / "a.h5", 1, "text a"), _subspace_cache(tmp_path / "b.h5", 2, "text b")
+    spec = "lowrank:rank=4"
+    self_fit = json.loads(run("compress", a, "--method", spec, "--json", "-").stdout)
+    assert self_fit["fitted_on"] == "self"
+    assert self_fit["total"]["keys"]["rel_mse"] < 1e-5  # rank 4 data, its own basis: exact
+    out = tmp_path / "a.c.h5"
+    r = run("compress", a, "--method", spec, "--fit-on", b, "-o", out, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "fitted on" in r.stdout
+    other = json.loads((tmp_path / "r.json").read_text())
+    with CacheReader(b) as rb:
+        assert other["fitted_on"] == {"file": str(b), "sequence": 0, "text_sha256": rb.info.sequences[0].text_sha256}
+    assert other["total"]["keys"]["rel_mse"] > 0.5  # b's subspace does not hold a
+    assert not other["notes"]
+    # the basis stored in the output is b's: the same as fitting b itself
+    from kvtool.codecs.assignment import Assignment
+    from kvtool.compress import fit_shared_state
+
+    with CacheReader(b) as rb, h5py.File(out) as f:
+        want = fit_shared_state(rb, Assignment.of(spec, spec), 2)["keys"]["basis"]
+        np.testing.assert_array_equal(f["sequences/0/layers/2/keys/shared.basis"][()], want)
+    # fitting on a file with the same text is allowed but flagged
+    same = json.loads(run("compress", a, "--method", spec, "--fit-on", a, "--json", "-").stdout)
+    assert "its text is this cache's text" in same["notes"][0]
+    plain = json.loads(run("compress", a, "--method", "uniform:bits=4", "--fit-on", b, "--json", "-").stdout)
+    assert "keep no shared state" in plain["notes"][-1]
+
+
+def test_fit_on_refuses_missing_and_mismatched_files(tmp_path: Path) -> None:
+    a = _subspace_cache(tmp_path / "a.h5", 1)
+    wide = _subspace_cache(tmp_path / "wide.h5", 2, head_dim=2 * HEAD_DIM)
+    assert_one_line_error(run("compress", a, "--method", "lowrank:rank=4", "--fit-on", tmp_path / "no.h5"),
+                          "no such file")
+    assert_one_line_error(run("compress", a, "--method", "lowrank:rank=4", "--fit-on", wide, "-o",
+                              tmp_path / "o.h5"), f"head_dim differs ({2 * HEAD_DIM} there, {HEAD_DIM} here)")
+    assert not (tmp_path / "o.h5").exists()
+    import shutil
+
+    other_model = shutil.copy(a, tmp_path / "m.h5")  # a's data under another model's name
+    with h5py.File(other_model, "r+") as f:
+        f.attrs["model"] = "another-model"
+    assert_one_line_error(run("compress", a, "--method", "lowrank:rank=4", "--fit-on", other_model),
+                          "model differs (another-model there, synthetic here)")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--method", "lowrank:rank=0"], "rank must be one of 1..head_dim, got 0"),
+    (["--method", f"lowrank:rank={HEAD_DIM + 1}"], f"rank must be one of 1..{HEAD_DIM}, got {HEAD_DIM + 1}"),
+    (["--method", "lowrank:energy=0"], "energy must be in (0, 1], got 0"),
+    (["--method", "lowrank:energy=1.01"], "energy must be in (0, 1], got 1.01"),
+    (["--method", "lowrank:group=3"], f"group must divide the kv-head count {KV_HEADS}"),
+    (["--keys", "lowrank:prerope=true", "--values", "lowrank"], "capture with `kvtool capture --pre-rope-keys`"),
+    (["--method", "lowrank:prerope=true"], "prerope=true applies to keys only"),
+])
+def test_lowrank_bad_input_is_one_line_and_leaves_no_file(cache: Path, tmp_path: Path, args, fragment) -> None:
+    out = tmp_path / "o.h5"
+    assert_one_line_error(run("compress", cache, *args, "-o", out), fragment)
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -39,6 +39,9 @@ def compress(
     plan: Annotated[Path | None, typer.Option("--plan", help="A plan file from `kvtool plan` (a codec per "
                                               "layer, head and role) instead of --method/--keys/--values.")]
     = None,
+    fit_on: Annotated[Path | None, typer.Option("--fit-on", help="Fit the codecs' shared state (bases, "
+                                                "codebooks) on this other cache of the same model, then "
+                                                "apply it here (default: fit on the cache itself).")] = None,
 ) -> None:
     """Fit and apply codecs to every layer; report stored bits, reconstruction and attention error."""
 
@@ -61,7 +64,7 @@ def compress(
         with layer_progress("compressing", quiet) as progress:
             report = run(path, keys_codec, values_codec, output=output, layers=chosen, progress=progress,
                          force=force, sequence=sequence, require_attention=require_attention, topk=topk,
-                         observe=observe, plan=plan)
+                         observe=observe, plan=plan, fit_on=fit_on)
         write_json(report, json_path)
         if not quiet:
             _render_compress(report)
@@ -126,6 +129,10 @@ def _render_compress(r: dict[str, Any]) -> None:
     console.print(f"{human_bytes(t['bytes_before'])} as fp16 → {human_bytes(t['bytes_after'])} stored "
                   f"({t['bits_per_element']:.3f} bits/element{with_state}, {t['ratio']:.2f}× smaller) "
                   f"in {r['seconds']:.1f} s" + (f"; wrote {r['output']}" if r["output"] else ""))
+    fitted = r.get("fitted_on", "self")
+    if isinstance(fitted, dict):
+        console.print(f"shared state fitted on {fitted['file']} (sequence {fitted['sequence']}, text sha256 "
+                      f"{fitted['text_sha256'][:12]}…)")
     for note in r["notes"]:
         console.print(f"note: {note}")
 

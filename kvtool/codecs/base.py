@@ -59,6 +59,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvtool.errors import CodecError
+from kvtool.rope import RopeParams
 
 ROLES = ("keys", "values")
 
@@ -116,7 +117,9 @@ class LayerContext:
     codec that needs attention weights reads the layer's original ``keys`` ``(kv_heads, T, head_dim)``, and
     a key codec that weighs tokens by their values reads ``values`` (same shape). ``rope_inv_freq``
     ``(head_dim // 2,)`` are the layer's rotary inverse frequencies (rotate-half pairing ``i``, ``i + d/2``)
-    when known, for codecs that move queries to other positions.
+    when known, for codecs that move queries to other positions. ``keys_prerope`` ``(kv_heads, T, head_dim)``
+    and ``rope`` (a :class:`kvtool.rope.RopeParams`: inverse frequencies and attention factor) are set where
+    the cache recorded them (``lowrank:prerope=true`` codes keys before RoPE).
     """
 
     layer: int = 0
@@ -129,6 +132,8 @@ class LayerContext:
     sliding_window: int | None = None
     values: np.ndarray | None = None
     rope_inv_freq: np.ndarray | None = None
+    keys_prerope: np.ndarray | None = None
+    rope: RopeParams | None = None
 
 
 def check_input(x: np.ndarray) -> np.ndarray:
@@ -166,8 +171,9 @@ class Codec(ABC):
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}  # type: ignore[arg-type]
 
     def spec(self) -> str:
-        """Canonical ``name:key=value,...`` (every parameter); ``parse_spec(c.spec())`` equals ``c``."""
-        items = ",".join(f"{k}={format_value(v)}" for k, v in self.params().items())
+        """Canonical ``name:key=value,...`` (every parameter given; ``None`` = not given, left out);
+        ``parse_spec(c.spec())`` equals ``c``."""
+        items = ",".join(f"{k}={format_value(v)}" for k, v in self.params().items() if v is not None)
         return f"{self.name}:{items}" if items else self.name
 
     def for_role(self, role: str) -> Codec:
