@@ -68,6 +68,13 @@ TABLE: list[tuple[str, object]] = [
     # chained: the 16 coefficients of each token coded by TurboQuant at head_dim 16 (4 bits + fp16 norm)
     ("lowrank:rank=16+turboquant:bits=4", lambda d, t: (16 * d + (t - 1) * (16 * 4 + 16)) / (t * d)),
     ("lowrank:rank=8,sink=4+uniform:bits=8,group=8", lambda d, t: (4 * 16 * d + (t - 4) * 8 * (8 + 4)) / (t * d)),
+    # learned codebooks: faiss codes, ceil(code bits / 8) bytes per vector (codebooks are shared state)
+    ("pq", lambda d, t: 8 * 16 / d),  # m=16 sub-vectors of 8 bits
+    ("pq:m=4,bits=3", lambda d, t: 8 * 2 / d),  # 12 bits per vector -> 2 bytes
+    ("pq:m=8,bits=4,rotation=random", lambda d, t: 8 * 4 / d),
+    ("pq:m=8,bits=5,rotation=opq", lambda d, t: 8 * 5 / d),
+    ("vq", lambda d, t: 8 * 4 / d),  # 4 stages of 8 bits
+    ("vq:stages=3,bits=5", lambda d, t: 8 * 2 / d),
 ]
 
 # (spec template with {} for the bit width, bit widths in increasing order)
@@ -84,6 +91,8 @@ MONOTONE: list[tuple[str, list[object]]] = [
     ("snapkv:keep={},window=8", [0.125, 0.25, 0.5, 1.0]),
     ("lowrank:rank={}", [1, 2, 4, 8, 16, 32, 64]),
     ("lowrank:rank=32+turboquant:bits={}", list(range(1, 9))),
+    ("pq:m=16,bits={}", [1, 2, 4, 6, 8]),
+    ("vq:stages={},bits=6", [1, 2, 4]),
 ]
 
 

@@ -162,7 +162,7 @@ def codecs(
     = False,
 ) -> None:
     """List the registered codecs and their parameters (spec syntax: name:key=value,...)."""
-    from kvtool.codecs import REGISTRY, codec_parameters, format_value
+    from kvtool.codecs import ORIGINS, REGISTRY, codec_parameters, format_value
 
     rows = []
     for name, cls in sorted(REGISTRY.items()):
@@ -170,14 +170,15 @@ def codecs(
         # docstrings open with the spec in ``…`` then " — " and what the codec does: keep the prose
         doc = doc.split(" — ", 1)[-1].replace("``", "")
         params = {k: {"type": t, "default": format_value(d)} for k, (t, d) in codec_parameters(cls).items()}
-        rows.append({"name": name, "parameters": params, "description": doc})
+        rows.append({"name": name, "parameters": params, "description": doc,
+                     "origin": ORIGINS.get(name, "kvtool")})
     if as_json:
         write_json(rows, Path("-"))
         return
-    table = Table(title="codecs (compose a token selector with '+')")
-    for col in ("name", "parameters (default)", "description"):
+    table = Table(title="codecs (chain stages with '+': a selector or lowrank, then any codec)")
+    for col in ("name", "parameters (default)", "description", "origin"):
         table.add_column(col)
     for row in rows:
         params = ", ".join(f"{k}={p['default']} ({p['type']})" for k, p in row["parameters"].items())
-        table.add_row(row["name"], params or "—", row["description"])
+        table.add_row(row["name"], params or "—", row["description"], row["origin"])
     console.print(table)

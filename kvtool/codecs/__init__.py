@@ -10,12 +10,15 @@ in square brackets is taken whole, so it may hold specs with their own ``,`` and
 
 Adding a codec: write ``kvtool/codecs/<module>.py`` with a ``@register``-decorated dataclass subclass of
 :class:`Codec`, add the module name to ``_MODULES`` below, and add a row to the table in
-``tests/test_codec_contract.py``.
+``tests/test_codec_contract.py``. Outside kvtool, a package adds codecs through the entry-point group
+``kvtool.codecs`` (:data:`PLUGIN_GROUP`; ``examples/kvtool-codec-example``); :data:`ORIGINS` says where
+each codec came from, and a plugin that fails to load is skipped with one warning line on stderr.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 import typing
 from dataclasses import fields
@@ -41,6 +44,8 @@ __all__ = [
     "LayerContext",
     "Selector",
     "Stage",
+    "ORIGINS",
+    "PLUGIN_GROUP",
     "codec_parameters",
     "format_value",
     "parse_pair",
@@ -50,7 +55,7 @@ __all__ = [
 
 #: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
 _MODULES = ["none", "fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o",
-            "snapkv", "tova", "knorm", "expected", "age", "minicache", "lowrank"]
+            "snapkv", "tova", "knorm", "expected", "age", "minicache", "lowrank", "pq", "vq"]
 
 
 def _load_modules() -> None:
@@ -64,6 +69,46 @@ def _load_modules() -> None:
 
 
 _load_modules()
+
+#: The entry-point group through which installed packages add codecs (``[project.entry-points."kvtool.codecs"]``;
+#: an entry names a Codec subclass, ``pkg.module:Class``, or a module whose ``@register`` runs on import).
+PLUGIN_GROUP = "kvtool.codecs"
+#: Where each registered codec comes from: ``"kvtool"`` or ``"plugin <distribution> <version>"``.
+ORIGINS: dict[str, str] = dict.fromkeys(REGISTRY, "kvtool")
+#: One line per plugin that failed to load (also printed once, as a warning, on stderr).
+PLUGIN_ERRORS: list[str] = []
+
+
+def _load_plugins() -> None:
+    """Register the codecs of installed plugins. A plugin that fails costs one warning line, not kvtool."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        dist = getattr(ep, "dist", None)
+        origin = f"plugin {dist.name} {dist.version}" if dist is not None else f"plugin {ep.value}"
+        before = dict(REGISTRY)
+        try:
+            obj = ep.load()
+            if isinstance(obj, type):
+                if not issubclass(obj, Codec):
+                    raise TypeError(f"{ep.value} is not a kvtool Codec subclass")
+                if REGISTRY.get(getattr(obj, "name", None)) is not obj:
+                    register(obj)
+            elif set(REGISTRY) == set(before):
+                raise TypeError(f"{ep.value} registered no codec")
+        except Exception as exc:  # noqa: BLE001 — any failure of third-party code is reported, not raised
+            REGISTRY.clear()
+            REGISTRY.update(before)  # nothing half-registered stays behind
+            line = (f"warning: codec plugin {ep.name!r} ({origin.removeprefix('plugin ')}) was not loaded: "
+                    f"{type(exc).__name__}: {exc}").replace("\n", " ")
+            PLUGIN_ERRORS.append(line)
+            print(line, file=sys.stderr)
+            continue
+        for name in set(REGISTRY) - set(before):
+            ORIGINS[name] = origin
+
+
+_load_plugins()
 
 
 def _field_types(cls: type[Codec]) -> dict[str, object]:

@@ -66,8 +66,10 @@ CAPTURE_HINT = "capture with `kvtool capture --pre-rope-keys` (kvtool records th
 @register
 @dataclass
 class LowRank(Stage):
-    """``lowrank:rank=R|energy=E,sink=1,weight=none,group=1,prerope=false`` — PCA basis per head (or group
-    of heads), tokens stored as rank-R coefficients; first tokens exact; pre-RoPE and query-aware options."""
+    """``lowrank:rank=R|energy=E,sink=1,weight=none,group=1,prerope=false`` — PCA per head, R coefficients.
+
+    The basis (mean-centred, per KV head or group of heads) is shared state; the first ``sink`` tokens
+    stay exact; pre-RoPE, query- and attention-weighted options (module docstring)."""
 
     rank: int | None = None
     energy: float | None = None

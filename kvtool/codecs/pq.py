@@ -1,0 +1,177 @@
+"""``pq`` — product quantization of head vectors (Jégou et al., TPAMI 2011; OPQ: Ge et al., CVPR 2013),
+with codebooks learned per layer and head by faiss.
+
+Each head's vectors ``(T, d)`` are cut into ``m`` sub-vectors of ``d/m`` values; each sub-vector is
+replaced by the index of the nearest of ``2^bits`` centroids learned by k-means on that head (faiss
+``ProductQuantizer``, seeded by k-means++). Optional rotation first: ``random`` (a seeded Haar rotation,
+stored as the seed: spreads channel outliers over the sub-vectors) or ``opq`` (faiss ``OPQMatrix``: the rotation that
+minimises the PQ error, learned per head and stored). Product quantization of KV caches: e.g. PQCache,
+arXiv 2407.12820.
+
+Stored: ``codes`` ``(heads, T, ceil(m·bits/8))`` uint8. Shared state: ``codebooks`` ``(heads, m, 2^bits,
+d/m)`` fp16 and, with ``opq``, ``rotation`` ``(heads, d, d)`` float32. **Bits: ``8·ceil(m·bits/8)/d``**
+(2 at ``m=16, bits=8, d=64``), plus the codebooks amortized over the cache (at ``bits=8``, ``d=64``:
+``2^bits·d·16`` bits per head = 0.5 MiB per layer and tensor for 3 heads; 2 bits per element on a 2k-token
+cache — see ``bits_per_element_with_state``). A head with fewer tokens than centroids gets its own
+sub-vectors as centroids, so it is coded exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
+from kvtool.codecs.learned import check_bits, faiss_module, fp16_round, kmeanspp, points_as_centroids, quiet
+from kvtool.codecs.rotation import random_rotation
+from kvtool.errors import CodecError
+
+#: OPQ alternations (faiss's default is 50; 10 keeps a per-head fit within seconds and gained little more).
+OPQ_ITERATIONS = 10
+
+
+@register
+@dataclass
+class PQ(Codec):
+    """``pq:m=16,bits=8,rotation=none|random|opq,seed=0`` — product quantization, codebooks per layer and
+    head (faiss)."""
+
+    m: int = 16
+    bits: int = 8
+    rotation: Literal["none", "random", "opq"] = "none"
+    seed: int = 0
+    name: ClassVar[str] = "pq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._codebooks: np.ndarray | None = None  # (heads, m, k, d/m) float32 (fp16 values)
+        self._rotations: np.ndarray | None = None  # (heads, d, d) for opq
+        self._loaded = False
+
+    def validate(self, head_dim: int | None = None) -> None:
+        check_bits(self.bits)
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
+            raise CodecError(f"m must be a positive divisor of head_dim, got {self.m}")
+        if head_dim is not None and head_dim % self.m:
+            allowed = ", ".join(str(k) for k in range(1, head_dim + 1) if head_dim % k == 0)
+            raise CodecError(f"m must divide head_dim={head_dim} (one of {allowed}), got {self.m}")
+        if self.rotation not in ("none", "random", "opq"):
+            raise CodecError(f"rotation must be one of none, random, opq, got {self.rotation}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def fit(self, x: np.ndarray, context: LayerContext | None = None) -> PQ:
+        """Learn each head's codebooks (and OPQ rotation) on ``x`` ``(heads, T, d)``, unless restored."""
+        x = check_input(x)
+        heads, tokens, d = x.shape
+        self.validate(d)
+        if self._loaded:
+            if self._codebooks is None or self._codebooks.shape[0] != heads or \
+                    self._codebooks.shape[1] * self._codebooks.shape[3] != d:
+                raise CodecError(f"the restored pq codebooks are for {self._codebooks.shape[0]} heads of "  # type: ignore[union-attr]
+                                 f"{self._codebooks.shape[1] * self._codebooks.shape[3]} values; this tensor has "  # type: ignore[union-attr]
+                                 f"{heads} of {d}")
+            return self
+        faiss = faiss_module()
+        k, sub = 1 << self.bits, d // self.m
+        books, rots = [], []
+        for h in range(heads):
+            xh = np.ascontiguousarray(x[h])
+            if self.rotation == "opq":
+                rot = self._fit_opq(faiss, xh) if tokens > k else np.eye(d, dtype=np.float32)
+                rots.append(rot)
+                xh = np.ascontiguousarray(xh @ rot.T)
+            elif self.rotation == "random":
+                xh = np.ascontiguousarray(xh @ random_rotation(d, self.seed).numpy().T)
+            if tokens <= k:
+                cent = np.stack([points_as_centroids(xh[:, j * sub:(j + 1) * sub], k) for j in range(self.m)])
+            else:
+                cent = self._train(faiss, xh, self.seed + h)
+            books.append(cent)
+        self._codebooks = fp16_round(np.stack(books))
+        self._rotations = np.stack(rots).astype(np.float32) if rots else None
+        return self
+
+    def _train(self, faiss, x: np.ndarray, seed: int) -> np.ndarray:
+        """faiss ``ProductQuantizer`` training from k-means++ seeds (hot start): ``(m, 2^bits, d/m)``."""
+        d = x.shape[1]
+        k, sub = 1 << self.bits, d // self.m
+        rng = np.random.default_rng(seed)
+        seeds = np.stack([kmeanspp(x[:, j * sub:(j + 1) * sub], k, rng) for j in range(self.m)])
+        pq = faiss.ProductQuantizer(d, self.m, self.bits)
+        quiet(pq.cp, seed)
+        faiss.copy_array_to_vector(seeds.reshape(-1), pq.centroids)
+        pq.train_type = faiss.ProductQuantizer.Train_hot_start
+        pq.train(x)
+        return faiss.vector_to_array(pq.centroids).reshape(self.m, k, sub)
+
+    def _fit_opq(self, faiss, x: np.ndarray) -> np.ndarray:
+        d = x.shape[1]
+        opq = faiss.OPQMatrix(d, self.m)
+        opq.niter = OPQ_ITERATIONS
+        inner = faiss.ProductQuantizer(d, self.m, self.bits)
+        quiet(inner.cp, self.seed)
+        opq.pq = inner  # OPQ trains this one (quietly) instead of its own
+        opq.train(x)
+        return faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
+
+    # -- shared state -------------------------------------------------------------------------------
+    def shared_state(self) -> dict[str, np.ndarray]:
+        if self._codebooks is None:
+            return {}
+        state = {"codebooks": self._codebooks.astype(np.float16)}
+        if self._rotations is not None:
+            state["rotation"] = self._rotations
+        return state
+
+    def load_shared_state(self, state: dict[str, np.ndarray]) -> PQ:
+        if not state:
+            return self
+        if "codebooks" not in state or set(state) - {"codebooks", "rotation"}:
+            raise CodecError(f"pq shared state holds codebooks (and rotation); got {sorted(state)}")
+        books = np.asarray(state["codebooks"], dtype=np.float32)
+        if books.ndim != 4 or books.shape[1] != self.m or books.shape[2] != 1 << self.bits:
+            raise CodecError(f"pq codebooks of shape {books.shape} do not fit m={self.m}, bits={self.bits}")
+        if (self.rotation == "opq") != ("rotation" in state):
+            raise CodecError(f"the restored pq state does not match rotation={self.rotation}")
+        self._codebooks = books
+        self._rotations = np.asarray(state["rotation"], np.float32) if "rotation" in state else None
+        self._loaded = True
+        return self
+
+    # -- coding -------------------------------------------------------------------------------------
+    def _quantizer(self, faiss, h: int, d: int):
+        pq = faiss.ProductQuantizer(d, self.m, self.bits)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self._codebooks[h]).reshape(-1), pq.centroids)  # type: ignore[index]
+        return pq
+
+    def _rotate(self, x: np.ndarray, h: int, inverse: bool = False) -> np.ndarray:
+        d = x.shape[-1]
+        if self.rotation == "none":
+            return x
+        rot = self._rotations[h] if self.rotation == "opq" else random_rotation(d, self.seed).numpy()  # type: ignore[index]
+        return np.ascontiguousarray(x @ rot if inverse else x @ rot.T)
+
+    def encode(self, x: np.ndarray) -> Encoded:
+        x = check_input(x)
+        heads, tokens, d = x.shape
+        self.validate(d)
+        if self._codebooks is None:
+            self.fit(x)
+        faiss = faiss_module()
+        codes = [self._quantizer(faiss, h, d).compute_codes(self._rotate(x[h], h)) for h in range(heads)]
+        return Encoded({"codes": np.stack(codes).reshape(heads, tokens, -1)}, x.shape, {"seed": self.seed})
+
+    def decode(self, enc: Encoded) -> np.ndarray:
+        if self._codebooks is None:
+            raise CodecError("pq has no codebooks: call fit(x) first, or load_shared_state() to decode a file")
+        heads, tokens, d = enc.shape
+        faiss = faiss_module()
+        out = np.empty(enc.shape, dtype=np.float32)
+        for h in range(heads):
+            codes = np.ascontiguousarray(enc.arrays["codes"][h]).reshape(tokens, -1)
+            out[h] = self._rotate(self._quantizer(faiss, h, d).decode(codes), h, inverse=True) if tokens else 0
+        return out
