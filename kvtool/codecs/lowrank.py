@@ -78,6 +78,8 @@ class LowRank(Stage):
     group: str = "1"
     prerope: bool = False
     name: ClassVar[str] = "lowrank"
+    #: A basis or codebook is fitted on the whole prompt: not coded token by token as a cache grows.
+    streaming: ClassVar[bool] = False
     payload_name: ClassVar[str] = "coeffs"
 
     def __post_init__(self) -> None:

@@ -5,7 +5,8 @@ Each head's vectors ``(T, d)`` are cut into ``m`` sub-vectors of ``d/m`` values;
 replaced by the index of the nearest of ``2^bits`` centroids learned by k-means on that head (faiss
 ``ProductQuantizer``, seeded by k-means++). Optional rotation first: ``random`` (a seeded Haar rotation,
 stored as the seed: spreads channel outliers over the sub-vectors) or ``opq`` (faiss ``OPQMatrix``: the rotation that
-minimises the PQ error, learned per head and stored). Product quantization of KV caches: e.g. PQCache,
+minimises the PQ error, learned per head and stored; the identity for a head with fewer than
+``max(d, 2·2^bits)`` tokens, where faiss's OPQ fit breaks down). Product quantization of KV caches: e.g. PQCache,
 arXiv 2407.12820.
 
 Stored: ``codes`` ``(heads, T, ceil(m·bits/8))`` uint8. Shared state: ``codebooks`` ``(heads, m, 2^bits,
@@ -43,6 +44,8 @@ class PQ(Codec):
     rotation: Literal["none", "random", "opq"] = "none"
     seed: int = 0
     name: ClassVar[str] = "pq"
+    #: A basis or codebook is fitted on the whole prompt: not coded token by token as a cache grows.
+    streaming: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +84,7 @@ class PQ(Codec):
         for h in range(heads):
             xh = np.ascontiguousarray(x[h])
             if self.rotation == "opq":
-                rot = self._fit_opq(faiss, xh) if tokens > k else np.eye(d, dtype=np.float32)
+                rot = self._fit_opq(faiss, xh) if tokens >= max(d, 2 * k) else np.eye(d, dtype=np.float32)
                 rots.append(rot)
                 xh = np.ascontiguousarray(xh @ rot.T)
             elif self.rotation == "random":

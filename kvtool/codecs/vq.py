@@ -39,6 +39,8 @@ class VQ(Codec):
     bits: int = 8
     seed: int = 0
     name: ClassVar[str] = "vq"
+    #: A basis or codebook is fitted on the whole prompt: not coded token by token as a cache grows.
+    streaming: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
