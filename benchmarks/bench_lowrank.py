@@ -38,7 +38,8 @@ from kvtool.store import CacheReader  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-QUANT = ["turboquant:bits=2", "turboquant:bits=3", "turboquant:bits=4", "turboquant:bits=3,center=true,sink=1",
+QUANT = ["turboquant:bits=2", "turboquant:bits=2.5", "turboquant:bits=3", "turboquant:bits=4",
+         "turboquant:bits=3,center=true,sink=1",
          "kivi:bits=2", "kivi:bits=4", "kivi:bits=8"]
 LEARNED = ["pq:m=16,bits=4", "pq:m=16,bits=8", "pq:m=32,bits=8", "pq:m=16,bits=8,rotation=random",
            "vq:stages=4,bits=8", "vq:stages=8,bits=8"]
@@ -184,8 +185,6 @@ def render(rows: list[dict], times: list[dict], args: argparse.Namespace) -> str
     for role, specs in FIT_OTHER.items():
         for spec in specs:
             a, b = by.get((role, spec, "self")), by.get((role, spec, "other"))
-            if a is None:
-                a = b
             if a and b:
                 lines.append(f"| {role} | `{spec}` | {a['out_err']:.4f} | {b['out_err']:.4f} | {a['rel_mse']:.4f} | "
                              f"{b['rel_mse']:.4f} |")

@@ -27,6 +27,8 @@ SECTIONS = [
      "benchmarks/bench_eval.py --fidelity"),
     ("eval_speed.md", "Eval overhead and streaming decode speed", "benchmarks/bench_eval_speed.py"),
     ("integrity.md", "Checksums: write, read and verify cost; capture with them on", "benchmarks/bench_integrity.py"),
+    ("lowrank.md", "Low-rank and learned codebooks vs quantizers, keys and values apart",
+     "benchmarks/bench_lowrank.py"),
 ]
 
 
