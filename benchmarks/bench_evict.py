@@ -73,11 +73,36 @@ def run_sweep(cache: Path, specs: list[str]) -> dict[str, dict]:
     return {s: by_canonical[parse_spec(s).for_role("keys").spec()] for s in specs}
 
 
+def pair_distances(cache: Path) -> dict[str, dict[str, float]]:
+    """Angular distance arccos(cos)/π between the same token's vectors in the layers minicache pairs (from
+    the middle layer on), per role: median and the share of token rows within 0.1 and 0.25."""
+    import numpy as np
+
+    from kvtool.codecs import parse_spec
+    from kvtool.store import CacheReader
+
+    codec = parse_spec("minicache")
+    out: dict[str, list] = {"keys": [], "values": []}
+    with CacheReader(cache) as reader:
+        n = reader.info.num_layers
+        for first in range(n):
+            if codec.pair_of(first, n) != first + 1:  # type: ignore[attr-defined]
+                continue
+            a, b = reader.layer(first, queries=False), reader.layer(first + 1, queries=False)
+            for role in out:
+                x, y = getattr(a, role).astype(np.float64), getattr(b, role).astype(np.float64)
+                cos = (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+                out[role].append(np.arccos(np.clip(cos, -1, 1)).ravel() / np.pi)
+    return {role: {"median": float(np.median(np.concatenate(d))),
+                   "within_0.1": float((np.concatenate(d) <= 0.1).mean()),
+                   "within_0.25": float((np.concatenate(d) <= 0.25).mean())} for role, d in out.items()}
+
+
 def run_minicache(cache: Path) -> dict[str, dict]:
     from kvtool.codecs.assignment import Assignment
     from kvtool.compress import compress
 
-    out = {}
+    out: dict[str, dict] = {"distances": pair_distances(cache)}
     for spec in MINICACHE:
         report = compress(cache, assignment=Assignment.of(spec, spec), observe=OBSERVE)
         paired = [r for r in report["layers"] if r["layer"] >= 15]
@@ -167,8 +192,15 @@ def write_markdown(path: Path, caches: list[Path], sweeps: list[dict], minis: li
     for spec in BASELINES + AGE:
         if spec in sweeps[0]:
             lines.append(_row(spec, [s[spec] for s in sweeps]))
-    lines += ["", "### minicache from the middle layer (15), `compress --observe 64`", "",
-              "| spec | merged token rows (pairs) | bytes saved vs fp16 | stored bits (all layers) | "
+    lines += ["", "### minicache from the middle layer (15), `compress --observe 64`", ""]
+    if all("distances" in m for m in minis):
+        lines += ["Angular distance arccos(cos)/π between a token's vectors in the two layers of each pair "
+                  "(0: the same direction, 0.5: orthogonal): " + "; ".join(
+                      f"{text} {role}: median {m['distances'][role]['median']:.3f}, within 0.1: "
+                      f"{m['distances'][role]['within_0.1']:.4f}, within 0.25: "
+                      f"{m['distances'][role]['within_0.25']:.4f}"
+                      for text, m in zip(TEXTS, minis, strict=True) for role in ("keys", "values")) + ".", ""]
+    lines += ["| spec | merged token rows (pairs) | bytes saved vs fp16 | stored bits (all layers) | "
               "GPL-3 out err, layers 15–29 | Apache out err, layers 15–29 |", "|---|---:|---:|---:|---:|---:|"]
     for spec in MINICACHE:
         a, b = minis[0][spec], minis[1][spec]
