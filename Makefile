@@ -75,6 +75,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_eval_speed.py
 	$(BIN)/python benchmarks/bench_integrity.py
 	$(BIN)/python benchmarks/bench_lowrank.py
+	$(BIN)/python benchmarks/bench_evict_eval.py
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

@@ -29,6 +29,7 @@ SECTIONS = [
     ("integrity.md", "Checksums: write, read and verify cost; capture with them on", "benchmarks/bench_integrity.py"),
     ("lowrank.md", "Low-rank and learned codebooks vs quantizers, keys and values apart",
      "benchmarks/bench_lowrank.py"),
+    ("evict_eval.md", "Eviction and age bands end to end (`kvtool eval`)", "benchmarks/bench_evict_eval.py"),
 ]
 
 
