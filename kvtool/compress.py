@@ -352,7 +352,8 @@ def compress(
             raise CodecError("give compress a plan or codecs, not both")
         plan = plan if isinstance(plan, Plan) else load_plan(plan)
         assignment = plan.assignment()
-        observe = plan.observe if observe is None else observe  # the split the plan was measured with
+        if observe is None and plan.observe:  # the split the plan was measured with (0: none recorded)
+            observe = plan.observe
     if assignment is None:
         if keys_codec is None or values_codec is None:
             raise CodecError("compress needs keys_codec and values_codec, or an assignment")
@@ -443,6 +444,9 @@ def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chos
     if not 0 <= observe < tq:  # type: ignore[operator]
         raise InputError(f"--observe {observe} leaves no held-out queries for the attention metrics: the "
                          f"cache holds {tq} queries per layer; use 0..{tq - 1}")
+    if wants and observe == 0:
+        raise InputError(f"--observe 0 gives no queries to a codec of this spec that scores tokens with them; "
+                         f"use 1..{tq - 1} (default {tq // 2})")
     with CacheReader(info.path) as reader:
         group = reader.layer_group(chosen[0], sequence)
         positions = reader.read_dataset(group, QUERY_POSITIONS, sequence, chosen[0]).astype(int).tolist()

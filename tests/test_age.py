@@ -106,3 +106,28 @@ def test_cli(tmp_path: Path) -> None:
     assert_one_line_error(run("compress", cache, "--method", "age:bands=[0-64:fp16;32-:fp16]", "-o", bad),
                           "age bands 0-64 and 32- overlap")
     assert not bad.exists()
+
+
+def test_age_spec_in_a_plan_file(tmp_path: Path) -> None:
+    """A plan file holds one spec string per layer and role; an age spec goes through JSON, load_plan and
+    compress --plan unchanged."""
+    from kvtool.plan import Plan, load_plan, save_plan
+    from kvtool.store import read_info
+
+    rng = np.random.default_rng(1)
+    cache = write_cache(tmp_path / "c.h5", 2, 300,
+                        lambda i: (gaussian(rng, KV_HEADS, 300, HEAD_DIM), gaussian(rng, KV_HEADS, 300, HEAD_DIM),
+                                   gaussian(rng, Q_HEADS, 8, HEAD_DIM)), num_queries=8)
+    info = read_info(cache)
+    spec = "age:bands=[0-64:fp16;64-:snapkv:keep=0.5,window=4+turboquant:bits=3,center=true],sink=2"
+    plan = Plan({"model": info.model, "model_source": info.model_source,
+                 "model_architecture": info.model_architecture},
+                {"num_layers": 2, "num_q_heads": Q_HEADS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM},
+                [spec, "fp16"], {0: {"keys": spec, "values": spec}, 1: {"keys": "fp16", "values": "fp16"}})
+    path = save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(path).choices[0]["keys"] == spec
+    result = run("compress", cache, "--plan", path, "--json", "-")
+    assert result.exit_code == 0, result.output
+    layer0 = json.loads(result.stdout)["layers"][0]
+    assert layer0["keys"]["spec"] == parse_spec(spec).for_role("keys").spec()
+    assert layer0["kept_fraction"] == pytest.approx((2 + 64 + 117) / 300)  # sinks, fp16 band, half the rest

@@ -170,3 +170,9 @@ def test_sweep_scores_every_spec_on_the_same_held_out_queries(cache: Path) -> No
     row = next(r for r in report["results"] if r["spec"].startswith("uniform"))
     assert row["total"]["attention_output_rel_error"] == pytest.approx(
         alone["total"]["attention_output_rel_error"], rel=1e-9)
+
+
+def test_observe_zero_with_a_query_selector(cache: Path) -> None:
+    assert_one_line_error(run("compress", cache, "--method", "h2o", "--observe", "0"),
+                          f"--observe 0 gives no queries to a codec of this spec that scores tokens with them; "
+                          f"use 1..{TQ - 1} (default {TQ // 2})")
