@@ -58,6 +58,7 @@ from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
 from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
+from kvtool.rope import RopeParams
 
 MODES = ("prefill", "streaming")
 ATTN_PREFIX = "kvtool_cache_"
@@ -322,6 +323,21 @@ def code_pair(first: _Track, second: _Track, first_context: Callable[[int, np.nd
     second.store(a2, b2, out_b)
 
 
+def _single_rope(model: Any) -> RopeParams | None:
+    """The rotary embedding of a model that has exactly one (Llama-like), for codecs that move queries to
+    other positions (``expected``); None for a config, no RoPE, or several bases (Gemma 3's local and
+    global), where which layer uses which would need a forward pass to tell (``kvtool capture`` does that)."""
+    if not hasattr(model, "modules"):
+        return None
+    from kvtool.rope import _candidates
+
+    found: list[RopeParams] = []
+    for cand in _candidates(model):
+        if not any(cand == f for f in found):
+            found.append(cand)
+    return found[0] if len(found) == 1 else None
+
+
 @contextlib.contextmanager
 def _threads_for(elements: int) -> Iterator[None]:
     """One torch thread for small blocks: waking a thread pool costs more than coding a few thousand
@@ -356,6 +372,7 @@ class CodecLayer(DynamicLayer):
         CacheLayerMixin.__init__(self)  # not super(): in CodecSlidingLayer that is the sliding layer's init
         self._init_args = (index, keys, values, mode, queries, sliding_window)
         self.index = index
+        self.rope: RopeParams | None = None  # the model's rotary embedding, when one serves every layer
         self.mode = mode
         self.cumulative_length = 0
         self.window = sliding_window
@@ -419,7 +436,9 @@ class CodecLayer(DynamicLayer):
         return -1 if self.window is None else self.window
 
     def reset(self) -> None:
+        rope = self.rope
         self.__init__(*self._init_args)
+        self.rope = rope
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for track in self.tracks.values():
@@ -461,7 +480,7 @@ class CodecLayer(DynamicLayer):
             v = int(positions[0]) - values_track.start
             values = values_track.buffer[row, :, v:v + len(positions), :].float().cpu().numpy()
             return LayerContext(
-                layer=self.index, role=role, key_positions=positions, keys=keys, values=values,
+                layer=self.index, role=role, key_positions=positions, keys=keys, values=values, rope=self.rope,
                 queries=rec.queries[row].numpy() if rec is not None else None,
                 query_positions=rec.positions if rec is not None else None,
                 scaling=rec.scaling if rec is not None else None, sliding_window=self.window)
@@ -607,6 +626,9 @@ class CodecCache(Cache):
             cls = CodecLayer if window is None else CodecSlidingLayer
             layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window))
         super().__init__(layers=layers)
+        rope = _single_rope(model)
+        for layer in layers:
+            layer.rope = rope
         self._prompt_pending = mode == "prefill"  # the first forward's tokens are coded once it is over
         self.evicts = any(can_evict(t.codec) for layer in layers for t in layer.tracks.values())
         if self.evicts and hasattr(model, "set_attn_implementation"):

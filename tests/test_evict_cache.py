@@ -51,3 +51,16 @@ def test_selectors_run_in_the_cache(spec: str) -> None:
 def test_selectors_refuse_streaming_mode() -> None:
     with pytest.raises(CodecError, match="--mode streaming cannot use 'h2o'"):
         CodecCache(tiny(), "h2o:keep=0.5", mode="streaming")
+
+
+def test_expected_rotates_with_the_models_rope_in_the_cache() -> None:
+    model = tiny()
+    x = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = CodecCache(model, "expected:keep=0.5")
+        model(input_ids=x[:, :16], use_cache=True, **{forward_cache_kwarg(model): cache})
+        model(input_ids=x[:, 16:], use_cache=True, **{forward_cache_kwarg(model): cache})
+    layer = cache.layers[1]
+    assert layer.rope is not None and layer.rope.rotary_dim == 16
+    assert layer.tracks["keys"].segments[0].rows[0].meta["rope"] == 1  # rotated to the future positions
+    restore_attention(model)

@@ -218,3 +218,25 @@ def test_per_head_selection_chains_with_a_quantizer() -> None:
     assert (y[~mask] == 0).all()
     err = np.square(y[mask] - keys[mask]).sum() / np.square(keys[mask]).sum()
     assert err < 0.02
+
+
+def test_expected_takes_the_recorded_rope_and_partial_rotary() -> None:
+    from kvtool.rope import RopeParams
+
+    keys, values, queries = layer(8, planted=40)
+    ctx = context(keys, queries)
+    ctx.rope_inv_freq, ctx.rope = None, RopeParams(INV_FREQ.astype(np.float32), 1.0)
+    via_rope = parse_spec("expected:keep=0.2").fit(keys, ctx)
+    ctx.rope, ctx.rope_inv_freq = None, INV_FREQ
+    via_freq = parse_spec("expected:keep=0.2").fit(keys, ctx)
+    assert (via_rope.keep_mask(keys) == via_freq.keep_mask(keys)).all() and via_rope.keep_mask(keys)[:, 40].all()
+    enc = via_rope.encode(keys)
+    assert enc.meta["rope"] == 1 and via_rope.report(enc) == {"rope": "rotated"}
+    ctx.rope_inv_freq = None
+    plain = parse_spec("expected:keep=0.2").fit(keys, ctx)
+    assert plain.report(plain.encode(keys)) == {"rope": "none"}
+    # partial rotary: the channels past 2·len(inv_freq) pass through the averaged rotation unchanged
+    inv = torch.from_numpy(INV_FREQ[:4]) * 100
+    r = mean_rotation(inv, torch.arange(10, 20), D, factor=1.0)
+    torch.testing.assert_close(r[8:, 8:], torch.eye(D - 8, dtype=torch.float64))
+    assert not torch.allclose(r[:8, :8], torch.eye(8, dtype=torch.float64))

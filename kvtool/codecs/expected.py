@@ -15,20 +15,26 @@ from kvtool.errors import CodecError
 
 
 def rope_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(..., d)`` by ``angles`` ``(..., d/2)`` with the rotate-half pairing (``i``, ``i + d/2``)
-    that transformers' Llama-family models use."""
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
+    """Rotate ``x`` ``(..., d)`` by ``angles`` ``(..., n)`` with the rotate-half pairing (``i``, ``i + n``) that
+    transformers' Llama-family models use; channels from ``2n`` on pass through (partial rotary)."""
+    n = angles.shape[-1]
+    a, b, rest = x[..., :n], x[..., n:2 * n], x[..., 2 * n:]
     cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
 
 
-def mean_rotation(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The ``(d, d)`` average over ``positions`` of the RoPE rotation matrices (kvpress's R̄)."""
-    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # (P, d/2)
-    c, s = torch.cos(angles).mean(0), torch.sin(angles).mean(0)
-    top = torch.cat([torch.diag(c), -torch.diag(s)], dim=1)
-    return torch.cat([top, torch.cat([torch.diag(s), torch.diag(c)], dim=1)], dim=0)
+def mean_rotation(inv_freq: torch.Tensor, positions: torch.Tensor, dim: int | None = None,
+                  factor: float = 1.0) -> torch.Tensor:
+    """The ``(d, d)`` average over ``positions`` of the RoPE maps ``factor · R(p)`` (kvpress's R̄); with
+    ``dim`` above ``2·len(inv_freq)`` the extra channels pass through unchanged (partial rotary)."""
+    n = inv_freq.shape[0]
+    d = 2 * n if dim is None else dim
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # (P, n)
+    c, s = factor * torch.cos(angles).mean(0), factor * torch.sin(angles).mean(0)
+    r = torch.eye(d, dtype=torch.float64)
+    r[:n, :n], r[:n, n:2 * n] = torch.diag(c), -torch.diag(s)
+    r[n:2 * n, :n], r[n:2 * n, n:2 * n] = torch.diag(s), torch.diag(c)
+    return r
 
 
 @register
@@ -59,7 +65,7 @@ class Expected(ScoredSelector):
             raise CodecError(f"future must be at least 0, got {self.future}")
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Expected:
-        self._rotated = bool(self.future and context is not None and context.rope_inv_freq is not None)
+        self._rotated = bool(self.future and _rope(context) is not None)
         super().fit(x, context)
         return self
 
@@ -74,17 +80,17 @@ class Expected(ScoredSelector):
     def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
         obs = observed(self.name, context, keys.shape[1])
         q = obs.queries.double()  # (q_heads, n, d)
-        rotate = self.future and context is not None and context.rope_inv_freq is not None
-        if rotate:
-            inv = torch.as_tensor(np.asarray(context.rope_inv_freq), dtype=torch.float64)  # type: ignore[union-attr]
+        rope = _rope(context) if self.future else None
+        if rope is not None:
+            inv, factor = rope
             pos = torch.from_numpy(obs.query_positions).double()
-            q = rope_rotate(q, -pos[:, None] * inv[None, :])  # back to pre-RoPE
+            q = rope_rotate(q, -pos[:, None] * inv[None, :]) / factor  # back to pre-RoPE
         mu = q.mean(dim=1)  # (q_heads, d)
         centred = q - mu[:, None]
         sigma = centred.transpose(1, 2) @ centred / q.shape[1]  # (q_heads, d, d)
-        if rotate:
+        if rope is not None:
             start = int(obs.key_positions.max()) + 1
-            r = mean_rotation(inv, torch.arange(start, start + self.future))
+            r = mean_rotation(inv, torch.arange(start, start + self.future), q.shape[-1], factor)
             mu, sigma = mu @ r.T, r @ sigma @ r.T
         kv_heads, tokens, _ = keys.shape
         group = q.shape[0] // kv_heads
@@ -102,3 +108,15 @@ class Expected(ScoredSelector):
             return np.asarray(context.values, dtype=np.float64)
         raise CodecError("expected:vnorm=true weighs tokens by their values' norms and needs the layer's "
                          "values in the context (LayerContext.values); or use vnorm=false")
+
+
+def _rope(context: LayerContext | None) -> tuple[torch.Tensor, float] | None:
+    """(inverse frequencies, attention factor) of the layer's RoPE from the context, or None."""
+    if context is None:
+        return None
+    if context.rope is not None:
+        return torch.as_tensor(np.asarray(context.rope.inv_freq), dtype=torch.float64), \
+            float(context.rope.attention_factor)
+    if context.rope_inv_freq is not None:
+        return torch.as_tensor(np.asarray(context.rope_inv_freq), dtype=torch.float64), 1.0
+    return None
