@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,7 +252,9 @@ def count_parameters(config: Any, known: bool) -> tuple[int, int, str]:
             import torch
             from transformers import AutoModelForCausalLM
 
-            with torch.device("meta"):
+            # modeling modules may warn about their own deprecated torch APIs on import: not the user's concern
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
                 model = AutoModelForCausalLM.from_config(config)
             total = sum(p.numel() for p in model.parameters())
             inp, out = model.get_input_embeddings(), model.get_output_embeddings()
