@@ -76,6 +76,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_integrity.py
 	$(BIN)/python benchmarks/bench_lowrank.py
 	$(BIN)/python benchmarks/bench_evict_eval.py
+	$(BIN)/python benchmarks/bench_plan.py
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

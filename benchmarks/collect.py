@@ -30,6 +30,10 @@ SECTIONS = [
     ("lowrank.md", "Low-rank and learned codebooks vs quantizers, keys and values apart",
      "benchmarks/bench_lowrank.py"),
     ("evict_eval.md", "Eviction and age bands end to end (`kvtool eval`)", "benchmarks/bench_evict_eval.py"),
+    ("sweep.md", "`kvtool sweep`: the frontier of the default preset, and sweep time against compress runs",
+     "benchmarks/bench_plan.py --parts frontier speed"),
+    ("plan.md", "`kvtool plan` against the best uniform spec (attention error, KLD, Δppl)",
+     "benchmarks/bench_plan.py --parts plans"),
 ]
 
 
