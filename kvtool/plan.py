@@ -82,6 +82,7 @@ class Measurements:
     granularity: str
     tokens: int
     observe: int = 0  # codecs were fitted with the first `observe` queries, errors use the rest
+    sequence: int = 0
     energy: dict[int, list[float]] = field(default_factory=dict)
     full: dict[tuple[int, str, int], Option] = field(default_factory=dict)
     heads: dict[tuple[int, str, int], list[tuple[int, float]]] = field(default_factory=dict)
@@ -169,7 +170,7 @@ def measure(
                                  "chooses one layer at a time; leave it out")
         layers = list(range(info.num_layers))
         observe = query_split(info, assignments, layers, sequence, None)["observe"]  # compress's default
-        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe)
+        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe, sequence)
         sample = sample_layers(len(layers), prescreen) if len(names) > 1 else []
         order = sample + [i for i in layers if i not in sample]
         done, steps = 0, len(layers) * len(names)
@@ -224,6 +225,7 @@ def _restrict(m: Measurements, keep: list[int]) -> Measurements:
         return {(i, r, new[n]): v for (i, r, n), v in table.items() if n in new}
 
     return Measurements(m.info, [m.candidates[n] for n in keep], m.layers, m.granularity, m.tokens, m.observe,
+                        m.sequence,
                         energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable))
 
 
@@ -365,7 +367,12 @@ def _option(m: Measurements, group: tuple[int, str, int | None], n: int) -> tupl
 
 def elements(m: Measurements) -> int:
     """Elements of keys and values over the planned layers."""
-    return 2 * len(m.layers) * m.info.num_kv_heads * m.tokens * m.info.head_dim
+    return 2 * m.info.num_kv_heads * m.info.head_dim * sum(_layer_tokens(m, i) for i in m.layers)
+
+
+def _layer_tokens(m: Measurements, layer: int) -> int:
+    """Tokens the layer's cache holds (a sliding-window layer holds only its window)."""
+    return m.info.sequences[m.sequence].layers[layer].num_tokens
 
 
 def _choice_specs(m: Measurements, picked: dict[tuple[int, str, int | None], int]) -> dict[int, dict[str, str]]:
@@ -400,7 +407,7 @@ def _predict(m: Measurements, picked: dict[tuple[int, str, int | None], int],
         energy = sum(m.energy[i])
         rel2 = err2 / energy if energy > 0 else 0.0
         total_cost += cost["keys"] + cost["values"]
-        per_tensor = m.info.num_kv_heads * m.tokens * m.info.head_dim
+        per_tensor = m.info.num_kv_heads * _layer_tokens(m, i) * m.info.head_dim
         rows.append({"layer": i, "keys_bits": 8 * cost["keys"] / per_tensor,
                      "values_bits": 8 * cost["values"] / per_tensor, "stored_bytes": cost["keys"] + cost["values"],
                      "attention_output_rel_error": math.sqrt(rel2), "objective": weights[i] * err2})
@@ -415,7 +422,7 @@ def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[
     out = []
     for n, spec in enumerate(m.candidates):
         picked = {(i, r, None): n for i in m.layers for r in ROLES}
-        flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.observe, energy=m.energy,
+        flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.observe, m.sequence, energy=m.energy,
                             full=m.full)
         out.append({"spec": spec, **_predict(flat, picked, weights)})
     return sorted(out, key=lambda u: u["stored_bytes"])

@@ -186,3 +186,24 @@ def test_sensitivity_weights_move_bits_to_the_weighted_layer(measured) -> None:
     assert weighted[2] > plain[2]
     with pytest.raises(InputError, match="sensitivities"):
         make_plan(m, 4.5, objective="kld")
+
+
+def test_sliding_window_layers_count_only_their_window(tmp_path: Path) -> None:
+    from _synth_cache import header
+
+    from kvtool.store import CacheWriter
+
+    rng, window = np.random.default_rng(3), 16
+    path = tmp_path / "sliding.h5"
+    with CacheWriter(path, header(2)) as w:
+        w.add_sequence(np.arange(TOKENS), source="synthetic", text="synthetic")
+        for i, n in enumerate((TOKENS, window)):  # layer 1 holds only the last `window` keys
+            w.write_layer(0, i, gaussian(rng, KV_HEADS, n, HEAD_DIM), gaussian(rng, KV_HEADS, n, HEAD_DIM),
+                          queries=gaussian(rng, Q_HEADS, N_Q, HEAD_DIM),
+                          query_positions=np.arange(TOKENS - N_Q, TOKENS), layer_type="sliding" if i else "full",
+                          sliding_window=window if i else 0, key_start=TOKENS - n)
+    report = plan(path, 5.0, CANDIDATES)
+    elements = 2 * KV_HEADS * HEAD_DIM * (TOKENS + window)
+    assert report["elements"] == elements and report["budget_bytes"] == int(5.0 * elements / 8)
+    assert report["verify"]["plan"]["stored_bytes"] == report["predicted"]["stored_bytes"] <= report["budget_bytes"]
+    assert report["verify"]["plan"]["stored_bits"] == pytest.approx(report["predicted"]["stored_bits"])
