@@ -10,12 +10,13 @@ Three parts, each writing its own result file (``--parts`` picks some):
   ratio of medians → appended to ``sweep.md``.
 * ``plans`` — for each capture (GPL-3 and Apache-2.0, 2,048 tokens, last 128 queries):
   every uniform spec of a broad set (the ``quant`` and ``plan`` presets plus fractional TurboQuant) is
-  measured by ``sweep`` (compress's figures) and scored in the model on the *other* text (held out: the
-  plan never saw it); the plan is measured once (``plan`` preset, ``--prescreen 4``, per head), the layers'
-  KL sensitivities are measured on the capture's own text, and at 2.5 / 3.0 / 3.25 / 4.0 stored bits the
-  plans (attention and kld objectives) are solved at the budget and at exactly the bytes of the best
-  uniform spec that fits it, compressed (measured attention-output error and bytes) and scored in the model
-  on the held-out text (KLD, Δppl; one exact pass shared by every method) → ``benchmarks/results/plan.md``.
+  measured by ``sweep`` (compress's figures) and scored in the model on held-out tokens (GPL-3 tokens
+  2048–6143, one chunk of 4,096: a 2,048-token prompt like the captures, which neither capture holds); the
+  plan is measured once (``plan`` preset, ``--prescreen 4``, per head), the layers' KL sensitivities are
+  measured on the capture's own text, and at 2.5 / 3.0 / 3.25 / 4.0 stored bits the plans (attention and kld
+  objectives) are solved at the budget and at exactly the bytes of the best uniform spec that fits it,
+  compressed (measured attention-output error and bytes) and scored in the model on the held-out tokens
+  (KLD, Δppl; one exact pass shared by every method) → ``benchmarks/results/plan.md``.
 
 Intermediate results are kept in ``--work`` (default ``out/bench_plan``), so a part can be re-rendered or
 resumed. Run (captures ``out/gpl2048.h5`` and ``out/apache2048.h5`` first when missing; the plans part takes
@@ -44,8 +45,12 @@ BUDGETS = (2.5, 3.0, 3.25, 4.0)
 SAMPLES = {"gpl-3.0": ROOT / "samples" / "gpl-3.0.txt", "apache-2.0": ROOT / "samples" / "apache-2.0.txt"}
 #: uniform baselines beyond the presets: TurboQuant's fractional widths (§4.3), plain and centred
 FRACTIONAL = [f"turboquant:bits={b}{extra}" for b in (1.5, 2.5, 2.75, 3.5) for extra in ("", ",center=true,sink=1")]
-EVAL_TOKENS, EVAL_CONTEXT = 2048, 512  # held-out scoring: 4 chunks of 512, 255 tokens scored in each
-SENS_TOKENS = 1024  # sensitivities: the capture's own text, 2 chunks
+#: held-out scoring: GPL-3 tokens 2048..6143 (after the part the GPL capture holds) as one chunk of 4,096 —
+#: its prompt is 2,048 tokens, the captures' length, so every codec stores for as many tokens as it was
+#: planned for (KIVI's 128-token fp16 window or a sink weigh differently on a shorter prompt); 2,047 scored
+HELD_OUT = (2048, 6144)
+EVAL_CONTEXT = 4096
+SENS_TOKENS, SENS_CONTEXT = 1024, 512  # sensitivities: the capture's own text, 2 chunks of 512
 
 
 def _json(path: Path, make: Any) -> Any:
@@ -132,11 +137,11 @@ def _uniform_set() -> list[str]:
     return expand(["quant", "plan", *FRACTIONAL])
 
 
-def _plan_text(name: str, cache: Path, other: str, work: Path) -> dict[str, Any]:
+def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
     """Every figure of one capture: uniform specs, plans at each budget, measured and scored."""
     from kvtool.codecs.assignment import Assignment
     from kvtool.compress import compress
-    from kvtool.evaluate import evaluate
+    from kvtool.evaluate import evaluate, tokenize_text
     from kvtool.plan import make_plan, measure, reference_spec, sensitivities
     from kvtool.sweep import EvalText, load_eval, sweep
 
@@ -144,18 +149,15 @@ def _plan_text(name: str, cache: Path, other: str, work: Path) -> dict[str, Any]
     info_cache.mkdir(exist_ok=True)
     uniform = _json(info_cache / "uniform_sweep.json", lambda: sweep(cache, _uniform_set()))
     m = _pickle(info_cache / "measure.pkl", lambda: measure(cache, ["plan"], granularity="head", prescreen=4))
-    held = EvalText(SAMPLES[other], max_tokens=EVAL_TOKENS, context=EVAL_CONTEXT)
-    own = EvalText(SAMPLES[name], max_tokens=SENS_TOKENS, context=EVAL_CONTEXT)
-    loaded = {}
+    own = EvalText(SAMPLES[name], max_tokens=SENS_TOKENS, context=SENS_CONTEXT)
+    lm_own, tok_own = load_eval(m.info, own)
+    tok_held = tokenize_text(lm_own, SAMPLES["gpl-3.0"])[HELD_OUT[0]:HELD_OUT[1]]
 
-    def model_tokens(setup: EvalText) -> tuple[Any, Any]:
-        key = str(setup.text)
-        if key not in loaded:
-            loaded[key] = load_eval(m.info, setup)
-        return loaded[key]
+    def model_tokens(setup: str) -> tuple[Any, Any]:
+        return (lm_own, tok_held) if setup == "held" else (lm_own, tok_own)
 
     def uniform_eval() -> dict[str, Any]:
-        lm, tok = model_tokens(held)
+        lm, tok = model_tokens("held")
         specs = [r["spec"] for r in uniform["results"]]
         return evaluate(lm, tok, [Assignment.of(s, s) for s in specs], context=EVAL_CONTEXT, labels=specs)
 
@@ -163,7 +165,7 @@ def _plan_text(name: str, cache: Path, other: str, work: Path) -> dict[str, Any]
     u_kld = {row["label"]: row for row in u_eval["methods"]}
 
     def sens() -> dict[str, Any]:
-        lm, tok = model_tokens(own)
+        lm, tok = model_tokens("own")
         return sensitivities(m, lm, tok, own, reference_spec(m, 3.0))
 
     s = _json(info_cache / "sensitivity.json", sens)
@@ -183,14 +185,14 @@ def _plan_text(name: str, cache: Path, other: str, work: Path) -> dict[str, Any]
 
         def measured(plans: dict = plans) -> dict[str, Any]:
             out = {k: compress(cache, plan=p)["total"] for k, (p, _) in plans.items()}
-            lm, tok = model_tokens(held)
+            lm, tok = model_tokens("held")
             scored = evaluate(lm, tok, [p for p, _ in plans.values()], context=EVAL_CONTEXT, labels=list(plans))
             return {"compress": out, "eval": {row["label"]: row for row in scored["methods"]}}
 
         meas = _json(info_cache / f"plans_{budget:g}.json", measured)
         rows.append({"budget": budget, "best_att": best_att, "best_kld": best_kld, "u_kld": u_kld,
                      "plans": {k: acc["predicted"] for k, (_, acc) in plans.items()}, "measured": meas})
-    return {"name": name, "other": other, "rows": rows, "sensitivity": s, "measure_seconds": m.seconds,
+    return {"name": name, "rows": rows, "sensitivity": s, "measure_seconds": m.seconds,
             "dropped": m.dropped, "candidates": m.candidates, "uniform_specs": len(uniform["results"])}
 
 
@@ -203,20 +205,21 @@ def _gain(plan: float, base: float) -> str:
 
 
 def part_plans(caches: dict[str, Path], work: Path) -> list[str]:
-    other = {"gpl-3.0": "apache-2.0", "apache-2.0": "gpl-3.0"}
     lines = ["For each capture (2,048 tokens, last 128 queries) `kvtool plan` measured the `plan` preset (per KV "
              "head, `--prescreen 4`) once; every uniform spec of a broad set (`quant` + `plan` presets + "
              "fractional TurboQuant, same spec for keys and values in every layer) was measured by `sweep` "
-             "(compress's figures). In-model figures (`kvtool eval`, prefill, chunks of 512, 4 chunks = 1,020 "
-             "scored tokens) are on the **other** text, which neither the plan nor its sensitivities saw; the "
-             "KL sensitivities of `--objective kld` come from the capture's own text (first 1,024 tokens). "
+             "(compress's figures). In-model figures (`kvtool eval`, prefill) are on GPL-3 tokens 2048–6143 as one "
+             "chunk of 4,096: a 2,048-token prompt (the captures' length, so each codec stores for as many tokens "
+             "as it was planned for) and 2,047 scored tokens that neither capture holds (for the Apache plan a "
+             "different text altogether). The KL sensitivities of `--objective kld` come from the capture's own "
+             "text (its first 1,024 tokens, 2 chunks of 512). "
              "Bits are stored bits per element, arrays and shared state. `plan@u` is the plan held to exactly "
              "the bytes of the uniform spec it is compared with (equal stored bits); `plan@b` uses the whole "
              "budget. Gains are `1 − plan / uniform`.", ""]
     for name, cache in caches.items():
-        d = _plan_text(name, cache, other[name], work)
+        d = _plan_text(name, cache, work)
         sens = d["sensitivity"]
-        lines += [f"### {name} capture, scored in the model on {d['other']}", "",
+        lines += [f"### Plans made on the {name} capture", "",
                   f"Measuring {len(d['candidates'])} kept candidates (prescreen dropped {len(d['dropped'])}: "
                   f"{', '.join(d['dropped'])}) took {d['measure_seconds']:.0f} s; sensitivities with "
                   f"`{sens['reference']}`: {sens['eval']['seconds']:.0f} s.", "",
