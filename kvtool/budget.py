@@ -131,12 +131,12 @@ def read_config(model: str) -> tuple[dict[str, Any], str, list[str]]:
         preset = PRESETS[key]
         return dict(preset["config"]), f"preset:{key}", [preset["title"], *preset["sources"]]
     if model == "default":
-        from kvtool.models import bundled_model_path, cache_dir
+        from kvtool.models import bundled_model_path, converted_path
         from kvtool.store import file_sha256
 
         gguf = bundled_model_path()
         digest = file_sha256(gguf)
-        converted = cache_dir() / "gguf" / digest / "config.json"
+        converted = converted_path(digest) / "config.json"
         if converted.is_file():
             with contextlib.suppress(InputError):
                 return _read_json(converted), f"sha256:{digest}", [f"config of the converted copy {converted}"]

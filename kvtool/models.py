@@ -10,7 +10,9 @@ A spec is one of:
 
 GGUF files are de-quantised by transformers on load, which takes tens of seconds. The first load
 therefore saves a converted copy (safetensors + tokenizer) under the user cache directory, keyed by
-the file's sha256; later loads read that copy in well under a second.
+the file's sha256 and the transformers version that converted it (:func:`converted_path`: a copy written
+by one release is never read by another, whose conversion or config format may differ); later loads read
+that copy in well under a second.
 
 Placement: ``device`` puts the whole model on one device (``cpu``, ``cuda``). A ``device_map`` spreads it
 over several GPUs, the CPU and the disk through accelerate (transformers' ``from_pretrained(device_map=...,
@@ -86,6 +88,14 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("kvtool"))
+
+
+def converted_path(digest: str) -> Path:
+    """The folder of the converted copy of the GGUF file whose sha256 is ``digest``, for the transformers
+    release installed here (each release converts and reads its own copy)."""
+    from importlib.metadata import version
+
+    return cache_dir() / "gguf" / f"{digest}-transformers-{version('transformers')}"
 
 
 def bundled_model_path() -> Path:
@@ -341,7 +351,7 @@ def _main_device(model: Any) -> str:
 
 def _load_gguf(path: Path, torch_dtype: Any, spec: str, placement: dict[str, Any]) -> LoadedModel:
     digest = file_sha256(path)
-    converted = cache_dir() / "gguf" / digest
+    converted = converted_path(digest)
     loaded = _reuse_converted(converted, torch_dtype, spec, digest, placement)
     if loaded is not None:
         return loaded

@@ -53,10 +53,13 @@ def test_two_processes_convert_one_gguf(tmp_path: Path) -> None:
     assert sorted(r["reused"] for r in runs) == [False, True], runs  # converted once, not twice
     assert runs[0]["logits"] == runs[1]["logits"] and runs[0]["source"] == runs[1]["source"]
     digest = runs[0]["source"].removeprefix("sha256:")
-    assert sorted(p.name for p in (cache / "gguf").iterdir()) == [digest, f"{digest}.lock"]  # no temporary folder
+    from importlib.metadata import version
+
     from kvtool.models import _from_folder
 
-    copy = _from_folder(cache / "gguf" / digest, None, "copy", trust_remote_code=False)  # a whole, loadable copy
+    folder = f"{digest}-transformers-{version('transformers')}"  # one copy per transformers release
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == [folder, f"{folder}.lock"]  # no temporary folder
+    copy = _from_folder(cache / "gguf" / folder, None, "copy", trust_remote_code=False)  # a whole, loadable copy
     assert copy.model.config.num_hidden_layers == 2
 
 
