@@ -9,7 +9,8 @@ chunks as a :class:`kvtool.evaluate.Baseline`; its stored size is the bytes of i
 ``hqq==0.2.8.post1`` (``pip install kvtool[bench]``); without them those rows are skipped and say so.
 
 ``--fidelity`` adds, on the first text only, the issue's fidelity candidates (≤ 3.25 stored bits) and
-plain ``turboquant:bits=3`` at rotation seeds 0, 1, 2.
+plain ``turboquant:bits=3`` at rotation seeds 0, 1, 2. ``--fidelity-only`` runs only a second round of
+candidates (:data:`FIDELITY_2`, seeds 0, 1, 2; no table, no HF rows) on the first text.
 
 Run::
 
@@ -43,6 +44,18 @@ FIDELITY = [
      "turboquant:bits=3,norm_bits=8,seed={seed}"),
     ("K tq3.25 norm8 sink=4 | V tq2.5 norm8", "turboquant:bits=3.25,norm_bits=8,sink=4,seed={seed}",
      "turboquant:bits=2.5,norm_bits=8,seed={seed}"),
+]
+#: Second round (``--fidelity-only``): centred keys (the largest KLD gain measured in the first round) with
+#: 8-bit norms and 4 sinks, and bits moved from values to keys at about the same average.
+FIDELITY_2 = [
+    ("tq3 center sink=4 norm8", "turboquant:bits=3,center=true,sink=4,norm_bits=8,seed={seed}",
+     "turboquant:bits=3,center=true,sink=4,norm_bits=8,seed={seed}"),
+    ("K tq3 center sink=4 norm8 | V tq3 norm8", "turboquant:bits=3,center=true,sink=4,norm_bits=8,seed={seed}",
+     "turboquant:bits=3,norm_bits=8,seed={seed}"),
+    ("K tq3.25 center sink=4 norm8 | V tq2.75 norm8",
+     "turboquant:bits=3.25,center=true,sink=4,norm_bits=8,seed={seed}", "turboquant:bits=2.75,norm_bits=8,seed={seed}"),
+    ("K tq3.5 center sink=4 norm8 | V tq2.5 norm8",
+     "turboquant:bits=3.5,center=true,sink=4,norm_bits=8,seed={seed}", "turboquant:bits=2.5,norm_bits=8,seed={seed}"),
 ]
 SEEDS = (0, 1, 2)
 HF = [("HF QuantizedCache quanto 4-bit", "quanto", 4), ("HF QuantizedCache HQQ 4-bit", "hqq", 4),
@@ -113,6 +126,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--texts", nargs="*", default=TEXTS)
     parser.add_argument("--fidelity", action="store_true")
+    parser.add_argument("--fidelity-only", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "eval.md")
     parser.add_argument("--combine", type=Path, nargs="*", help="Only write --output from the .json files of "
@@ -128,13 +142,20 @@ def main() -> None:
         print(f"wrote {args.output}")
         return
     loaded = load_model("default")
-    baselines, notes = ([], ["HF QuantizedCache: not run (--no-hf)"]) if args.no_hf else hf_baselines(loaded)
+    if args.fidelity_only:
+        args.no_hf = True
+    baselines, notes = ([], ["HF QuantizedCache: not run"]) if args.no_hf else hf_baselines(loaded)
     results = {}
     for t, text in enumerate(args.texts):
-        methods = [(spec, Assignment.of(spec, spec)) for spec in TABLE]
-        if args.fidelity and t == 0:
+        methods = [] if args.fidelity_only else [(spec, Assignment.of(spec, spec)) for spec in TABLE]
+        if args.fidelity_only and t == 0:
+            methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
+                        for label, k, v in FIDELITY_2 for seed in SEEDS]
+        elif args.fidelity and t == 0:
             methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
                         for label, k, v in FIDELITY for seed in SEEDS]
+        if not methods:  # --fidelity-only: the candidates run on the first text only
+            continue
         tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt", args.max_tokens)
         started = time.perf_counter()
         r = evaluate(loaded, tokens, [a for _, a in methods], labels=[n for n, _ in methods],
