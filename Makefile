@@ -31,6 +31,10 @@ demo: install
 	$(BIN)/kvtool compress $(OUT)/demo.h5 --method turboquant:bits=3 --output $(OUT)/demo.tq3.h5 \
 		--json $(OUT)/compress.json --force
 	@ls -l $(OUT)/demo.h5 $(OUT)/demo.tq3.h5
+	# End to end: the same codec inside the model's cache (first 1,024 tokens coded, next 1,023 scored).
+	$(BIN)/kvtool eval --text samples/gpl-3.0.txt --max-tokens 2048 --context 2048 \
+		--method turboquant:bits=3 --json $(OUT)/eval.json
+	$(BIN)/kvtool check $(OUT)/eval.json --max bits_per_element=3.25 --max kld_mean=0.03 --min top1_agreement=0.88
 
 
 test: install
