@@ -262,8 +262,28 @@ def test_norm_bits_8_stores_log_norms_in_a_byte():
     assert err(small, e8) < err(plain, e16) * 1.01  # a 1 % step in the norm is far below the 3-bit error
     with pytest.raises(CodecError, match="norm_bits must be one of 8, 16"):
         parse_spec("turboquant:norm_bits=4")
-    with pytest.raises(CodecError, match="cannot be combined with center"):
-        parse_spec("turboquant:norm_bits=8,center=true")
+    with pytest.raises(CodecError, match="cannot be combined with variant=prod"):
+        parse_spec("turboquant:norm_bits=8,variant=prod")
+
+
+def test_norm_bits_8_with_center_packs_the_choice_bits():
+    """center=true with 8-bit norms: the per-row choice (x − μ or x) is one packed bit, decoded as with fp16."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((3, 501, 64)) + 3.0 * rng.standard_normal((3, 1, 64))).astype(np.float32)  # a mean
+    x[:, 7] = rng.standard_normal((3, 64)) * 0.05  # a short vector far from the mean: coded as x, not x − μ
+    wide = parse_spec("turboquant:bits=3,center=true,sink=2")
+    small = parse_spec("turboquant:bits=3,center=true,sink=2,norm_bits=8")
+    e16, e8 = wide.encode(x), small.encode(x)
+    body = 501 - 2
+    assert e8.arrays["centred"].shape == (3, (body + 7) // 8) and e8.arrays["norms"].dtype == np.uint8
+    flags = np.unpackbits(e8.arrays["centred"], axis=1, count=body).astype(bool)
+    np.testing.assert_array_equal(flags, np.signbit(e16.arrays["norms"]))  # the same choices as the sign bits
+    assert not flags[:, 7 - 2].any() and flags.mean() > 0.9
+    d, t = 64, 501
+    expect = (2 * 16 * d + body * (3 * d + 8) + 16 * d + 2 * 16 + 8 * ((body + 7) // 8)) / (t * d)
+    assert e8.bits_per_element() == pytest.approx(expect)  # sinks, codes, byte norms, mean, log range, flags
+    err = lambda c, e: float(((c.decode(e) - x) ** 2).sum() / (x**2).sum())  # noqa: E731
+    assert err(small, e8) < err(wide, e16) * 1.02
 
 
 def test_unbiased_norms_keep_each_vector_s_own_direction_exact():

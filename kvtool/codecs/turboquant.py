@@ -29,7 +29,9 @@ keys — but not of the keys attention needs most: the attention sink (token 0) 
 tokens are short vectors far from the mean, and centring them makes their error larger.
 ``center=true`` therefore stores each head's per-channel mean over the coded tokens (fp16, ``(heads, d)``)
 and codes every token as ``x − μ`` or as ``x``, whichever is shorter; the choice is the sign bit of its
-fp16 norm (a norm is never negative, so the bit is free). ``sink=n`` stores the first ``n`` token rows in
+fp16 norm (a norm is never negative, so the bit is free). With ``norm_bits=8`` the log-norm byte has no
+spare bit, so the choices are stored packed beside it (``centred``, ``(heads, ⌈T/8⌉)`` uint8: one bit per
+token, ``1/d`` bits per element). ``sink=n`` stores the first ``n`` token rows in
 fp16 instead of coding them. Measured on SmolLM2 in ``docs/CODECS.md``. Stored bits:
 ``(16·n + (T − n)·(b + 16/d))/T``, plus ``16/T`` for the mean.
 
@@ -281,8 +283,8 @@ class TurboQuant(Codec):
             raise CodecError(f"unbiased must be one of true, false, got {self.unbiased}")
         if self.norm_bits not in (8, 16):
             raise CodecError(f"norm_bits must be one of 8, 16, got {self.norm_bits}")
-        if self.norm_bits == 8 and (self.center or self.variant == "prod"):
-            raise CodecError("norm_bits=8 cannot be combined with center=true or variant=prod (they use fp16 norms)")
+        if self.norm_bits == 8 and self.variant == "prod":
+            raise CodecError("norm_bits=8 cannot be combined with variant=prod (its residual norms are fp16)")
         if self.unbiased and self.variant == "prod":
             raise CodecError("unbiased applies to variant=mse (variant=prod is unbiased by its QJL stage)")
         if not isinstance(self.sink, int) or isinstance(self.sink, bool) or not 0 <= self.sink <= MAX_SINK:
@@ -352,7 +354,9 @@ class TurboQuant(Codec):
         for stage, basis in self._stages(heads, d):
             coded.update(stage.encode(rows, basis, tokens))
         coded = _norms_per_head(coded, heads, tokens)
-        if centred is not None:
+        if centred is not None and self.norm_bits == 8:  # no sign bit in a log-norm byte: one packed bit a row
+            coded["centred"] = np.packbits(centred, axis=1)
+        elif centred is not None:
             np.negative(coded["norms"], out=coded["norms"], where=centred)  # the sign bit says "add the mean"
         if self.norm_bits == 8:
             coded = {k2: v2 for k, v in coded.items() for k2, v2 in (_log8(k, v) if k.endswith("norms") else
@@ -414,7 +418,11 @@ class TurboQuant(Codec):
         tokens = total - n_sink
         out = torch.empty(heads * tokens, d)
         arrays = _unlog8(dict(enc.arrays))
-        centred = np.signbit(arrays["norms"]) if "mean" in arrays else None  # (heads, tokens)
+        packed = arrays.pop("centred", None)  # norm_bits=8: the choices packed, a bit per row
+        if packed is not None:
+            centred = np.unpackbits(packed, axis=1, count=tokens).astype(bool)
+        else:
+            centred = np.signbit(arrays["norms"]) if "mean" in arrays else None  # (heads, tokens)
         if centred is not None:
             arrays["norms"] = np.abs(arrays["norms"])
         stages = self._stages(heads, d, int(enc.meta.get("seed", self.seed)))
