@@ -2,12 +2,12 @@
 with codebooks learned per layer and head by faiss.
 
 Each head's vectors ``(T, d)`` are cut into ``m`` sub-vectors of ``d/m`` values; each sub-vector is
-replaced by the index of the nearest of ``2^bits`` centroids learned by k-means on that head (faiss
-``ProductQuantizer``, seeded by k-means++). Optional rotation first: ``random`` (a seeded Haar rotation,
-stored as the seed: spreads channel outliers over the sub-vectors) or ``opq`` (faiss ``OPQMatrix``: the rotation that
-minimises the PQ error, learned per head and stored; the identity for a head with fewer than
-``max(d, 2·2^bits)`` tokens, where faiss's OPQ fit breaks down). Product quantization of KV caches: e.g. PQCache,
-arXiv 2407.12820.
+replaced by the index of the nearest of ``2^bits`` centroids learned by k-means on that head (k-means++
+seeds, then ``iters`` of faiss's Lloyd iterations, default 8: see ``learned.py``). Optional rotation first:
+``random`` (a seeded Haar rotation, stored as the seed: spreads channel outliers over the sub-vectors) or
+``opq`` (faiss ``OPQMatrix``: the rotation that minimises the PQ error, learned per head and stored; the
+identity for a head with fewer than ``max(d, 2·2^bits)`` tokens, where faiss's OPQ fit breaks down). Product
+quantization of KV caches: e.g. PQCache, arXiv 2407.12820.
 
 Stored: ``codes`` ``(heads, T, ceil(m·bits/8))`` uint8. Shared state: ``codebooks`` ``(heads, m, 2^bits,
 d/m)`` fp16 and, with ``opq``, ``rotation`` ``(heads, d, d)`` float32. **Bits: ``8·ceil(m·bits/8)/d``**
@@ -25,7 +25,19 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
-from kvtool.codecs.learned import check_bits, faiss_module, fp16_round, kmeanspp, points_as_centroids, quiet
+from kvtool.codecs.learned import (
+    DEFAULT_ITERS,
+    blas_search,
+    check_bits,
+    check_iters,
+    faiss_map,
+    faiss_module,
+    fp16_round,
+    kmeans,
+    kmeanspp,
+    points_as_centroids,
+    quiet,
+)
 from kvtool.codecs.rotation import random_rotation
 from kvtool.errors import CodecError
 
@@ -36,12 +48,13 @@ OPQ_ITERATIONS = 10
 @register
 @dataclass
 class PQ(Codec):
-    """``pq:m=16,bits=8,rotation=none|random|opq,seed=0`` — product quantization, codebooks per layer and
-    head (faiss)."""
+    """``pq:m=16,bits=8,rotation=none|random|opq,iters=8,seed=0`` — product quantization, codebooks per layer
+    and head (faiss k-means, ``iters`` Lloyd iterations from k-means++ seeds)."""
 
     m: int = 16
     bits: int = 8
     rotation: Literal["none", "random", "opq"] = "none"
+    iters: int = DEFAULT_ITERS
     seed: int = 0
     name: ClassVar[str] = "pq"
     #: A basis or codebook is fitted on the whole prompt: not coded token by token as a cache grows.
@@ -62,6 +75,7 @@ class PQ(Codec):
             raise CodecError(f"m must divide head_dim={head_dim} (one of {allowed}), got {self.m}")
         if self.rotation not in ("none", "random", "opq"):
             raise CodecError(f"rotation must be one of none, random, opq, got {self.rotation}")
+        check_iters(self.iters)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
 
@@ -80,36 +94,39 @@ class PQ(Codec):
             return self
         faiss = faiss_module()
         k, sub = 1 << self.bits, d // self.m
-        books, rots = [], []
-        for h in range(heads):
-            xh = np.ascontiguousarray(x[h])
-            if self.rotation == "opq":
-                rot = self._fit_opq(faiss, xh) if tokens >= max(d, 2 * k) else np.eye(d, dtype=np.float32)
-                rots.append(rot)
-                xh = np.ascontiguousarray(xh @ rot.T)
-            elif self.rotation == "random":
-                xh = np.ascontiguousarray(xh @ random_rotation(d, self.seed).numpy().T)
-            if tokens <= k:
-                cent = np.stack([points_as_centroids(xh[:, j * sub:(j + 1) * sub], k) for j in range(self.m)])
-            else:
-                cent = self._train(faiss, xh, self.seed + h)
-            books.append(cent)
-        self._codebooks = fp16_round(np.stack(books))
-        self._rotations = np.stack(rots).astype(np.float32) if rots else None
-        return self
+        rots = None
+        if self.rotation == "opq":
+            def opq(h: int) -> np.ndarray:
+                if tokens < max(d, 2 * k):  # faiss's OPQ fit breaks down on so few tokens: no rotation
+                    return np.eye(d, dtype=np.float32)
+                return self._fit_opq(faiss, np.ascontiguousarray(x[h]))
 
-    def _train(self, faiss, x: np.ndarray, seed: int) -> np.ndarray:
-        """faiss ``ProductQuantizer`` training from k-means++ seeds (hot start): ``(m, 2^bits, d/m)``."""
-        d = x.shape[1]
-        k, sub = 1 << self.bits, d // self.m
-        rng = np.random.default_rng(seed)
-        seeds = np.stack([kmeanspp(x[:, j * sub:(j + 1) * sub], k, rng) for j in range(self.m)])
-        pq = faiss.ProductQuantizer(d, self.m, self.bits)
-        quiet(pq.cp, seed)
-        faiss.copy_array_to_vector(seeds.reshape(-1), pq.centroids)
-        pq.train_type = faiss.ProductQuantizer.Train_hot_start
-        pq.train(x)
-        return faiss.vector_to_array(pq.centroids).reshape(self.m, k, sub)
+            rots = np.stack(faiss_map(faiss, opq, range(heads))).astype(np.float32)
+        self._rotations = rots
+        xr = np.stack([self._rotate(x[h], h) for h in range(heads)]) if self.rotation != "none" else x
+
+        if tokens <= k:  # each head's own sub-vectors as centroids: coded exactly
+            books = np.stack([[points_as_centroids(np.ascontiguousarray(xr[h, :, j * sub:(j + 1) * sub]), k)
+                               for j in range(self.m)] for h in range(heads)])
+            self._codebooks = fp16_round(books)
+            return self
+        # (heads, m, T, sub): every sub-vector problem of every head
+        xs = np.ascontiguousarray(xr.reshape(heads, tokens, self.m, sub).transpose(0, 2, 1, 3))
+
+        def seed_head(h: int) -> np.ndarray:  # k-means++ seeds of a head's m problems in lockstep: (m, k, sub)
+            return kmeanspp(xs[h], k, np.random.default_rng([self.seed, h]))
+
+        seeds = faiss_map(faiss, seed_head, range(heads))
+
+        def one(job: tuple[int, int]) -> np.ndarray:
+            # one sub-quantizer of one head: faiss's Lloyd iterations from its seeds (a job per (head,
+            # sub-vector), so the thread pool's workers stay evenly loaded)
+            h, j = job
+            return kmeans(faiss, xs[h, j], k, seeds[h][j], self.iters, self.seed + h * self.m + j)
+
+        jobs = [(h, j) for h in range(heads) for j in range(self.m)]
+        self._codebooks = fp16_round(np.stack(faiss_map(faiss, one, jobs)).reshape(heads, self.m, k, sub))
+        return self
 
     def _fit_opq(self, faiss, x: np.ndarray) -> np.ndarray:
         d = x.shape[1]
@@ -117,6 +134,7 @@ class PQ(Codec):
         opq.niter = OPQ_ITERATIONS
         inner = faiss.ProductQuantizer(d, self.m, self.bits)
         quiet(inner.cp, self.seed)
+        inner.cp.niter = max(self.iters, 1)
         opq.pq = inner  # OPQ trains this one (quietly) instead of its own
         opq.train(x)
         return faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
@@ -165,7 +183,8 @@ class PQ(Codec):
         if self._codebooks is None:
             self.fit(x)
         faiss = faiss_module()
-        codes = [self._quantizer(faiss, h, d).compute_codes(self._rotate(x[h], h)) for h in range(heads)]
+        with blas_search(faiss):
+            codes = [self._quantizer(faiss, h, d).compute_codes(self._rotate(x[h], h)) for h in range(heads)]
         return Encoded({"codes": np.stack(codes).reshape(heads, tokens, -1)}, x.shape, {"seed": self.seed})
 
     def decode(self, enc: Encoded) -> np.ndarray:

@@ -23,7 +23,17 @@ from typing import ClassVar
 import numpy as np
 
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
-from kvtool.codecs.learned import check_bits, faiss_module, fp16_round, kmeans
+from kvtool.codecs.learned import (
+    DEFAULT_ITERS,
+    blas_search,
+    check_bits,
+    check_iters,
+    faiss_map,
+    faiss_module,
+    fp16_round,
+    kmeans,
+    kmeanspp,
+)
 from kvtool.errors import CodecError
 
 MAX_STAGES = 64
@@ -32,11 +42,12 @@ MAX_STAGES = 64
 @register
 @dataclass
 class VQ(Codec):
-    """``vq:stages=4,bits=8,seed=0`` — residual vector quantization of whole head vectors, codebooks per
-    layer and head (faiss)."""
+    """``vq:stages=4,bits=8,iters=8,seed=0`` — residual vector quantization of whole head vectors, codebooks
+    per layer and head (faiss k-means, ``iters`` Lloyd iterations from k-means++ seeds)."""
 
     stages: int = 4
     bits: int = 8
+    iters: int = DEFAULT_ITERS
     seed: int = 0
     name: ClassVar[str] = "vq"
     #: A basis or codebook is fitted on the whole prompt: not coded token by token as a cache grows.
@@ -51,6 +62,7 @@ class VQ(Codec):
         check_bits(self.bits)
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 1 <= self.stages <= MAX_STAGES:
             raise CodecError(f"stages must be one of 1..{MAX_STAGES}, got {self.stages}")
+        check_iters(self.iters)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
 
@@ -66,19 +78,23 @@ class VQ(Codec):
             return self
         faiss = faiss_module()
         k = 1 << self.bits
-        books = []
-        for h in range(heads):
+
+        def one(h: int) -> np.ndarray:
+            # one head's stages, greedily: each stage's k-means codes what the earlier ones left
             residual = np.ascontiguousarray(x[h])
             stages = []
             for s in range(self.stages):
-                book = fp16_round(kmeans(faiss, residual, k, self.seed + 1000 * h + s))  # (k, d)
+                rng = np.random.default_rng([self.seed, h, s])
+                seeds = kmeanspp(residual, k, rng) if tokens > k else residual
+                book = fp16_round(kmeans(faiss, residual, k, seeds, self.iters, self.seed + 1000 * h + s))
                 index = faiss.IndexFlatL2(d)
                 index.add(book)
                 nearest = index.search(residual, 1)[1][:, 0] if tokens else np.zeros(0, np.int64)
                 residual = np.ascontiguousarray(residual - book[nearest])
                 stages.append(book)
-            books.append(np.stack(stages))
-        self._codebooks = np.stack(books)
+            return np.stack(stages)
+
+        self._codebooks = np.stack(faiss_map(faiss, one, range(heads)))
         return self
 
     def shared_state(self) -> dict[str, np.ndarray]:
@@ -110,7 +126,8 @@ class VQ(Codec):
         if self._codebooks is None:
             self.fit(x)
         faiss = faiss_module()
-        codes = [self._quantizer(faiss, h, d).compute_codes(np.ascontiguousarray(x[h])) for h in range(heads)]
+        with blas_search(faiss):
+            codes = [self._quantizer(faiss, h, d).compute_codes(np.ascontiguousarray(x[h])) for h in range(heads)]
         return Encoded({"codes": np.stack(codes).reshape(heads, tokens, -1)}, x.shape, {})
 
     def decode(self, enc: Encoded) -> np.ndarray:
