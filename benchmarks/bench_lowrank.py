@@ -7,16 +7,26 @@ captured queries of each layer (what ``weight=queries|attention`` fit on) and is
 no codec is scored on the queries it was fitted to. Bits are ``bits_per_element_with_state``: every stored
 byte plus the shared state (bases, codebooks, outlier tables) amortized over this cache.
 
-Three parts, written to ``benchmarks/results/lowrank.md`` (and ``lowrank.png``):
+Parts (``--parts``, all by default), written to ``benchmarks/results/lowrank.md`` (and ``lowrank.png``):
 
-1. bits vs attention-output error, keys and values apart, codebooks and bases fitted on the cache itself;
-2. the same for a few specs with the shared state fitted on the other text (``--fit-on``), to see whether
-   subspaces and codebooks carry over between sequences (ShadowKV reports key subspaces do not);
-3. fit + encode + decode seconds over every layer of the target (keys and values), wall and CPU, with
-   TurboQuant as the baseline measured in the same run.
+``measure``
+    1. bits vs attention-output error, keys and values apart, codebooks and bases fitted on the cache itself;
+    2. the same for a few specs with the shared state fitted on the other text (``--fit-on``), to see whether
+       subspaces and codebooks carry over between sequences (ShadowKV reports key subspaces do not);
+``timings``
+    3. fit + encode + decode seconds over every layer of the target (keys and values), wall and CPU, with
+       TurboQuant as the baseline measured in the same run;
+``iters``
+    4. the learned codecs' Lloyd iterations (``iters``): fit + encode + decode seconds over every layer
+       against the attention-output error and relative MSE (what ``learned.DEFAULT_ITERS`` is chosen from).
+
+A run of some parts rewrites only their sections of ``lowrank.md``; the other sections are kept as they
+were (the intro and the plot go with ``measure``).
 
 Run: ``python benchmarks/bench_lowrank.py`` (captures with ``kvtool capture --queries last:128
---pre-rope-keys -n 2048`` of samples/gpl-3.0.txt and samples/apache-2.0.txt; ``--target``/``--other``).
+--pre-rope-keys -n 2048`` of samples/gpl-3.0.txt and samples/apache-2.0.txt; ``--target``/``--other``);
+``python benchmarks/bench_lowrank.py --parts timings iters --target /work/data/gpl-2048.h5`` for the speed
+parts alone (they read only the target).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvtool import metrics  # noqa: E402
 from kvtool.codecs import parse_spec  # noqa: E402
+from kvtool.codecs.learned import DEFAULT_ITERS, available_cores  # noqa: E402
 from kvtool.compress import _context, encode_tensor, split_queries  # noqa: E402
 from kvtool.store import CacheReader  # noqa: E402
 
@@ -54,7 +65,10 @@ FIT_OTHER = {"keys": ["lowrank:rank=32", "lowrank:rank=32,prerope=true", "lowran
                       "pq:m=16,bits=8", "vq:stages=8,bits=8", "turboquant:bits=2.5"],
              "values": ["lowrank:rank=32", "lowrank:rank=48", "pq:m=16,bits=8", "vq:stages=8,bits=8"]}
 TIMED = ["turboquant:bits=4", "lowrank:rank=32", "lowrank:rank=32+turboquant:bits=4", "pq:m=16,bits=8",
-         "vq:stages=4,bits=8"]
+         "pq:m=32,bits=8", "vq:stages=4,bits=8"]
+ITERS_SPECS = ["pq:m=16,bits=8", "pq:m=32,bits=8", "vq:stages=4,bits=8"]
+ITERS = [4, 8, 25]  # 25: faiss's default, what the codecs ran before ``iters``
+PARTS = ("measure", "timings", "iters")
 
 
 def specs_for(role: str) -> list[str]:
@@ -120,6 +134,7 @@ def timings(target: Path, reps: int = 1) -> list[dict]:
         data = [reader.layer(i) for i in range(reader.info.num_layers)]
     out = []
     for spec in TIMED:
+        warm_up(spec, data[0])
         wall, cpu = [], []
         for _ in range(reps):
             w0, c0 = time.perf_counter(), time.process_time()
@@ -130,6 +145,48 @@ def timings(target: Path, reps: int = 1) -> list[dict]:
             cpu.append(time.process_time() - c0)
         out.append({"spec": spec, "wall": min(wall), "cpu": min(cpu), "layers": len(data),
                     "tokens": int(data[0].keys.shape[1])})
+    return out
+
+
+def warm_up(spec: str, d) -> None:
+    """One untimed coding of a layer's keys: imports (torch, faiss) and first-call set-up off the clock."""
+    encode_tensor(parse_spec(spec).for_role("keys"), d.keys, _context(d, "keys", None))
+
+
+def iterations(target: Path, observe: int) -> list[dict]:
+    """Per (spec, iters): fit + encode + decode seconds of keys and values over every layer (wall, CPU; the
+    scoring is outside the clock) and the mean over layers of the attention-output error (held-out queries,
+    the other tensor exact) and the relative MSE, keys and values apart."""
+    with CacheReader(target) as reader:
+        data = [reader.layer(i) for i in range(reader.info.num_layers)]
+    refs = []
+    for d in data:
+        held = split_queries(d, observe)[1]
+        refs.append(metrics.reference_attention(held[0], d.keys, d.values, held[1], d.key_positions,
+                                                scaling=d.scaling, sliding_window=d.sliding_window))
+    out = []
+    for spec in ITERS_SPECS:
+        for iters in ITERS:
+            full = f"{spec},iters={iters}"
+            warm_up(full, data[0])
+            wall = cpu = 0.0
+            err: dict[str, list[float]] = {"keys": [], "values": []}
+            mse: dict[str, list[float]] = {"keys": [], "values": []}
+            for d, ref in zip(data, refs, strict=True):
+                for role, x in (("keys", d.keys), ("values", d.values)):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    _, x_hat = encode_tensor(parse_spec(full).for_role(role), x, _context(d, role, None))
+                    wall += time.perf_counter() - w0
+                    cpu += time.process_time() - c0
+                    att = metrics.compare_attention(ref, x_hat if role == "keys" else None,
+                                                    x_hat if role == "values" else None)
+                    err[role].append(att["attention_output_rel_error"])
+                    mse[role].append(float(((x - x_hat) ** 2).sum() / (x**2).sum()))
+            out.append({"spec": spec, "iters": iters, "wall": wall, "cpu": cpu, "layers": len(data),
+                        "tokens": int(data[0].keys.shape[1]),
+                        **{f"err_{r}": float(np.mean(v)) for r, v in err.items()},
+                        **{f"mse_{r}": float(np.mean(v)) for r, v in mse.items()}})
+            print(f"{full}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr, flush=True)
     return out
 
 
@@ -159,7 +216,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def render(rows: list[dict], times: list[dict], args: argparse.Namespace) -> str:
+def render_measure(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Target `{args.target.name}`, other text `{args.other.name}` (SmolLM2-135M, 2,048 tokens, 3 kv heads,"
              f" head_dim 64); layers {', '.join(map(str, args.layers))}; codecs fitted with the first "
              f"{args.observe} of the 128 captured queries of each layer, attention scored on the other "
@@ -188,18 +245,70 @@ def render(rows: list[dict], times: list[dict], args: argparse.Namespace) -> str
             if a and b:
                 lines.append(f"| {role} | `{spec}` | {a['out_err']:.4f} | {b['out_err']:.4f} | {a['rel_mse']:.4f} | "
                              f"{b['rel_mse']:.4f} |")
-    lines.append("")
-    if times:
-        base = next(t for t in times if t["spec"].startswith("turboquant"))
-        lines += [f"### Fit + encode + decode, keys and values of {base['layers']} layers × {base['tokens']} tokens",
-                  "", "Wall and CPU seconds of one pass (the machine is shared: CPU time is the steadier "
-                  f"figure); ratios against `{base['spec']}` in the same run.", "",
-                  "| spec | wall s | CPU s | CPU ratio |", "|---|---:|---:|---:|"]
-        for t in times:
-            lines.append(f"| `{t['spec']}` | {t['wall']:.1f} | {t['cpu']:.1f} | {t['cpu'] / base['cpu']:.1f}× |")
-        lines.append("")
-    lines.append("![bits vs attention-output error](lowrank.png)")
     return "\n".join(lines)
+
+
+def render_timings(times: list[dict], args: argparse.Namespace) -> str:
+    base = next(t for t in times if t["spec"].startswith("turboquant"))
+    lines = [f"### Fit + encode + decode, keys and values of {base['layers']} layers × {base['tokens']} tokens", "",
+             f"`{args.target.name}`, {available_cores()} cores available. Wall and CPU seconds of one pass (the "
+             "machine is shared: CPU time is the steadier figure); ratios against "
+             f"`{base['spec']}` in the same run.", "",
+             "| spec | wall s | CPU s | CPU ratio |", "|---|---:|---:|---:|"]
+    for t in times:
+        lines.append(f"| `{t['spec']}` | {t['wall']:.1f} | {t['cpu']:.1f} | {t['cpu'] / base['cpu']:.1f}× |")
+    return "\n".join(lines)
+
+
+def render_iters(rows: list[dict], args: argparse.Namespace) -> str:
+    r0 = rows[0]
+    lines = [f"### Lloyd iterations (`iters`) of the learned codecs: time against error, {r0['layers']} layers × "
+             f"{r0['tokens']} tokens", "",
+             f"`{args.target.name}`, {available_cores()} cores available. Seconds: fit + encode + decode of keys "
+             f"and values over every layer, one pass (scoring outside the clock). Errors: mean over the layers of "
+             f"the attention-output relative error (the last {128 - args.observe} captured queries, the other "
+             f"tensor exact) and the relative MSE. The default is `iters={DEFAULT_ITERS}`; 25 is faiss's default "
+             "and what the codecs ran before.", "",
+             "| spec | iters | wall s | CPU s | keys out err | values out err | keys rel MSE | values rel MSE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['spec']}` | {r['iters']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['err_keys']:.4f} | "
+                     f"{r['err_values']:.4f} | {r['mse_keys']:.4f} | {r['mse_values']:.4f} |")
+    return "\n".join(lines)
+
+
+PLOT_LINE = "![bits vs attention-output error](lowrank.png)"
+
+
+def part_of(heading: str) -> str:
+    """The part a ``### `` section of lowrank.md belongs to."""
+    if heading.startswith("### Fit + encode"):
+        return "timings"
+    if heading.startswith("### Lloyd iterations"):
+        return "iters"
+    return "measure"
+
+
+def existing_parts(path: Path) -> dict[str, str]:
+    """The sections of an earlier lowrank.md, by part (the intro before the first heading is ``measure``'s)."""
+    if not path.exists():
+        return {}
+    parts: dict[str, list[str]] = {}
+    current = "measure"
+    for line in path.read_text().splitlines():
+        if line.strip() == PLOT_LINE:
+            continue
+        if line.startswith("### "):
+            current = part_of(line)
+        parts.setdefault(current, []).append(line)
+    return {k: "\n".join(v).strip() for k, v in parts.items()}
+
+
+def merge(new: dict[str, str], path: Path) -> str:
+    """lowrank.md with the parts just run replaced and the others kept from ``path``, in ``PARTS`` order."""
+    sections = {**existing_parts(path), **new}
+    body = [sections[p] for p in PARTS if sections.get(p)]
+    return "\n\n".join(body + [PLOT_LINE]) + "\n"
 
 
 def main() -> None:
@@ -208,14 +317,23 @@ def main() -> None:
     p.add_argument("--other", type=Path, default=Path("/work/data/lowrank/apache-2.0.h5"))
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[2, 8, 15, 22, 28])
     p.add_argument("--observe", type=int, default=64)
-    p.add_argument("--no-timings", action="store_true")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="which parts to run; the other sections of --output are kept")
+    p.add_argument("--no-timings", action="store_true", help="the same as leaving timings out of --parts")
     p.add_argument("--output", type=Path, default=RESULTS / "lowrank.md")
     args = p.parse_args()
-    rows = measure(args.target, args.other, args.layers, args.observe, ["keys", "values"])
-    times = [] if args.no_timings else timings(args.target)
-    plot(rows, args.output.with_suffix(".png"))
-    args.output.write_text(render(rows, times, args) + "\n")
-    print(f"wrote {args.output}")
+    parts = [x for x in args.parts if not (args.no_timings and x == "timings")]
+    new = {}
+    if "measure" in parts:
+        rows = measure(args.target, args.other, args.layers, args.observe, ["keys", "values"])
+        plot(rows, args.output.with_suffix(".png"))
+        new["measure"] = render_measure(rows, args)
+    if "timings" in parts:
+        new["timings"] = render_timings(timings(args.target), args)
+    if "iters" in parts:
+        new["iters"] = render_iters(iterations(args.target, args.observe), args)
+    args.output.write_text(merge(new, args.output))
+    print(f"wrote {args.output} ({', '.join(parts)})")
 
 
 if __name__ == "__main__":
