@@ -187,7 +187,8 @@ def render(results: dict[str, Any], args: Any, notes: list[str]) -> str:
                   "| method | bits | Δppl % | KLD | KLD p99 | top-1 % | RMS Δp % |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for m in r["methods"]:
-            lines.append(f"| {m['label']} | {m['bits_per_element']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
+            label = m["label"].replace("|", "\\|")  # "K … | V …" inside a table cell
+            lines.append(f"| {label} | {m['bits_per_element']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
                          f"{m['delta_ppl_pct_stderr']:.2f} | {m['kld_mean']:.4f} ± {m['kld_stderr']:.4f} | "
                          f"{m['kld_p99']:.3f} | {100 * m['top1_agreement']:.1f} | {100 * m['rms_dp']:.2f} |")
         lines.append("")
