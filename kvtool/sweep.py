@@ -41,8 +41,10 @@ Progress = Callable[[int, int], None]
 ATTENTION_ERROR = "attention_output_rel_error"
 RECONSTRUCTION_ERROR = "rel_mse"
 #: the eval statistics a sweep keeps per spec (kvtool.metrics.summarize_next_token)
+#: ``bits_per_element`` there is what the codec stored inside the model (the eval's prompts, which may be
+#: shorter than the capture: a learned codebook or a mean is amortised over fewer tokens there).
 EVAL_KEYS = ("kld_mean", "kld_stderr", "delta_ppl_pct", "delta_ppl_pct_stderr", "top1_agreement", "ppl_exact",
-             "ppl_compressed", "tokens_scored")
+             "ppl_compressed", "tokens_scored", "bits_per_element")
 
 
 @dataclass
@@ -186,7 +188,8 @@ def sweep(
         r["frontier"] = on
     if evaluated is not None:
         for key, metric in (("frontier_kld", "kld_mean"), ("frontier_ppl", "delta_ppl_pct")):
-            marks = pareto_frontier([(r["stored_bits"], r["eval"][metric]) for r in results])
+            # against the bits stored in the model's cache on the eval's prompts, not on the capture
+            marks = pareto_frontier([(r["eval"]["bits_per_element"], r["eval"][metric]) for r in results])
             for r, on in zip(results, marks, strict=True):
                 r[key] = on
     report = {**store_header("sweep", info), "source": str(path), "sequence": sequence, "layers": chosen,
@@ -204,27 +207,37 @@ def _family(spec: str) -> str:
 
 
 def _panel(ax: Any, results: list[dict[str, Any]], value: Callable[[dict[str, Any]], float], frontier: str,
-           ylabel: str) -> None:
+           ylabel: str, bits: Callable[[dict[str, Any]], float] = lambda r: r["stored_bits"],
+           xlabel: str = "stored bits per element (arrays + shared state)") -> None:
     """Every spec as a point (stored bits, value), coloured by codec; the frontier as a staircase, named."""
+    from matplotlib import colormaps
+
     families = sorted({_family(r["spec"]) for r in results})
+    palette = colormaps["tab20"]  # 20 distinct colours: every codec family its own
     for n, fam in enumerate(families):
         pts = [r for r in results if _family(r["spec"]) == fam]
-        ax.scatter([r["stored_bits"] for r in pts], [value(r) for r in pts], s=22, color=f"C{n % 10}", label=fam,
-                   alpha=0.8)
-    front = [r for r in results if r[frontier] and value(r) > 0]  # a log axis has no room for 0
-    ax.step([r["stored_bits"] for r in front], [value(r) for r in front], where="post", color="black", lw=1,
+        ax.scatter([bits(r) for r in pts], [value(r) for r in pts], s=22, label=fam,
+                   alpha=0.8, color=palette(n % 20))
+    front = sorted((r for r in results if r[frontier] and value(r) > 0), key=bits)  # a log axis has no room for 0
+    ax.step([bits(r) for r in front], [value(r) for r in front], where="post", color="black", lw=1,
             zorder=0, label="Pareto frontier")
-    for r in front:
-        ax.annotate(r["spec"], (r["stored_bits"], value(r)), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    hidden = [r["spec"] for r in results if value(r) <= 0]
+    for r in front:  # names never resize the axes (a long age-band spec would squeeze them to nothing)
+        ax.annotate(_short(r["spec"]), (bits(r), value(r)), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points", annotation_clip=True).set_in_layout(False)
+    hidden = [_short(r["spec"]) for r in results if value(r) <= 0]
     if hidden:
         ax.text(0.99, 0.01, f"≤ 0, not drawn: {', '.join(hidden)}", transform=ax.transAxes, fontsize=7,
-                ha="right", va="bottom")
+                ha="right", va="bottom").set_in_layout(False)
     ax.set_yscale("log")
-    ax.set_xlabel("stored bits per element (arrays + shared state)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, not over points
+
+
+def _short(spec: str, limit: int = 36) -> str:
+    """A spec cut to ``limit`` characters for a label on the plot (the report holds the whole spec)."""
+    return spec if len(spec) <= limit else spec[: limit - 1] + "…"
 
 
 def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
@@ -240,7 +253,7 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
     output = Path(output)
     results = report["results"]
     with_eval = "eval" in report
-    fig = Figure(figsize=(8.5, 10 if with_eval else 5.5), layout="constrained")
+    fig = Figure(figsize=(10, 10 if with_eval else 5.5), layout="constrained")
     axes = fig.subplots(2 if with_eval else 1, 1, squeeze=False)[:, 0]
     metric = "attention-output error ‖ô−o‖/‖o‖ (mean over layers)" if report["attention"] else \
         "relative MSE of keys and values (mean over layers)"
@@ -248,7 +261,8 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
     axes[0].set_title(f"kvtool sweep: {Path(report['source']).name}, {len(results)} specs", fontsize=10)
     if with_eval:
         _panel(axes[1], results, lambda r: r["eval"]["kld_mean"], "frontier_kld",
-               "next-token KL divergence (kvtool eval, mean)")
+               "next-token KL divergence (kvtool eval, mean)", bits=lambda r: r["eval"]["bits_per_element"],
+               xlabel="stored bits per element in the model's cache (the eval's prompts)")
         axes[1].set_title(f"in the model: {Path(report['eval']['text']).name}, {report['eval']['chunks']} chunk(s) "
                           f"of {report['eval']['context']} tokens", fontsize=10)
     # temp file + rename; a full disk or a file-size limit is one InputError line, nothing left behind

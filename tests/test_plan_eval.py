@@ -117,6 +117,12 @@ def test_sweep_eval_text_scores_every_spec_in_the_model(tiny_cache, tmp_path) ->
     kld = [r["eval"]["kld_mean"] for r in report["results"]]  # sorted by bits: 2, 4, 8
     assert [r["spec"] for r in report["results"]] == SPECS and kld[0] > kld[1] > kld[2] > 0
     assert all(r["frontier_kld"] for r in report["results"]) and "frontier_ppl" in report["results"][0]
+    # each spec's bits in the model's cache (its KLD frontier's axis): per-token scales, as in the capture
+    for r in report["results"]:
+        assert r["eval"]["bits_per_element"] == pytest.approx(r["stored_bits"], rel=1e-6)
+    pq = sweep(tiny_cache, ["pq:m=4,bits=8"], eval_text=EvalText(**EVAL))["results"][0]
+    # a learned codebook is amortised over a 32-token prompt in the model, over 128 tokens in the capture
+    assert pq["eval"]["bits_per_element"] > pq["stored_bits"] + 1
     png = plot_frontier(report, tmp_path / "f.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -108,7 +108,7 @@ def render_sweep(r: dict[str, Any]) -> None:
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     ev = "eval" in r
     cols = ["", "spec", "bits", "K mse", "V mse"] + (["out err", "out cos", "KL", "top-k"] if att else [])
-    cols += ["", "KLD", "Δppl %"] if ev else []
+    cols += ["", "eval bits", "KLD", "Δppl %"] if ev else []
     for n, col in enumerate(cols):
         table.add_column(col, justify="left" if n < 2 else "right", no_wrap=n != 1,
                          overflow="fold" if n == 1 else "ellipsis")
@@ -121,8 +121,8 @@ def render_sweep(r: dict[str, Any]) -> None:
                       f"{t['attention_kl']:.1e}", f"{t['topk_overlap']:.3f}"]
         if ev:
             e = row["eval"]
-            cells += [FRONTIER_MARK if row["frontier_kld"] else "", f"{e['kld_mean']:.2e}",
-                      f"{e['delta_ppl_pct']:+.2f}"]
+            cells += [FRONTIER_MARK if row["frontier_kld"] else "", f"{e['bits_per_element']:.3f}",
+                      f"{e['kld_mean']:.2e}", f"{e['delta_ppl_pct']:+.2f}"]
         table.add_row(*cells, style="bold" if row["frontier"] else None)
     console.print(table)
     metric = "attention-output error" if att else "mean keys/values relative MSE"
@@ -131,5 +131,5 @@ def render_sweep(r: dict[str, Any]) -> None:
     if ev:
         e = r["eval"]
         console.print(f"KLD, Δppl: inside the model ({e['model']}) on {e['text']}, {e['chunks']} chunk(s) of "
-                      f"{e['context']} tokens (kvtool eval, prefill); the second {FRONTIER_MARK} marks the KLD "
-                      "frontier")
+                      f"{e['context']} tokens (kvtool eval, prefill); eval bits: what each codec stored in the "
+                      f"model's cache on those prompts; the second {FRONTIER_MARK} marks the KLD frontier over them")
