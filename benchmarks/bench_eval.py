@@ -10,7 +10,8 @@ chunks as a :class:`kvtool.evaluate.Baseline`; its stored size is the bytes of i
 
 ``--fidelity`` adds, on the first text only, the issue's fidelity candidates (≤ 3.25 stored bits) and
 plain ``turboquant:bits=3`` at rotation seeds 0, 1, 2. ``--fidelity-only`` runs only a second round of
-candidates (:data:`FIDELITY_2`, seeds 0, 1, 2; no table, no HF rows) on the first text.
+candidates (:data:`FIDELITY_2`, or ``--round 3``: :data:`FIDELITY_3`; seeds 0, 1, 2; no table, no HF rows)
+on the first text.
 
 Run::
 
@@ -57,6 +58,15 @@ FIDELITY_2 = [
     ("K tq3.5 center sink=4 norm8 | V tq2.5 norm8",
      "turboquant:bits=3.5,center=true,sink=4,norm_bits=8,seed={seed}", "turboquant:bits=2.5,norm_bits=8,seed={seed}"),
 ]
+#: Third round (``--fidelity-only --round 3``): the best of the second (centred keys and values, 8-bit norms)
+#: with 8 sinks, and with RaBitQ's unbiased norms.
+FIDELITY_3 = [
+    ("tq3 center sink=8 norm8", "turboquant:bits=3,center=true,sink=8,norm_bits=8,seed={seed}",
+     "turboquant:bits=3,center=true,sink=8,norm_bits=8,seed={seed}"),
+    ("tq3 center sink=4 norm8 unbiased", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true,seed={seed}",
+     "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true,seed={seed}"),
+]
+ROUNDS = {2: FIDELITY_2, 3: FIDELITY_3}
 SEEDS = (0, 1, 2)
 HF = [("HF QuantizedCache quanto 4-bit", "quanto", 4), ("HF QuantizedCache HQQ 4-bit", "hqq", 4),
       ("HF QuantizedCache HQQ 3-bit", "hqq", 3)]
@@ -127,6 +137,7 @@ def main() -> None:
     parser.add_argument("--texts", nargs="*", default=TEXTS)
     parser.add_argument("--fidelity", action="store_true")
     parser.add_argument("--fidelity-only", action="store_true")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=2, help="with --fidelity-only")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "eval.md")
     parser.add_argument("--combine", type=Path, nargs="*", help="Only write --output from the .json files of "
@@ -150,7 +161,7 @@ def main() -> None:
         methods = [] if args.fidelity_only else [(spec, Assignment.of(spec, spec)) for spec in TABLE]
         if args.fidelity_only and t == 0:
             methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
-                        for label, k, v in FIDELITY_2 for seed in SEEDS]
+                        for label, k, v in ROUNDS[args.round] for seed in SEEDS]
         elif args.fidelity and t == 0:
             methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
                         for label, k, v in FIDELITY for seed in SEEDS]
