@@ -148,7 +148,14 @@ def main() -> None:
         for path in args.combine:
             data = json.loads(path.read_text())
             notes += data.pop("_notes", [])
-            results.update(data)
+            for text, r in data.items():
+                if text in results:  # two runs on one text: their rows side by side (the same exact pass)
+                    if abs(results[text]["ppl_exact"] - r["ppl_exact"]) > 1e-9 * r["ppl_exact"]:
+                        raise SystemExit(f"{path}: {text} was scored on other tokens (ppl exact differs)")
+                    results[text]["methods"] += r["methods"]
+                    results[text]["wall_seconds"] += r["wall_seconds"]
+                else:
+                    results[text] = r
         args.output.write_text(render(results, args, sorted(set(notes))))
         print(f"wrote {args.output}")
         return

@@ -11,7 +11,8 @@
   fine enough for the knapsack to trade bits between layers, heads and roles.
 
 A codec class may name parameter sets worth sweeping beside its defaults in a class attribute
-``sweep_variants`` (e.g. TurboQuant's ``center=true,sink=1``); a new codec joins the presets by registering.
+``sweep_variants`` (e.g. TurboQuant's ``center=true,sink=4,norm_bits=8,unbiased=true``); a new codec joins
+the presets by registering.
 """
 
 from __future__ import annotations

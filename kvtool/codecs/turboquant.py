@@ -261,7 +261,8 @@ class TurboQuant(Codec):
     norm_bits: int = 16
     name: ClassVar[str] = "turboquant"
     #: parameter sets `kvtool sweep`'s presets add beside the defaults at each width (kvtool.codecs.presets)
-    sweep_variants: ClassVar[tuple[str, ...]] = ("center=true,sink=1",)
+    #: (the form measured best end to end at 3 bits: benchmarks/results/eval_fidelity.md)
+    sweep_variants: ClassVar[tuple[str, ...]] = ("center=true,sink=4,norm_bits=8,unbiased=true",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
