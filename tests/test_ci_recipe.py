@@ -65,9 +65,12 @@ def report_of(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-def test_the_gate_compresses_the_sample_with_two_codecs() -> None:
+BEST = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"  # the README's recommended 3-bit form
+
+
+def test_the_gate_compresses_the_sample_with_three_codecs() -> None:
     pairs = gate_checks()
-    assert [m for m, _ in pairs] == ["turboquant:bits=3", "kivi:bits=2"]
+    assert [m for m, _ in pairs] == ["turboquant:bits=3", BEST, "kivi:bits=2"]
     assert all(any(o.startswith("total.bits_per_element=") for o in opts) for _, opts in pairs)
 
 
@@ -75,6 +78,8 @@ def test_the_gate_compresses_the_sample_with_two_codecs() -> None:
     ("turboquant:bits=3", "turboquant:bits=2", "total.attention_output_rel_error"),  # a bit lost
     ("turboquant:bits=3", "turboquant:bits=4", "total.bits_per_element"),            # more stored
     ("kivi:bits=2", "kivi:bits=2,group=64", "total.attention_output_rel_error"),     # coarser groups
+    (BEST, BEST.replace(",unbiased=true", ""), "total.attention_output_rel_error"),   # the norm correction lost
+    (BEST, BEST.replace("center=true", "center=false"), "total.attention_output_rel_error"),  # no centring
 ])
 def test_the_gate_passes_the_codecs_and_fails_regressions(report_of, method: str, regressed: str,
                                                           failing: str) -> None:
