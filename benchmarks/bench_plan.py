@@ -42,6 +42,8 @@ from bench_quality import ensure_cache  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (2.5, 3.0, 3.25, 4.0)
+#: plans scored in the model at each budget (the KLD table's columns); every plan is compressed
+IN_MODEL = ("kld@uniform-kld", "attention@uniform-kld", "kld@budget")
 SAMPLES = {"gpl-3.0": ROOT / "samples" / "gpl-3.0.txt", "apache-2.0": ROOT / "samples" / "apache-2.0.txt"}
 #: uniform baselines beyond the presets: TurboQuant's fractional widths (§4.3), plain and centred
 FRACTIONAL = [f"turboquant:bits={b}{extra}" for b in (1.5, 2.5, 2.75, 3.5) for extra in ("", ",center=true,sink=1")]
@@ -137,18 +139,35 @@ def _uniform_set() -> list[str]:
     return expand(["quant", "plan", *FRACTIONAL])
 
 
+def _uniform_sweep(cache: Path, info_cache: Path) -> dict[str, Any]:
+    """``sweep`` of the uniform set, only the specs that fit the largest budget kept (no other can be the best
+    uniform spec at any budget). Rows of an earlier run's ``uniform_sweep.json`` (every spec of the set, the
+    same capture: a sweep is deterministic) are reused; the specs it lacks are swept now."""
+    from kvtool.sweep import sweep
+
+    specs = _uniform_set()
+    earlier = info_cache / "uniform_sweep.json"
+    rows = {r["spec"]: r for r in json.loads(earlier.read_text())["results"]} if earlier.exists() else {}
+    missing = [s for s in specs if s not in rows]
+    report = sweep(cache, missing) if missing else {"results": []}
+    rows.update({r["spec"]: r for r in report["results"]})
+    kept = sorted((rows[s] for s in specs if rows[s]["stored_bits"] <= max(BUDGETS)), key=lambda r: r["stored_bits"])
+    return {"results": kept, "swept_now": missing, "specs": len(specs)}
+
+
 def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
     """Every figure of one capture: uniform specs, plans at each budget, measured and scored."""
     from kvtool.codecs.assignment import Assignment
     from kvtool.compress import compress
     from kvtool.evaluate import evaluate, tokenize_text
     from kvtool.plan import make_plan, measure, reference_spec, sensitivities
-    from kvtool.sweep import EvalText, load_eval, sweep
+    from kvtool.sweep import EvalText, load_eval
 
     info_cache = work / f"{name}"
     info_cache.mkdir(exist_ok=True)
-    uniform = _json(info_cache / "uniform_sweep.json", lambda: sweep(cache, _uniform_set()))
-    m = _pickle(info_cache / "measure.pkl", lambda: measure(cache, ["plan"], granularity="head", prescreen=4))
+    uniform = _json(info_cache / "uniform.json", lambda: _uniform_sweep(cache, info_cache))
+    # "v2": the plan preset with TurboQuant's current variant (center=true,sink=4,norm_bits=8,unbiased=true)
+    m = _pickle(info_cache / "measure_v2.pkl", lambda: measure(cache, ["plan"], granularity="head", prescreen=4))
     own = EvalText(SAMPLES[name], max_tokens=SENS_TOKENS, context=SENS_CONTEXT)
     lm_own, tok_own = load_eval(m.info, own)
     tok_held = tokenize_text(lm_own, SAMPLES["gpl-3.0"])[HELD_OUT[0]:HELD_OUT[1]]
@@ -168,7 +187,7 @@ def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
         lm, tok = model_tokens("own")
         return sensitivities(m, lm, tok, own, reference_spec(m, 3.0))
 
-    s = _json(info_cache / "sensitivity.json", sens)
+    s = _json(info_cache / "sensitivity_v2.json", sens)
     weights = {int(k): v for k, v in s["sensitivity"].items()}
     rows = []
     for budget in BUDGETS:
@@ -186,7 +205,9 @@ def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
         def measured(plans: dict = plans) -> dict[str, Any]:
             out = {k: compress(cache, plan=p)["total"] for k, (p, _) in plans.items()}
             lm, tok = model_tokens("held")
-            scored = evaluate(lm, tok, [p for p, _ in plans.values()], context=EVAL_CONTEXT, labels=list(plans))
+            scored_plans = [k for k in plans if k in IN_MODEL]  # the ones the KLD table shows
+            scored = evaluate(lm, tok, [plans[k][0] for k in scored_plans], context=EVAL_CONTEXT,
+                              labels=scored_plans)
             return {"compress": out, "eval": {row["label"]: row for row in scored["methods"]}}
 
         meas = _json(info_cache / f"plans_{budget:g}.json", measured)
@@ -208,7 +229,8 @@ def part_plans(caches: dict[str, Path], work: Path) -> list[str]:
     lines = ["For each capture (2,048 tokens, last 128 queries) `kvtool plan` measured the `plan` preset (per KV "
              "head, `--prescreen 4`) once; every uniform spec of a broad set (`quant` + `plan` presets + "
              "fractional TurboQuant, same spec for keys and values in every layer) was measured by `sweep` "
-             "(compress's figures). In-model figures (`kvtool eval`, prefill) are on GPL-3 tokens 2048–6143 as one "
+             "(compress's figures); those at ≤ 4 stored bits (no other can be the best at a budget) were also "
+             "scored in the model. In-model figures (`kvtool eval`, prefill) are on GPL-3 tokens 2048–6143 as one "
              "chunk of 4,096: a 2,048-token prompt (the captures' length, so each codec stores for as many tokens "
              "as it was planned for) and 2,047 scored tokens that neither capture holds (for the Apache plan a "
              "different text altogether). The KL sensitivities of `--objective kld` come from the capture's own "
@@ -265,6 +287,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speed-layers", type=int, default=6, help="layers 0..N-1 for the speed part")
     parser.add_argument("--speed-specs", type=int, default=8)
+    parser.add_argument("--texts", nargs="+", default=["gpl-3.0", "apache-2.0"], choices=["gpl-3.0", "apache-2.0"],
+                        help="captures the plans part makes plans on")
     args = parser.parse_args()
     ensure_cache(args.gpl, "gpl-3.0")
     ensure_cache(args.apache, "apache-2.0")
@@ -277,7 +301,8 @@ def main() -> None:
         (RESULTS / "sweep.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {RESULTS / 'sweep.md'}")
     if "plans" in args.parts:
-        lines = part_plans({"gpl-3.0": args.gpl, "apache-2.0": args.apache}, args.work)
+        caches = {"gpl-3.0": args.gpl, "apache-2.0": args.apache}
+        lines = part_plans({t: caches[t] for t in args.texts}, args.work)
         (RESULTS / "plan.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {RESULTS / 'plan.md'}")
 
