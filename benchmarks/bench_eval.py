@@ -66,7 +66,18 @@ FIDELITY_3 = [
     ("tq3 center sink=4 norm8 unbiased", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true,seed={seed}",
      "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true,seed={seed}"),
 ]
-ROUNDS = {2: FIDELITY_2, 3: FIDELITY_3}
+#: Fourth round (``--fidelity-only --round 4``, seed 0): keys alone (values exact) — the pre-RoPE low-rank
+#: basis inside the model (its RoPE from the model's rotary embedding) against post-RoPE and TurboQuant.
+FIDELITY_4 = [
+    ("K tq3 | V exact", "turboquant:bits=3,seed={seed}", "none"),
+    ("K tq3 center sink=4 norm8 unbiased | V exact",
+     "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true,seed={seed}", "none"),
+    ("K lowrank32 prerope + tq4 | V exact", "lowrank:rank=32,prerope=true+turboquant:bits=4,seed={seed}", "none"),
+    ("K lowrank32 + tq4 | V exact", "lowrank:rank=32+turboquant:bits=4,seed={seed}", "none"),
+    ("K lowrank32 prerope | V exact", "lowrank:rank=32,prerope=true", "none"),
+]
+ROUNDS = {2: FIDELITY_2, 3: FIDELITY_3, 4: FIDELITY_4}
+ROUND_SEEDS = {4: (0,)}
 SEEDS = (0, 1, 2)
 HF = [("HF QuantizedCache quanto 4-bit", "quanto", 4), ("HF QuantizedCache HQQ 4-bit", "hqq", 4),
       ("HF QuantizedCache HQQ 3-bit", "hqq", 3)]
@@ -168,7 +179,7 @@ def main() -> None:
         methods = [] if args.fidelity_only else [(spec, Assignment.of(spec, spec)) for spec in TABLE]
         if args.fidelity_only and t == 0:
             methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
-                        for label, k, v in ROUNDS[args.round] for seed in SEEDS]
+                        for label, k, v in ROUNDS[args.round] for seed in ROUND_SEEDS.get(args.round, SEEDS)]
         elif args.fidelity and t == 0:
             methods += [(f"{label} seed {seed}", Assignment.of(k.format(seed=seed), v.format(seed=seed)))
                         for label, k, v in FIDELITY for seed in SEEDS]

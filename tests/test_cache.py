@@ -373,3 +373,22 @@ def test_cross_layer_pairs_are_coded_together_in_prefill():
         CodecCache(model, spec, mode="streaming")
     with pytest.raises(CodecError, match="streaming cannot use 'age'"):
         CodecCache(model, "age", mode="streaming")
+
+
+def test_prerope_lowrank_works_in_the_model_cache():
+    """lowrank:prerope=true in CodecCache: no recorded pre-RoPE keys there, so the keys are rotated back with
+    the model's rotary embedding; full rank rebuilds them (fp16 coefficients), half rank changes the logits."""
+    from kvtool.codecs.assignment import Assignment
+
+    model = tiny("llama-gqa")  # head_dim 16
+    x = ids(40, seed=3)
+    exact = forward_exact(model, x, 30)
+    with torch.inference_mode():
+        results = {}
+        for rank in (16, 8):
+            cache = CodecCache(model, Assignment.of(f"lowrank:rank={rank},prerope=true", "none"))
+            forward(model, x[:, :30], cache)
+            results[rank] = forward(model, x[:, 30:], cache)
+            assert cache.footprint()["keys"]["stored_bytes"] > 0
+    torch.testing.assert_close(results[16], exact, rtol=0, atol=2e-2)
+    assert (results[8] - exact).abs().max() > (results[16] - exact).abs().max()

@@ -164,6 +164,10 @@ def test_prerope_codes_keys_before_rotation_and_rebuilds_post_rope_keys() -> Non
     np.testing.assert_array_equal(fresh.decode(enc), y)
     # full rank reproduces the post-RoPE keys to fp16 precision
     assert rel(post, code(f"lowrank:rank={D},prerope=true,sink=0", post, ctx)[2]) < 1e-3
+    # without recorded pre-RoPE keys (a model's cache in CodecCache) the keys are rotated back: the same fit
+    bare = LayerContext(role="keys", keys=post, rope=rope, key_positions=pos)
+    _, enc2, y2 = code(f"lowrank:rank={r},prerope=true", post, bare)
+    assert rel(y, y2) < 1e-4 and enc2.meta == enc.meta
 
 
 @pytest.mark.parametrize(

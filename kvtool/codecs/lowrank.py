@@ -169,7 +169,9 @@ class LowRank(Stage):
                              "drops tokens (a token selector)")
         self._key_start = int(positions[0]) if len(positions) else 0
         if self.prerope and not self._loaded:
-            if ctx.rope is None or ctx.keys_prerope is None:
+            # the RoPE parameters are needed; the pre-RoPE keys are recorded by capture, or (a model's cache
+            # in CodecCache) recovered from the post-RoPE keys by rotating them back (RoPE is orthogonal)
+            if ctx.rope is None:
                 missing = " and ".join(what for what, have in (("pre-RoPE keys (keys_prerope)", ctx.keys_prerope),
                                                                 ("RoPE parameters", ctx.rope)) if have is None)
                 raise CodecError(f"prerope=true needs the cache's pre-RoPE keys and RoPE parameters, but layer "
@@ -180,7 +182,10 @@ class LowRank(Stage):
         if self._loaded:
             self._check_loaded(heads // g, g * d)
             return self
-        source = check_input(ctx.keys_prerope) if self.prerope else x
+        source = x
+        if self.prerope:
+            source = (check_input(ctx.keys_prerope) if ctx.keys_prerope is not None
+                      else self._rope.invert(x, positions).astype(np.float32))  # type: ignore[union-attr]
         if source.shape != x.shape:
             raise CodecError(f"keys_prerope has shape {source.shape}, the keys {x.shape}")
         s = self._sink(tokens)
