@@ -203,8 +203,9 @@ def render(results: dict[str, Any], args: Any, notes: list[str]) -> str:
         f"The bundled SmolLM2-135M (float32, CPU), `kvtool eval --context {args.context} --max-tokens "
         f"{args.max_tokens}` (prefill mode: the first {args.context // 2} tokens of each chunk are coded after "
         f"their exact forward pass, the next {args.context // 2 - 1} are scored teacher-forced). Δppl and KLD ±"
-        " one standard error (llama.cpp's statistics); bits = stored bits per element of keys and values, "
-        "every stored byte counted (sink rows, means, norms, windows, shared state). HF QuantizedCache rows: "
+        " one standard error (llama.cpp's statistics); bits = stored bits per element of keys and values "
+        "(K, V: each alone; `none` keeps the model's float32), every stored byte counted (sink rows, means, "
+        "norms, windows, shared state). HF QuantizedCache rows: "
         "transformers' own cache with its defaults (per-channel groups of 64, residual 128), in the same run "
         f"on the same chunks. Wall time of the run on the shared 2-core machine: "
         + ", ".join(f"{t} {r['wall_seconds'] / 60:.0f} min" for t, r in results.items()) + ".",
@@ -213,11 +214,12 @@ def render(results: dict[str, Any], args: Any, notes: list[str]) -> str:
     for text, r in results.items():
         lines += [f"**{text}** — {r['chunks']} chunk(s), {r['tokens_scored']} tokens scored, ppl exact "
                   f"{r['ppl_exact']:.4f}", "",
-                  "| method | bits | Δppl % | KLD | KLD p99 | top-1 % | RMS Δp % |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| method | bits | K bits | V bits | Δppl % | KLD | KLD p99 | top-1 % | RMS Δp % |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m in r["methods"]:
             label = m["label"].replace("|", "\\|")  # "K … | V …" inside a table cell
-            lines.append(f"| {label} | {m['bits_per_element']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
+            lines.append(f"| {label} | {m['bits_per_element']:.3f} | {m['bits_per_element_keys']:.3f} | "
+                         f"{m['bits_per_element_values']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
                          f"{m['delta_ppl_pct_stderr']:.2f} | {m['kld_mean']:.4f} ± {m['kld_stderr']:.4f} | "
                          f"{m['kld_p99']:.3f} | {100 * m['top1_agreement']:.1f} | {100 * m['rms_dp']:.2f} |")
         lines.append("")
