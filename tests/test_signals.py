@@ -54,6 +54,15 @@ def _guarded(work) -> int:
 
 
 def test_sighup_removes_the_temporary_file(tmp_path: Path, capsys) -> None:
+    # a test run under nohup inherits SIGHUP ignored, which kvtool rightly leaves ignored: start from the default
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        _sighup_removes_the_temporary_file(tmp_path, capsys)
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+
+
+def _sighup_removes_the_temporary_file(tmp_path: Path, capsys) -> None:
     before = signal.getsignal(signal.SIGHUP)
 
     def work() -> None:
