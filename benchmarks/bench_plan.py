@@ -165,10 +165,17 @@ def _uniform_sweep(cache: Path, info_cache: Path) -> dict[str, Any]:
     specs = _uniform_set()
     earlier = info_cache / "uniform_sweep.json"
     rows = {r["spec"]: r for r in json.loads(earlier.read_text())["results"]} if earlier.exists() else {}
-    missing = [s for s in specs if s not in rows]
+    # another capture of the same model and length already swept: stored bits depend on the geometry and the
+    # token count only, so the specs that cannot fit any budget are known without coding them again
+    known = {}
+    for other in info_cache.parent.glob("*/uniform_sweep_bits.json"):
+        known.update(json.loads(other.read_text()))
+    missing = [s for s in specs if s not in rows and known.get(s, 0.0) <= max(BUDGETS)]
     report = sweep(cache, missing) if missing else {"results": []}
     rows.update({r["spec"]: r for r in report["results"]})
-    kept = sorted((rows[s] for s in specs if rows[s]["stored_bits"] <= max(BUDGETS)), key=lambda r: r["stored_bits"])
+    (info_cache / "uniform_sweep_bits.json").write_text(json.dumps({s: r["stored_bits"] for s, r in rows.items()}))
+    kept = sorted((rows[s] for s in specs if s in rows and rows[s]["stored_bits"] <= max(BUDGETS)),
+                  key=lambda r: r["stored_bits"])
     return {"results": kept, "swept_now": missing, "specs": len(specs)}
 
 
