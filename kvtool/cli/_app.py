@@ -152,6 +152,15 @@ def write_json(data: Any, target: Path | None) -> None:
     atomic_write(target, lambda tmp: tmp.write_text(text), "JSON")
 
 
+#: Width of a wide table written to a log or pipe (rich assumes 80 columns there, too narrow for a spec column).
+LOG_WIDTH = 160
+
+
+def print_table(table: Any) -> None:
+    """Print a wide table: at the terminal's width, or at :data:`LOG_WIDTH` when stdout is not a terminal."""
+    console.print(table, width=None if console.is_terminal else max(console.width, LOG_WIDTH))
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

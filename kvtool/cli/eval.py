@@ -17,6 +17,7 @@ from kvtool.cli._app import (
     console,
     err_console,
     human_bytes,
+    print_table,
     run_guarded,
     write_json,
 )
@@ -149,7 +150,7 @@ def _render(r: dict[str, Any]) -> None:
             f"{m['kld_mean']:.5f}±{m['kld_stderr']:.5f}", f"{m['kld_p99']:.4f}",
             f"{100 * m['top1_agreement']:.2f}±{100 * m['top1_agreement_stderr']:.2f}",
             f"{100 * m['rms_dp']:.3f}")
-    console.print(table)
+    print_table(table)
     for i, m in enumerate(r["methods"], 1):
         console.print(f"{i}: {m['label']} — ppl {m['ppl_compressed']:.4f}, ln ratio "
                       f"{m['ln_ppl_ratio']:+.5f}±{m['ln_ppl_ratio_stderr']:.5f}, cache "

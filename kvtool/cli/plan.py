@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, run_guarded, write_json
+from kvtool.cli._app import app, console, print_table, run_guarded, write_json
 from kvtool.cli.sweep import EvalContextOption, EvalTokensOption, ModelOption, eval_setup, step_progress
 
 
@@ -111,7 +111,7 @@ def render_plan(r: dict[str, Any]) -> None:
                       f"{row['keys_bits']:.2f}", f"{row['values_bits']:.2f}",
                       f"{row['attention_output_rel_error']:.4f}",
                       f"{meas['attention_output_rel_error']:.4f}" if meas else "—")
-    console.print(table)
+    print_table(table)
     for spec, label in labels.items():
         console.print(f"  {label} {escape(spec)}")
     summary = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,

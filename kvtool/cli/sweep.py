@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, err_console, run_guarded, write_json
+from kvtool.cli._app import app, console, err_console, print_table, run_guarded, write_json
 
 FRONTIER_MARK = "★"
 
@@ -124,7 +124,7 @@ def render_sweep(r: dict[str, Any]) -> None:
             cells += [FRONTIER_MARK if row["frontier_kld"] else "", f"{e['bits_per_element']:.3f}",
                       f"{e['kld_mean']:.2e}", f"{e['delta_ppl_pct']:+.2f}"]
         table.add_row(*cells, style="bold" if row["frontier"] else None)
-    console.print(table)
+    print_table(table)
     metric = "attention-output error" if att else "mean keys/values relative MSE"
     console.print(f"{FRONTIER_MARK} Pareto frontier of stored bits (arrays + shared state) against {metric}; "
                   f"errors are means over layers; {r['seconds']:.1f} s")
