@@ -223,7 +223,8 @@ def write_markdown(path: Path, caches: list[Path], sweeps: list[dict], minis: li
             continue
         lines.append(f"| `{spec}` | {r['seconds']:.2f} | {r['seconds'] / base_tq['seconds']:.2f} | "
                      f"{r['peak_mib']:.0f} | {r['peak_mib'] - base_read['peak_mib']:+.0f} |")
-    lines += ["", f"Whole run: {seconds / 60:.1f} min. Plot: `evict.png` (error against the ratio vs fp16).", ""]
+    lines += ["", f"Whole run: {seconds / 60:.1f} min.", "",
+              "![attention-output error against the compression ratio vs fp16](evict.png)", ""]
     path.write_text("\n".join(lines))
 
 

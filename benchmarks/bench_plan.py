@@ -88,7 +88,7 @@ def part_frontier(cache: Path, work: Path) -> list[str]:
              "tokens, prefill). ★: on the Pareto frontier of stored bits against the attention-output error / "
              "against KLD. Selectors at `keep=0.5` are scored on the held-out half of the queries "
              f"(`observe` = {report['query_split']['observe']}, as compress's default for them).", "",
-             "![frontier](benchmarks/results/sweep_frontier.png)", "",
+             "![frontier](sweep_frontier.png)", "",
              "*eval bits* are what each codec stored in the model's cache on the eval's 256-token prompts (the KLD "
              "frontier's axis): a codebook or basis fitted on a prompt is amortised over it, so `pq`/`vq` at 8 "
              "bits — exact there, with more centroids than tokens — pay for it in bits.", "",

@@ -8,6 +8,7 @@ Run: ``.venv/bin/python benchmarks/collect.py``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,9 @@ def main() -> None:
         path = RESULTS / name
         if not path.exists():
             continue
-        parts += [f"## {title}", "", f"From `{script}`.", "", path.read_text().strip(), ""]
+        # result files link their images beside them (benchmarks/results/); BENCHMARKS.md sits at the root
+        text = re.sub(r"\]\(([^/)]+\.png)\)", r"](benchmarks/results/\1)", path.read_text().strip())
+        parts += [f"## {title}", "", f"From `{script}`.", "", text, ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
