@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGETS = (2.5, 3.0, 3.25, 4.0)
 #: plans scored in the model at each budget (the KLD table's columns); every plan is compressed
-IN_MODEL = ("kld@uniform-kld", "attention@uniform-kld", "kld@budget")
+IN_MODEL = ("kld@uniform-kld", "attention@uniform-kld", "kld@budget", "attention@budget")
 SPEED_FAMILIES = ("turboquant", "kivi", "uniform", "polarquant", "qjl", "fp8")
 SAMPLES = {"gpl-3.0": ROOT / "samples" / "gpl-3.0.txt", "apache-2.0": ROOT / "samples" / "apache-2.0.txt"}
 #: uniform baselines beyond the presets: TurboQuant's fractional widths (§4.3), plain and centred
@@ -213,31 +213,37 @@ def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
 
     s = _json(info_cache / "sensitivity_v2.json", sens)
     weights = {int(k): v for k, v in s["sensitivity"].items()}
-    rows = []
-    for budget in BUDGETS:
-        fitting = [r for r in uniform["results"] if r["stored_bits"] <= budget]
-        best_att = min(fitting, key=lambda r: r["error"])
-        best_kld = min(fitting, key=lambda r: u_kld[r["spec"]]["kld_mean"])
-        plans = {}
-        for objective, sens_w in (("attention", None), ("kld", weights)):
-            plans[f"{objective}@budget"] = make_plan(m, budget, objective=objective, sensitivity=sens_w)
-            for label, u in (("att", best_att), ("kld", best_kld)):
-                # the plan held to the uniform spec's own stored bits (its bytes, rounded down)
-                plans[f"{objective}@uniform-{label}"] = make_plan(m, u["stored_bits"], objective=objective,
-                                                                  sensitivity=sens_w)
+    def plan_rows(mm: Any, tag: str) -> list[dict[str, Any]]:
+        rows = []
+        for budget in BUDGETS:
+            fitting = [r for r in uniform["results"] if r["stored_bits"] <= budget]
+            best_att = min(fitting, key=lambda r: r["error"])
+            best_kld = min(fitting, key=lambda r: u_kld[r["spec"]]["kld_mean"])
+            plans = {}
+            for objective, sens_w in (("attention", None), ("kld", weights)):
+                plans[f"{objective}@budget"] = make_plan(mm, budget, objective=objective, sensitivity=sens_w)
+                for label, u in (("att", best_att), ("kld", best_kld)):
+                    # the plan held to the uniform spec's own stored bits (its bytes, rounded down)
+                    plans[f"{objective}@uniform-{label}"] = make_plan(mm, u["stored_bits"], objective=objective,
+                                                                      sensitivity=sens_w)
 
-        def measured(plans: dict = plans) -> dict[str, Any]:
-            out = {k: compress(cache, plan=p)["total"] for k, (p, _) in plans.items()}
-            lm, tok = model_tokens("held")
-            scored_plans = [k for k in plans if k in IN_MODEL]  # the ones the KLD table shows
-            scored = evaluate(lm, tok, [plans[k][0] for k in scored_plans], context=EVAL_CONTEXT,
-                              labels=scored_plans)
-            return {"compress": out, "eval": {row["label"]: row for row in scored["methods"]}}
+            def measured(plans: dict = plans) -> dict[str, Any]:
+                out = {k: compress(cache, plan=p)["total"] for k, (p, _) in plans.items()}
+                lm, tok = model_tokens("held")
+                scored_plans = [k for k in plans if k in IN_MODEL]  # the ones the KLD table shows
+                scored = evaluate(lm, tok, [plans[k][0] for k in scored_plans], context=EVAL_CONTEXT,
+                                  labels=scored_plans)
+                return {"compress": out, "eval": {row["label"]: row for row in scored["methods"]}}
 
-        meas = _json(info_cache / f"plans_{budget:g}.json", measured)
-        rows.append({"budget": budget, "best_att": best_att, "best_kld": best_kld, "u_kld": u_kld,
-                     "plans": {k: acc["predicted"] for k, (_, acc) in plans.items()}, "measured": meas})
-    return {"name": name, "rows": rows, "sensitivity": s, "measure_seconds": m.seconds,
+            meas = _json(info_cache / f"plans{tag}_{budget:g}.json", measured)
+            rows.append({"budget": budget, "best_att": best_att, "best_kld": best_kld, "u_kld": u_kld,
+                         "plans": {k: acc["predicted"] for k, (_, acc) in plans.items()}, "measured": meas})
+        return rows
+
+    m_layer = _pickle(info_cache / "measure_layer.pkl",
+                      lambda: measure(cache, ["plan"], granularity="layer", prescreen=4))
+    return {"name": name, "rows": {"head": plan_rows(m, ""), "layer": plan_rows(m_layer, "_layer")},
+            "sensitivity": s, "measure_seconds": {"head": m.seconds, "layer": m_layer.seconds},
             "dropped": m.dropped, "candidates": m.candidates, "uniform_specs": len(uniform["results"])}
 
 
@@ -250,9 +256,10 @@ def _gain(plan: float, base: float) -> str:
 
 
 def part_plans(caches: dict[str, Path], work: Path) -> list[str]:
-    lines = ["For each capture (2,048 tokens, last 128 queries) `kvtool plan` measured the `plan` preset (per KV "
-             "head, `--prescreen 4`) once; every uniform spec of a broad set (`quant` + `plan` presets + "
-             "fractional TurboQuant, same spec for keys and values in every layer) was measured by `sweep` "
+    lines = ["For each capture (2,048 tokens, last 128 queries) `kvtool plan` measured the `plan` preset "
+             "(`--prescreen 4`) once per KV head and once per layer; every uniform spec of a broad set "
+             "(`quant` + `plan` presets + fractional TurboQuant, same spec for keys and values in every layer) "
+             "was measured by `sweep` "
              "(compress's figures); those at ≤ 4 stored bits (no other can be the best at a budget) were also "
              "scored in the model. In-model figures (`kvtool eval`, prefill) are on GPL-3 tokens 2048–6143 as one "
              "chunk of 4,096: a 2,048-token prompt (the captures' length, so each codec stores for as many tokens "
@@ -265,39 +272,48 @@ def part_plans(caches: dict[str, Path], work: Path) -> list[str]:
     for name, cache in caches.items():
         d = _plan_text(name, cache, work)
         sens = d["sensitivity"]
+        secs = d["measure_seconds"]
         lines += [f"### Plans made on the {name} capture", "",
                   f"Measuring {len(d['candidates'])} kept candidates (prescreen dropped {len(d['dropped'])}: "
-                  f"{', '.join(d['dropped'])}) took {d['measure_seconds']:.0f} s; sensitivities with "
-                  f"`{sens['reference']}`: {sens['eval']['seconds']:.0f} s.", "",
-                  "**KLD** (best uniform chosen by its measured KLD on the held-out text):", "",
-                  "| budget | best uniform | bits | KLD | plan@u, kld: KLD | gain | plan@u, attention: KLD | gain | "
-                  "plan@b, kld: bits | KLD | gain | Δppl % uniform → plan@b |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for row in d["rows"]:
-            u, ev = row["best_kld"], row["measured"]["eval"]
-            uk = row["u_kld"][u["spec"]]
-            pk, pa, pb = ev["kld@uniform-kld"], ev["attention@uniform-kld"], ev["kld@budget"]
-            bits_b = row["measured"]["compress"]["kld@budget"]["bits_per_element_with_state"]
-            lines.append(
-                f"| {row['budget']:g} | `{u['spec']}` | {u['stored_bits']:.3f} | {_pm(uk)} | {_pm(pk)} | "
-                f"{_gain(pk['kld_mean'], uk['kld_mean'])} | {_pm(pa)} | {_gain(pa['kld_mean'], uk['kld_mean'])} | "
-                f"{bits_b:.3f} | {_pm(pb)} | {_gain(pb['kld_mean'], uk['kld_mean'])} | "
-                f"{uk['delta_ppl_pct']:+.2f} → {pb['delta_ppl_pct']:+.2f} |")
-        lines += ["",
-                  "**Attention-output error** on the capture (best uniform chosen by its measured error; "
-                  "measured by `compress`):", "",
-                  "| budget | best uniform | bits | error | plan@u att: bits | error | gain | plan@b att: bits | "
-                  "error | gain | predicted |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in d["rows"]:
-            u, c = row["best_att"], row["measured"]["compress"]
-            pu, pb = c["attention@uniform-att"], c["attention@budget"]
-            lines.append(
-                f"| {row['budget']:g} | `{u['spec']}` | {u['stored_bits']:.3f} | {u['error']:.4f} | "
-                f"{pu['bits_per_element_with_state']:.3f} | {pu['attention_output_rel_error']:.4f} | "
-                f"{_gain(pu['attention_output_rel_error'], u['error'])} | {pb['bits_per_element_with_state']:.3f} | "
-                f"{pb['attention_output_rel_error']:.4f} | {_gain(pb['attention_output_rel_error'], u['error'])} | "
-                f"{row['plans']['attention@budget']['attention_output_rel_error']:.4f} |")
-        lines.append("")
+                  f"{', '.join(d['dropped'])}) took {secs['head']:.0f} s per KV head, {secs['layer']:.0f} s per "
+                  f"layer; sensitivities with `{sens['reference']}`: {sens['eval']['seconds']:.0f} s.", ""]
+        for gran, title in (("head", "per KV head (`--granularity head`)"),
+                            ("layer", "per layer (`--granularity layer`)")):
+            rows = d["rows"][gran]
+            lines += [f"**KLD, plans {title}** (best uniform chosen by its measured KLD on the held-out text):", "",
+                      "| budget | best uniform | bits | KLD | plan@u, kld: KLD | gain | plan@u, attention: KLD | gain "
+                      "| plan@b, kld: bits | KLD | gain | plan@b, attention: KLD | gain | Δppl % uniform → "
+                      "plan@b kld / attention |",
+                      "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            for row in rows:
+                u, ev = row["best_kld"], row["measured"]["eval"]
+                uk = row["u_kld"][u["spec"]]
+                pk, pa, pb = ev["kld@uniform-kld"], ev["attention@uniform-kld"], ev["kld@budget"]
+                pab = ev.get("attention@budget")  # not scored in runs before it was added
+                bits_b = row["measured"]["compress"]["kld@budget"]["bits_per_element_with_state"]
+                ab = (f"{_pm(pab)} | {_gain(pab['kld_mean'], uk['kld_mean'])}" if pab else "— | —")
+                lines.append(
+                    f"| {row['budget']:g} | `{u['spec']}` | {u['stored_bits']:.3f} | {_pm(uk)} | {_pm(pk)} | "
+                    f"{_gain(pk['kld_mean'], uk['kld_mean'])} | {_pm(pa)} | {_gain(pa['kld_mean'], uk['kld_mean'])} "
+                    f"| {bits_b:.3f} | {_pm(pb)} | {_gain(pb['kld_mean'], uk['kld_mean'])} | {ab} | "
+                    f"{uk['delta_ppl_pct']:+.2f} → {pb['delta_ppl_pct']:+.2f} / "
+                    f"{pab['delta_ppl_pct'] if pab else float('nan'):+.2f} |")
+            lines += ["",
+                      f"**Attention-output error, plans {title}**, on the capture (best uniform chosen by its measured "
+                      "error; measured by `compress`):", "",
+                      "| budget | best uniform | bits | error | plan@u att: bits | error | gain | plan@b att: bits | "
+                      "error | gain | predicted |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for row in rows:
+                u, c = row["best_att"], row["measured"]["compress"]
+                pu, pb = c["attention@uniform-att"], c["attention@budget"]
+                lines.append(
+                    f"| {row['budget']:g} | `{u['spec']}` | {u['stored_bits']:.3f} | {u['error']:.4f} | "
+                    f"{pu['bits_per_element_with_state']:.3f} | {pu['attention_output_rel_error']:.4f} | "
+                    f"{_gain(pu['attention_output_rel_error'], u['error'])} | "
+                    f"{pb['bits_per_element_with_state']:.3f} | {pb['attention_output_rel_error']:.4f} | "
+                    f"{_gain(pb['attention_output_rel_error'], u['error'])} | "
+                    f"{row['plans']['attention@budget']['attention_output_rel_error']:.4f} |")
+            lines.append("")
     return lines
 
 
