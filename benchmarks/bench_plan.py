@@ -297,7 +297,7 @@ def part_plans(caches: dict[str, Path], work: Path) -> list[str]:
                     f"{_gain(pk['kld_mean'], uk['kld_mean'])} | {_pm(pa)} | {_gain(pa['kld_mean'], uk['kld_mean'])} "
                     f"| {bits_b:.3f} | {_pm(pb)} | {_gain(pb['kld_mean'], uk['kld_mean'])} | {ab} | "
                     f"{uk['delta_ppl_pct']:+.2f} → {pb['delta_ppl_pct']:+.2f} / "
-                    f"{pab['delta_ppl_pct'] if pab else float('nan'):+.2f} |")
+                    f"{format(pab['delta_ppl_pct'], '+.2f') if pab else '—'} |")
             lines += ["",
                       f"**Attention-output error, plans {title}**, on the capture (best uniform chosen by its measured "
                       "error; measured by `compress`):", "",

@@ -93,7 +93,7 @@ def _file_specs(path: Path) -> dict[int, dict[str, str]]:
 def test_budget_met_as_stored_bytes_and_applying_the_plan_stores_what_it_promised(cache: Path,
                                                                                    tmp_path: Path) -> None:
     plan_path, out = tmp_path / "p.json", tmp_path / "c.h5"
-    report = plan(cache, 3.3, CANDIDATES, output=plan_path)
+    report = plan(cache, 3.3, CANDIDATES, output=plan_path, granularity="head")  # per-head codecs applied too
     assert report["kvtool_report"] == "plan"
     budget, predicted = report["budget_bytes"], report["predicted"]["stored_bytes"]
     assert budget == int(3.3 * 2 * LAYERS * KV_HEADS * TOKENS * HEAD_DIM / 8)
@@ -207,3 +207,10 @@ def test_sliding_window_layers_count_only_their_window(tmp_path: Path) -> None:
     assert report["elements"] == elements and report["budget_bytes"] == int(5.0 * elements / 8)
     assert report["verify"]["plan"]["stored_bytes"] == report["predicted"]["stored_bytes"] <= report["budget_bytes"]
     assert report["verify"]["plan"]["stored_bits"] == pytest.approx(report["predicted"]["stored_bits"])
+
+
+def test_the_default_plans_per_layer(cache: Path) -> None:
+    """Per layer is the default (measured better in the model than per head: docs/PLAN.md): no per-head codec."""
+    report = plan(cache, 3.3, CANDIDATES)
+    assert report["plan"]["granularity"] == "layer"
+    assert not any(c[r].startswith("heads[") for c in report["plan"]["choices"].values() for r in ROLES)

@@ -31,8 +31,9 @@ def plan(
     eval_tokens: EvalTokensOption = 1024,
     eval_context: EvalContextOption = 512,
     model: ModelOption = None,
-    granularity: Annotated[str, typer.Option("--granularity", help="head (a codec per layer, KV head and "
-                                             "role) or layer (per layer and role).")] = "head",
+    granularity: Annotated[str, typer.Option("--granularity", help="layer (a codec per layer and role) or head "
+                                             "(per layer, KV head and role: a smaller attention error, but "
+                                             "measured worse in the model; docs/PLAN.md).")] = "layer",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the plan file (JSON) here; "
                                                 "`compress --plan` and `eval --plan` take it.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
