@@ -146,3 +146,11 @@ def test_sweep_cli_bad_input(cache: Path, tmp_path: Path) -> None:
     assert_one_line_error(r, "unknown preset or codec 'qaunt'; presets: " + ", ".join(PRESETS))
     assert_one_line_error(run("sweep", cache, "--methods", "uniform:bits=9"), "bits must be one of 1..8")
     assert_one_line_error(run("sweep", cache, "-m", "fp16", "--plot", tmp_path / "nope" / "f.png"), "nope")
+
+
+def test_sweep_table_keeps_whole_specs_in_a_log(cache: Path) -> None:
+    """Not a terminal (a CI log): the table is not squeezed into 80 columns, a long spec stays on one line."""
+    spec = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"
+    r = run("sweep", cache, "--methods", spec, "uniform:bits=4")
+    assert r.exit_code == 0, r.output
+    assert any(spec in line for line in r.stdout.splitlines()), r.stdout

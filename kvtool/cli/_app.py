@@ -50,6 +50,11 @@ MaxMemoryOption = Annotated[str | None, typer.Option(
 OffloadFolderOption = Annotated[Path | None, typer.Option(
     "--offload-folder", help="With --device-map: where disk-offloaded weights go when they cannot be read "
     "in place (default: a temporary folder, removed at exit).")]
+ModelDtypeOption = Annotated[str, typer.Option(
+    "--model-dtype", help="Compute dtype of the model: auto (float32 on CPU, bfloat16 on CUDA), float32, "
+    "float16, bfloat16.")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow a hub model's own Python code to run (off unless you pass it).")]
 
 
 def _version_callback(value: bool) -> None:
@@ -157,8 +162,12 @@ LOG_WIDTH = 160
 
 
 def print_table(table: Any) -> None:
-    """Print a wide table: at the terminal's width, or at :data:`LOG_WIDTH` when stdout is not a terminal."""
-    console.print(table, width=None if console.is_terminal else max(console.width, LOG_WIDTH))
+    """Print a wide table: at the terminal's width, or at :data:`LOG_WIDTH` when stdout is not a terminal
+    (``console.print(width=...)`` cannot widen past the console's own width, so a wider console prints it)."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(file=console.file, width=max(console.width, LOG_WIDTH)).print(table)
 
 
 def human_bytes(n: float) -> str:
