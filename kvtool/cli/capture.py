@@ -13,7 +13,9 @@ from kvtool.cli._app import (
     DeviceMapOption,
     DeviceOption,
     MaxMemoryOption,
+    ModelDtypeOption,
     OffloadFolderOption,
+    TrustRemoteCodeOption,
     app,
     console,
     err_console,
@@ -39,15 +41,12 @@ def capture(
                                          "'all' or 'none'.")] = "last:128",
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype of keys/values/queries: float16 or "
                                        "float32.")] = "float16",
-    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
-                                             "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
-                                             "bfloat16.")] = "auto",
+    model_dtype: ModelDtypeOption = "auto",
     device: DeviceOption = None,
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
-                                                    "Python code to run (off unless you pass it).")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     pre_rope_keys: Annotated[bool, typer.Option("--pre-rope-keys", help="Also store each layer's keys before "
                                                 "RoPE (for `analyze`'s pre- vs post-RoPE rank).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output file.")] = False,

@@ -12,7 +12,9 @@ from kvtool.cli._app import (
     DeviceMapOption,
     DeviceOption,
     MaxMemoryOption,
+    ModelDtypeOption,
     OffloadFolderOption,
+    TrustRemoteCodeOption,
     app,
     console,
     err_console,
@@ -59,15 +61,12 @@ def eval_command(
                                                    "of the text.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
                                        "file, a Hugging Face model folder, or a hub id.")] = "default",
-    model_dtype: Annotated[str, typer.Option("--model-dtype", help="Compute dtype of the model: auto "
-                                             "(float32 on CPU, bfloat16 on CUDA), float32, float16, "
-                                             "bfloat16.")] = "auto",
+    model_dtype: ModelDtypeOption = "auto",
     device: DeviceOption = None,
     device_map: DeviceMapOption = None,
     max_memory: MaxMemoryOption = None,
     offload_folder: OffloadFolderOption = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own "
-                                                    "Python code to run (off unless you pass it).")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the JSON report to this file "
                                                    "('-' for stdout, no table).")] = None,
     plan: Annotated[list[Path] | None, typer.Option("--plan", help="A plan file from `kvtool plan` (a codec "

@@ -163,6 +163,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CodecError(f"seed must be a non-negative integer, got {seed}")
+
+
 def check_iters(iters: int) -> None:
     if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
         raise CodecError(f"iters must be one of 0..{MAX_ITERS}, got {iters}")

@@ -30,6 +30,7 @@ from kvtool.codecs.learned import (
     blas_search,
     check_bits,
     check_iters,
+    check_seed,
     faiss_map,
     faiss_module,
     fp16_round,
@@ -76,8 +77,7 @@ class PQ(Codec):
         if self.rotation not in ("none", "random", "opq"):
             raise CodecError(f"rotation must be one of none, random, opq, got {self.rotation}")
         check_iters(self.iters)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
+        check_seed(self.seed)
 
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> PQ:

@@ -28,6 +28,7 @@ from kvtool.codecs.learned import (
     blas_search,
     check_bits,
     check_iters,
+    check_seed,
     faiss_map,
     faiss_module,
     fp16_round,
@@ -63,8 +64,7 @@ class VQ(Codec):
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or not 1 <= self.stages <= MAX_STAGES:
             raise CodecError(f"stages must be one of 1..{MAX_STAGES}, got {self.stages}")
         check_iters(self.iters)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise CodecError(f"seed must be a non-negative integer, got {self.seed}")
+        check_seed(self.seed)
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> VQ:
         """Learn each head's stage codebooks on ``x`` ``(heads, T, d)``, unless restored."""
