@@ -56,7 +56,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
-from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
+from kvtool.codecs.structure.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
 from kvtool.rope import RopeParams
 
@@ -306,7 +306,7 @@ def _shared_bytes(codec: Codec) -> int:
 def code_pair(first: _Track, second: _Track, first_context: Callable[[int, np.ndarray], LayerContext],
               second_context: Callable[[int, np.ndarray], LayerContext], first_layer: int) -> None:
     """Code all precise tokens of two adjacent layers' tracks together with a cross-layer codec
-    (:class:`~kvtool.codecs.crosslayer.PairCodec`): what they share is stored once, in the first layer's
+    (:class:`~kvtool.codecs.structure.crosslayer.PairCodec`): what they share is stored once, in the first layer's
     Encoded; the second's records ``meta.partner`` and decodes with the first's arrays, as a reader would."""
     a, b, positions = first.span(first.precise)
     a2, b2, _ = second.span(second.precise)
@@ -549,9 +549,9 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
 
 
 def _as_assignment(assignment: Any, shape: Any = None) -> Assignment:
-    """An Assignment from an Assignment, a codec or spec (both roles), or a plan (a ``kvtool.plan.Plan``
+    """An Assignment from an Assignment, a codec or spec (both roles), or a plan (a ``kvtool.codecs.planfile.Plan``
     or a plan file's ``Path``; checked against the model's geometry ``shape``)."""
-    from kvtool.plan import Plan, load_plan
+    from kvtool.codecs.planfile import Plan, load_plan
 
     if isinstance(assignment, (Plan, os.PathLike)):
         plan = assignment if isinstance(assignment, Plan) else load_plan(assignment)
@@ -595,7 +595,7 @@ class CodecCache(Cache):
     """A transformers ``Cache`` that stores keys and values through kvtool codecs.
 
     ``model``: the model (or its config); ``assignment``: an :class:`Assignment` (keys/values specs and
-    per-layer overrides), one spec/codec for both, or a plan (:class:`kvtool.plan.Plan` or a plan file's
+    per-layer overrides), one spec/codec for both, or a plan (:class:`kvtool.codecs.planfile.Plan` or a plan file's
     ``Path``, checked against the model's geometry); ``mode``: ``"prefill"`` or
     ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
     attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,

@@ -130,7 +130,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
-    pass), each an :class:`Assignment` or a :class:`kvtool.plan.Plan` (checked against the model's identity
+    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's identity
     and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
     tokens of each chunk are scored); ``labels``: a name per method (default: its specs); ``baselines``: other
     caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
@@ -222,7 +222,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
 def _plan_assignment(loaded: LoadedModel, a: Any) -> Assignment:
     """``a`` itself, or a plan's assignment once the plan is checked against the loaded model."""
     from kvtool.capture import model_shape
-    from kvtool.plan import Plan
+    from kvtool.codecs.planfile import Plan
 
     if not isinstance(a, Plan):
         return a

@@ -2,10 +2,10 @@
 
 :func:`sweep` reads each layer once, computes its exact attention once
 (:func:`kvtool.metrics.reference_attention`) and measures every spec against it with the very functions
-:func:`kvtool.compress.compress` uses, so a spec's figures here are the figures ``compress --method SPEC``
-reports. Each spec codes keys and values (KIVI picks its axis per role, as with ``--method``). When a spec
-fits on queries (token selectors), every spec is scored on the same held-out queries: the split is
-compress's default ``--observe`` and the report's ``query_split`` records it.
+:func:`kvtool.compress.compress` uses (:mod:`kvtool.measure`), so a spec's figures here are the figures
+``compress --method SPEC`` reports. Each spec codes keys and values (KIVI picks its axis per role, as with
+``--method``). When a spec fits on queries (token selectors), every spec is scored on the same held-out
+queries: the split is compress's default ``--observe`` and the report's ``query_split`` records it.
 
 Bits: ``stored_bits`` counts every byte written for a tensor — the codec's arrays *and* its shared state
 (outlier tables, bases, codebooks) — over the elements (compress's ``bits_per_element_with_state``);
@@ -24,16 +24,10 @@ from typing import Any
 from kvtool import metrics
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.presets import expand
-from kvtool.compress import (
-    _context,
-    _layer_report,
-    encode_tensor,
-    query_split,
-    reference_for,
-    split_queries,
-    totals,
-)
 from kvtool.errors import CodecError, InputError
+from kvtool.evaluate import check_context, evaluate, tokenize_text
+from kvtool.measure import encode_tensor, layer_context, layer_report, query_split, reference_for, split_queries, totals
+from kvtool.models import load_model
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader
 
@@ -62,9 +56,6 @@ class EvalText:
 def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
     """(loaded model, token ids) for ``setup``; refuses a model other than the one the cache was captured
     with when both identify their weights."""
-    from kvtool.evaluate import check_context, tokenize_text
-    from kvtool.models import load_model
-
     loaded = load_model(setup.model or info.model)
     if info.model_source and loaded.source and info.model_source != loaded.source:
         raise InputError(f"the cache was captured with {info.model!r} ({info.model_source}), but the eval model "
@@ -77,8 +68,6 @@ def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
 def eval_specs(info: Any, specs: Sequence[str], setup: EvalText, progress: Progress | None = None
                ) -> dict[str, Any]:
     """``kvtool eval`` of every spec (keys and values) in one run sharing the exact pass: the eval report."""
-    from kvtool.evaluate import evaluate
-
     loaded, tokens = load_eval(info, setup)
     return evaluate(loaded, tokens, [Assignment.of(s, s) for s in specs], context=setup.context,
                     labels=list(specs), source=str(setup.text), progress=progress)
@@ -163,9 +152,9 @@ def sweep(
             ref = reference_for(data, held, topk)
             for n, a in enumerate(assignments):
                 kc, vc = a.codec(i, "keys"), a.codec(i, "values")
-                keys = (kc, *encode_tensor(kc, data.keys, _context(data, "keys", seen)))
-                values = (vc, *encode_tensor(vc, data.values, _context(data, "values", seen)))
-                rows[n].append(_layer_report(data, keys, values, topk, ref, held))
+                keys = (kc, *encode_tensor(kc, data.keys, layer_context(data, "keys", seen)))
+                values = (vc, *encode_tensor(vc, data.values, layer_context(data, "values", seen)))
+                rows[n].append(layer_report(data, keys, values, topk, ref, held))
                 done += 1
                 if progress is not None:
                     progress(done, steps)

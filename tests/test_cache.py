@@ -342,7 +342,7 @@ def test_codec_streaming_forms():
 def test_cross_layer_pairs_are_coded_together_in_prefill():
     """minicache pairs layers 0 and 1: the CodecCache codes them jointly, like compress does, and counts the
     shared directions once (in layer 0)."""
-    from kvtool.codecs.crosslayer import with_partner
+    from kvtool.codecs.structure.crosslayer import with_partner
 
     model = tiny()
     x = ids(30, seed=6)

@@ -14,7 +14,7 @@ from kvtool.cache import CodecCache
 from kvtool.errors import InputError
 from kvtool.evaluate import evaluate
 from kvtool.models import LoadedModel
-from kvtool.plan import Plan, save_plan
+from kvtool.codecs.planfile import Plan, save_plan
 
 CHOICES = {0: {"keys": "heads[turboquant:bits=2|kivi:bits=2,group=4,residual=4]", "values": "turboquant:bits=3"},
            1: {"keys": "fp16", "values": "heads[fp16|turboquant:bits=2]"}}

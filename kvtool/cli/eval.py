@@ -90,7 +90,7 @@ def eval_command(
 
         if mode not in MODES:
             raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-        from kvtool.plan import load_plan
+        from kvtool.codecs.planfile import load_plan
 
         plans = [load_plan(p) for p in plan or []]  # a bad plan file fails before the model loads
         assignments, labels = (assignments_from_options(method, keys, values) if method or keys or values

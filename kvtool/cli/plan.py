@@ -71,7 +71,7 @@ def plan(
 
 def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
     """A short label (#1, #2, ...) for every spec the plan uses, in order of first use."""
-    from kvtool.codecs.heads import head_specs
+    from kvtool.codecs.compose.heads import head_specs
 
     labels: dict[str, str] = {}
     for layer in choices.values():
@@ -82,7 +82,7 @@ def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
 
 
 def _cell(spec: str, labels: dict[str, str]) -> str:
-    from kvtool.codecs.heads import head_specs
+    from kvtool.codecs.compose.heads import head_specs
 
     return " ".join(labels[p] for p in head_specs(spec))
 

@@ -8,7 +8,8 @@ Every stage's stored bytes are counted. Values are coerced to the codec dataclas
 in square brackets is taken whole, so it may hold specs with their own ``,`` and ``+``
 (``age:bands=[0-128:fp16;128-:turboquant:bits=3,center=true]``).
 
-Adding a codec: write ``kvtool/codecs/<module>.py`` with a ``@register``-decorated dataclass subclass of
+Adding a codec: write ``kvtool/codecs/<family>/<module>.py`` (``quant/``, ``select/``, ``structure/`` or
+``compose/``; each family's ``__init__`` says what belongs there) with a ``@register``-decorated dataclass subclass of
 :class:`Codec`, add the module name to ``_MODULES`` below, and add a row to the table in
 ``tests/test_codec_contract.py``. Outside kvtool, a package adds codecs through the entry-point group
 ``kvtool.codecs`` (:data:`PLUGIN_GROUP`; ``examples/kvtool-codec-example``); :data:`ORIGINS` says where
@@ -54,8 +55,10 @@ __all__ = [
 ]
 
 #: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
-_MODULES = ["none", "fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o",
-            "snapkv", "tova", "knorm", "expected", "age", "minicache", "lowrank", "pq", "vq"]
+_MODULES = ["quant.none", "quant.fp16", "quant.fp8", "quant.uniform", "quant.kivi", "quant.turboquant", "quant.qjl",
+            "quant.polarquant", "select.streaming", "select.h2o", "select.snapkv", "select.tova", "select.knorm",
+            "select.expected", "compose.age", "structure.minicache", "structure.lowrank", "structure.pq",
+            "structure.vq"]
 
 
 def _load_modules() -> None:
@@ -199,9 +202,9 @@ def parse_spec(spec: str) -> Codec:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise CodecError("empty codec spec; expected name:key=value,... e.g. uniform:bits=4")
-    from kvtool.codecs.heads import is_heads_spec, parse_heads
+    from kvtool.codecs.compose.heads import is_heads_spec, parse_heads
 
-    if is_heads_spec(spec):  # heads[a|b|...]: one codec per KV head (kvtool.codecs.heads)
+    if is_heads_spec(spec):  # heads[a|b|...]: one codec per KV head (kvtool.codecs.compose.heads)
         return parse_heads(spec, parse_spec)
     stages = [_parse_stage(part) for part in split_top(spec, "+")]
     codec = stages[-1]

@@ -33,7 +33,7 @@ PRESETS = ("default", "quant", "all", "plan")
 def short_spec(codec: Codec) -> str:
     """``name:key=value,...`` with ``bits`` and the parameters that differ from the defaults
     (``turboquant:bits=2``); it parses back to the same codec."""
-    from kvtool.codecs.heads import CLOSE, OPEN, SEP, PerHead
+    from kvtool.codecs.compose.heads import CLOSE, OPEN, SEP, PerHead
 
     if isinstance(codec, PerHead):
         return OPEN + SEP.join(short_spec(p) for p in codec.parts) + CLOSE
@@ -77,7 +77,7 @@ def _recommended_specs(widths: Iterable[int]) -> Iterator[str | None]:
 
 
 def _default_specs() -> Iterator[str | None]:
-    from kvtool.codecs.crosslayer import PairCodec
+    from kvtool.codecs.structure.crosslayer import PairCodec
 
     for name in sorted(REGISTRY):
         if not issubclass(REGISTRY[name], PairCodec):  # shares across layers only in compress, not per layer
