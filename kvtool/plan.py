@@ -39,7 +39,7 @@ from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
 from kvtool.codecs.compose.heads import CLOSE, OPEN, SEP, head_context
 from kvtool.codecs.planfile import GEOMETRY, Plan, save_plan
-from kvtool.codecs.presets import expand
+from kvtool.codecs.presets import PRESETS, expand
 from kvtool.codecs.structure.crosslayer import PairCodec
 from kvtool.compress import compress
 from kvtool.errors import InputError
@@ -152,7 +152,7 @@ def measure(
         raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     names = expand([c for c in candidates if c.strip()])
     if not names:
-        raise InputError("no candidates: give codec specs or a preset name (default, quant, all)")
+        raise InputError(f"no candidates: give codec specs or a preset name ({', '.join(PRESETS)})")
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         info = reader.info
         reader.check_layer(0, sequence)

@@ -30,6 +30,7 @@ from kvtool.measure import encode_tensor, layer_context, layer_report, query_spl
 from kvtool.models import load_model
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader
+from kvtool.util import atomic_write
 
 Progress = Callable[[int, int], None]
 ATTENTION_ERROR = "attention_output_rel_error"
@@ -45,18 +46,27 @@ EVAL_KEYS = ("kld_mean", "kld_stderr", "delta_ppl_pct", "delta_ppl_pct_stderr", 
 class EvalText:
     """What ``sweep --eval-text`` and ``plan --objective kld`` score in the model (``kvtool eval``'s
     protocol, prefill mode): ``text`` cut to ``max_tokens`` tokens, chunks of ``context``; ``model``
-    defaults to the cache's own model spec."""
+    defaults to the cache's own model spec. The other fields are :func:`kvtool.models.load_model`'s
+    options (the same as ``capture``'s and ``eval``'s ``--model-dtype``, ``--device``, ...)."""
 
     text: Path | str
     model: str | None = None
     max_tokens: int | None = 1024
     context: int = 512
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: Path | str | None = None
+    trust_remote_code: bool = False
 
 
 def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
     """(loaded model, token ids) for ``setup``; refuses a model other than the one the cache was captured
     with when both identify their weights."""
-    loaded = load_model(setup.model or info.model)
+    loaded = load_model(setup.model or info.model, dtype=setup.dtype, device=setup.device,
+                        device_map=setup.device_map, max_memory=setup.max_memory,
+                        offload_folder=setup.offload_folder, trust_remote_code=setup.trust_remote_code)
     if info.model_source and loaded.source and info.model_source != loaded.source:
         raise InputError(f"the cache was captured with {info.model!r} ({info.model_source}), but the eval model "
                          f"{loaded.spec!r} is {loaded.source}")
@@ -236,8 +246,6 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
     Written to a temporary file beside ``output`` and renamed, so no partial PNG is left behind.
     """
     from matplotlib.figure import Figure
-
-    from kvtool.util import atomic_write
 
     output = Path(output)
     results = report["results"]

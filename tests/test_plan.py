@@ -13,9 +13,9 @@ from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, write_cache
 
 from kvtool.codecs import parse_spec
 from kvtool.codecs.base import ROLES
+from kvtool.codecs.planfile import PLAN_VERSION, load_plan, save_plan
 from kvtool.compress import compress
 from kvtool.errors import InputError
-from kvtool.codecs.planfile import PLAN_VERSION, load_plan, save_plan
 from kvtool.plan import make_plan, measure, plan
 
 LAYERS, TOKENS, N_Q, SENSITIVE = 4, 64, 8, 1

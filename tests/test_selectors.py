@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kvtool import metrics
-from kvtool.codecs import LayerContext, parse_spec, selection
+from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.base import pack_selection, selection_mask
+from kvtool.codecs.select import selection
 from kvtool.codecs.select.expected import mean_rotation, rope_rotate
 from kvtool.errors import CodecError
 
