@@ -7,11 +7,12 @@ import pytest
 import torch
 from _selectors import DropRange  # tests/ is on sys.path, as for _cli
 
-from kvtool.cache import CodecCache, install_attention, restore_attention
+from kvtool.cache import CodecCache
 from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.compat import forward_cache_kwarg, generate_cache_kwarg
 from kvtool.errors import CodecError, KvtoolError
+from kvtool.hooks import install_attention, restore_attention
 
 VOCAB = 128
 
