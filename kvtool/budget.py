@@ -39,7 +39,7 @@ import numpy as np
 
 from kvtool.budget_presets import PRESETS
 from kvtool.codecs import LayerContext, parse_spec
-from kvtool.errors import CodecError, InputError
+from kvtool.errors import CodecError, InputError, ModelError
 from kvtool.models import bundled_model_path, converted_path, hub_config, looks_like_hub_id
 from kvtool.report import header, json_safe
 from kvtool.store import file_sha256
@@ -153,11 +153,16 @@ def read_config(model: str, *, trust_remote_code: bool = False) -> tuple[dict[st
         return _read_json(path / "config.json"), "", [f"{path / 'config.json'}"]
     if path.is_file():
         return _read_json(path), "", [str(path)]
+    hub = ""
     if looks_like_hub_id(model):
-        config, revision = hub_config(model, trust_remote_code=trust_remote_code)
-        return config, revision, [f"config of {model} (Hugging Face hub{', ' + revision if revision else ''})"]
+        try:
+            config, revision = hub_config(model, trust_remote_code=trust_remote_code)
+        except ModelError as exc:
+            hub = f" ({str(exc).removeprefix(f'unknown model {model!r}: ')})"
+        else:
+            return config, revision, [f"config of {model} (Hugging Face hub{', ' + revision if revision else ''})"]
     raise InputError(f"{model}: not a preset, a .gguf file, a folder with config.json, a config file or a hub "
-                     f"id; presets: {', '.join(PRESETS)}; or 'default' (the bundled SmolLM2)")
+                     f"id{hub}; presets: {', '.join(PRESETS)}; or 'default' (the bundled SmolLM2)")
 
 
 def _config_object(cfg: dict[str, Any]) -> tuple[Any, bool]:

@@ -271,4 +271,5 @@ def test_an_unknown_hub_id_offline_is_one_line(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     result = run("budget", "--model", "nobody-kvtool/no-such-model")
-    assert_one_line_error(result, "nobody-kvtool/no-such-model")
+    assert_one_line_error(result, "not a preset")
+    assert "nobody-kvtool/no-such-model" in result.stderr and "hub" in result.stderr
