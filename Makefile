@@ -113,6 +113,8 @@ gate: install
 
 lint: install
 	$(BIN)/ruff check kvtool tests benchmarks
+	# layering and import cycles: the contracts in pyproject.toml [tool.importlinter]
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/bench_capture.py

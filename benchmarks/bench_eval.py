@@ -101,7 +101,7 @@ def hf_baselines(loaded: Any) -> tuple[list[Any], list[str]]:
     """Baselines for HF QuantizedCache backends that import here, and notes for those that do not."""
     import importlib
 
-    from kvtool.capture import model_shape
+    from kvtool.models import model_shape
 
     shape = model_shape(loaded.config)
     per_token = shape.num_kv_heads * shape.head_dim  # elements of one layer's keys (or values) per token

@@ -117,7 +117,7 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 from kvtool.codecs import parse_spec
-from kvtool.compress import _context, split_queries
+from kvtool.measure import layer_context, split_queries
 from kvtool.store import CacheReader
 cache, spec = sys.argv[1], sys.argv[2]
 seconds = 0.0
@@ -129,7 +129,7 @@ with CacheReader(cache) as reader:
         seen, _ = split_queries(data, 64)
         codec = parse_spec(spec).for_role("keys")
         start = time.perf_counter()
-        codec.fit(data.keys, _context(data, "keys", seen))
+        codec.fit(data.keys, layer_context(data, "keys", seen))
         if spec.startswith("turboquant"):
             codec.decode(codec.encode(data.keys))
         else:

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from kvtool import metrics  # noqa: E402
 from kvtool.codecs import parse_spec  # noqa: E402
-from kvtool.codecs.learned import DEFAULT_ITERS, available_cores  # noqa: E402
-from kvtool.compress import _context, encode_tensor, split_queries  # noqa: E402
+from kvtool.codecs.structure.learned import DEFAULT_ITERS, available_cores  # noqa: E402
+from kvtool.measure import encode_tensor, layer_context, split_queries  # noqa: E402
 from kvtool.store import CacheReader  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,10 +101,10 @@ def measure(target: Path, other: Path, layers: list[int], observe: int, roles: l
                     state = None
                     if fitted == "other":
                         c = parse_spec(spec).for_role(role)
-                        c.fit(calib.keys if role == "keys" else calib.values, _context(calib, role, cseen))
+                        c.fit(calib.keys if role == "keys" else calib.values, layer_context(calib, role, cseen))
                         state = c.shared_state()
                     codec = parse_spec(spec).for_role(role)
-                    enc, x_hat = encode_tensor(codec, x, _context(data, role, seen), state)
+                    enc, x_hat = encode_tensor(codec, x, layer_context(data, role, seen), state)
                     att = metrics.compare_attention(ref, x_hat if role == "keys" else None,
                                                     x_hat if role == "values" else None)
                     st = sum(a.nbytes for a in codec.shared_state().values())
@@ -140,7 +140,7 @@ def timings(target: Path, reps: int = 1) -> list[dict]:
             w0, c0 = time.perf_counter(), time.process_time()
             for d in data:
                 for role, x in (("keys", d.keys), ("values", d.values)):
-                    encode_tensor(parse_spec(spec).for_role(role), x, _context(d, role, None))
+                    encode_tensor(parse_spec(spec).for_role(role), x, layer_context(d, role, None))
             wall.append(time.perf_counter() - w0)
             cpu.append(time.process_time() - c0)
         out.append({"spec": spec, "wall": min(wall), "cpu": min(cpu), "layers": len(data),
@@ -150,7 +150,7 @@ def timings(target: Path, reps: int = 1) -> list[dict]:
 
 def warm_up(spec: str, d) -> None:
     """One untimed coding of a layer's keys: imports (torch, faiss) and first-call set-up off the clock."""
-    encode_tensor(parse_spec(spec).for_role("keys"), d.keys, _context(d, "keys", None))
+    encode_tensor(parse_spec(spec).for_role("keys"), d.keys, layer_context(d, "keys", None))
 
 
 def iterations(target: Path, observe: int) -> list[dict]:
@@ -175,7 +175,7 @@ def iterations(target: Path, observe: int) -> list[dict]:
             for d, ref in zip(data, refs, strict=True):
                 for role, x in (("keys", d.keys), ("values", d.values)):
                     w0, c0 = time.perf_counter(), time.process_time()
-                    _, x_hat = encode_tensor(parse_spec(full).for_role(role), x, _context(d, role, None))
+                    _, x_hat = encode_tensor(parse_spec(full).for_role(role), x, layer_context(d, role, None))
                     wall += time.perf_counter() - w0
                     cpu += time.process_time() - c0
                     att = metrics.compare_attention(ref, x_hat if role == "keys" else None,

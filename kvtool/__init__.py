@@ -11,8 +11,7 @@ The library is importable without the CLI; heavy dependencies (torch, transforme
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from kvtool._version import __version__
 from kvtool.errors import CodecError, InputError, KvtoolError, ModelError, StoreError
 from kvtool.store import CacheReader, CacheWriter, LayerData, StoreHeader, load_layer, read_info
 

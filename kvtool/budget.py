@@ -37,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from kvtool.errors import CodecError, InputError
+from kvtool.budget_presets import PRESETS
+from kvtool.codecs import LayerContext, parse_spec
+from kvtool.errors import CodecError, InputError, ModelError
+from kvtool.models import bundled_model_path, converted_path, hub_config, looks_like_hub_id
+from kvtool.report import header, json_safe
+from kvtool.store import file_sha256
 from kvtool.util import atomic_write
 
 GIB = 1024**3
@@ -121,19 +126,15 @@ def _gguf_config(path: Path) -> dict[str, Any]:
     return dict(config)
 
 
-def read_config(model: str) -> tuple[dict[str, Any], str, list[str]]:
+def read_config(model: str, *, trust_remote_code: bool = False) -> tuple[dict[str, Any], str, list[str]]:
     """``(config dict, model_source, sources)`` for a ``--model`` value: ``default``, a preset name, a
-    ``.gguf`` file, a folder holding ``config.json``, or a ``config.json`` file."""
-    from kvtool.budget_presets import PRESETS
-
+    ``.gguf`` file, a folder holding ``config.json``, a ``config.json`` file, or a hub id (its config only:
+    the local Hugging Face cache first, the hub when reachable, as ``capture`` and ``eval`` find it)."""
     key = model.strip().lower()
     if key in PRESETS:
         preset = PRESETS[key]
         return dict(preset["config"]), f"preset:{key}", [preset["title"], *preset["sources"]]
     if model == "default":
-        from kvtool.models import bundled_model_path, converted_path
-        from kvtool.store import file_sha256
-
         gguf = bundled_model_path()
         digest = file_sha256(gguf)
         converted = converted_path(digest) / "config.json"
@@ -145,8 +146,6 @@ def read_config(model: str) -> tuple[dict[str, Any], str, list[str]]:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise InputError(f"{model}: no such GGUF file")
-        from kvtool.store import file_sha256
-
         return _gguf_config(path), f"sha256:{file_sha256(path)}", [f"GGUF metadata of {path}"]
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -154,8 +153,16 @@ def read_config(model: str) -> tuple[dict[str, Any], str, list[str]]:
         return _read_json(path / "config.json"), "", [f"{path / 'config.json'}"]
     if path.is_file():
         return _read_json(path), "", [str(path)]
-    raise InputError(f"{model}: not a preset, a .gguf file, a folder with config.json or a config file; "
-                     f"presets: {', '.join(PRESETS)}; or 'default' (the bundled SmolLM2)")
+    hub = ""
+    if looks_like_hub_id(model):
+        try:
+            config, revision = hub_config(model, trust_remote_code=trust_remote_code)
+        except ModelError as exc:
+            hub = f" ({str(exc).removeprefix(f'unknown model {model!r}: ')})"
+        else:
+            return config, revision, [f"config of {model} (Hugging Face hub{', ' + revision if revision else ''})"]
+    raise InputError(f"{model}: not a preset, a .gguf file, a folder with config.json, a config file or a hub "
+                     f"id{hub}; presets: {', '.join(PRESETS)}; or 'default' (the bundled SmolLM2)")
 
 
 def _config_object(cfg: dict[str, Any]) -> tuple[Any, bool]:
@@ -294,9 +301,9 @@ def _require_geometry(cfg: dict[str, Any]) -> None:
             raise InputError(f"the config has no {what} ({' / '.join(names)}); give the model's own config.json")
 
 
-def load_geometry(model: str = "default") -> Geometry:
+def load_geometry(model: str = "default", *, trust_remote_code: bool = False) -> Geometry:
     """Read ``model``'s config (see :func:`read_config`) and derive its cache geometry and parameter count."""
-    cfg, source, sources = read_config(model)
+    cfg, source, sources = read_config(model, trust_remote_code=trust_remote_code)
     _require_geometry(cfg)
     config, known = _config_object(cfg)
     c = config.get_text_config()
@@ -329,8 +336,6 @@ class StoredBytes:
     START, LIMIT = 512, 8192
 
     def __init__(self, spec: str, tensor: TensorShape, seed: int = 0) -> None:
-        from kvtool.codecs import parse_spec
-
         self.spec, self.tensor, self.seed = spec, tensor, seed
         self._parse = lambda: parse_spec(spec).for_role(tensor.role)
         try:
@@ -345,8 +350,6 @@ class StoredBytes:
     def measure(self, tokens: int) -> tuple[int, int]:
         """``(stored bytes, shared-state bytes)`` of really encoding ``tokens`` tokens."""
         if tokens not in self._memo:
-            from kvtool.codecs import LayerContext
-
             h, d = self.tensor.heads, self.tensor.dim
             rng = np.random.default_rng(self.seed)
             x = rng.standard_normal((h, tokens, d), dtype=np.float32)
@@ -483,12 +486,10 @@ def parse_bits(spec: str) -> list[float]:
 
 def budget(model: str = "default", contexts: list[int] | None = None, batches: list[int] | None = None,
            weight_bits: list[float] | None = None, kv_specs: list[str] | None = None,
-           plot: Path | str | None = None) -> dict[str, Any]:
+           plot: Path | str | None = None, *, trust_remote_code: bool = False) -> dict[str, Any]:
     """The ``kvtool budget`` report: weights per bit width, KV cache per codec spec, context and batch, and
     the context where the KV cache outgrows the weights; with ``plot``, also a figure of memory against
     context (see :func:`plot_budget`). The module docstring says what is measured."""
-    from kvtool.report import header, json_safe
-
     contexts = contexts or parse_tokens(DEFAULT_CONTEXTS)
     batches = batches or parse_batches(DEFAULT_BATCHES)
     weight_bits = weight_bits or parse_bits(DEFAULT_WEIGHT_BITS)
@@ -498,7 +499,7 @@ def budget(model: str = "default", contexts: list[int] | None = None, batches: l
     for name, values in (("--context", contexts), ("--batch", batches)):
         if any(v < 1 for v in values):
             raise InputError(f"{name} values must be >= 1, got {min(values)}")
-    geo = load_geometry(model)
+    geo = load_geometry(model, trust_remote_code=trust_remote_code)
     costs = [KVCost.build(s, geo) for s in kv_specs]
     weights = [{"bits": b, "bytes": geo.parameters * b / 8} for b in weight_bits]
     rows = []

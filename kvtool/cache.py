@@ -35,7 +35,7 @@ Design notes:
   cache's kv heads.
 * Token eviction (a codec whose ``token_mask`` says rows were dropped, e.g. a :class:`Selector`) is applied
   as a per-head key mask inside kvtool's attention function, registered through transformers'
-  ``AttentionInterface`` (:func:`install_attention`), never by zeroing keys. ``CodecCache(model, ...)``
+  ``AttentionInterface`` (:func:`kvtool.hooks.install_attention`), never by zeroing keys. ``CodecCache(model, ...)``
   installs it by itself when the assignment can evict. The same function records the last ``queries``
   post-RoPE queries of each layer for the codecs' :class:`LayerContext` (token selectors need them).
 """
@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,100 +54,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
-from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
+from kvtool.codecs.planfile import Plan, load_plan
+from kvtool.codecs.structure.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
-from kvtool.rope import RopeParams
+from kvtool.hooks import install_attention, link_layer
+from kvtool.models import model_shape
+from kvtool.rope import RopeParams, rope_candidates
 
 MODES = ("prefill", "streaming")
-ATTN_PREFIX = "kvtool_cache_"
-#: Attention implementations whose mask kvtool can extend with a per-head key mask.
-MASKABLE = ("sdpa", "eager")
 #: Default number of last query positions recorded per layer for the codecs' LayerContext.
 DEFAULT_QUERIES = 128
 #: Blocks with fewer elements than this are coded on one torch thread (see _threads_for).
 SMALL_BLOCK = 1 << 20
-_LINK = "_kvtool_layer"  # attribute of the key tensor a CodecLayer returns: a weakref to that layer
-
-
-# ------------------------------------------------------------------------------------------- attention
-
-
-def _extend_mask(mask: torch.Tensor | None, keep: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """``mask`` (``(B, 1|Hq, Tq, Tk)`` bool or additive float, or None = plain causal) with the key rows
-    where ``keep`` ``(B, Hkv, Tk)`` is False masked out for every query head reading them (GQA)."""
-    batch, q_heads, q_len, _ = query.shape
-    keep_q = keep.repeat_interleave(q_heads // keep.shape[1], dim=1)[:, :, None, :]  # (B, Hq, 1, Tk)
-    if mask is None:  # transformers skipped a causal mask: the queries are the last q_len positions
-        k_len = keep.shape[-1]
-        qpos = torch.arange(k_len - q_len, k_len, device=keep.device)[:, None]
-        mask = torch.arange(k_len, device=keep.device)[None, :] <= qpos  # (Tq, Tk)
-        mask = mask[None, None]
-    if mask.dtype == torch.bool:
-        return mask & keep_q
-    return mask.masked_fill(~keep_q, torch.finfo(mask.dtype).min)
-
-
-def _wrap(base_name: str) -> Callable[..., Any]:
-    from kvtool.capture import real_attention
-
-    base = real_attention(base_name)
-
-    def kvtool_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any):
-        ref = getattr(key, _LINK, None)
-        layer = ref() if ref is not None else None
-        if layer is not None:
-            scaling = kwargs.get("scaling", getattr(module, "scaling", None))
-            layer.observe(query, scaling)
-            keep = layer.returned_keep
-            if keep is not None:
-                if base_name not in MASKABLE:
-                    raise KvtoolError(f"token eviction needs attention {' or '.join(MASKABLE)}, the model uses "
-                                      f"{base_name!r}; load it with attn_implementation='sdpa'")
-                attention_mask = _extend_mask(attention_mask, keep.to(query.device), query)
-                layer.mask_applied = True
-        return base(module, query, key, value, attention_mask, **kwargs)
-
-    return kvtool_attention
-
-
-def install_attention(model: Any) -> str:
-    """Switch ``model`` to kvtool's attention function wrapping its current one; return the previous name.
-
-    The wrapper applies CodecCache eviction masks and records queries for the codecs' context; with any
-    other cache it just calls the real attention. Idempotent. Undo with :func:`restore_attention`.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    current = model.config._attn_implementation or "eager"
-    if current.startswith(ATTN_PREFIX):
-        return current[len(ATTN_PREFIX):]
-    name = ATTN_PREFIX + re.sub(r"\W", "_", current)
-    AttentionInterface.register(name, _wrap(current))
-    # transformers builds no mask for attention names it does not know: reuse the base's mask function.
-    mask_base = current if current in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
-    model.set_attn_implementation(name)
-    return current
-
-
-def restore_attention(model: Any) -> None:
-    """Undo :func:`install_attention` (no-op if kvtool's attention is not installed)."""
-    current = model.config._attn_implementation or ""
-    if current.startswith(ATTN_PREFIX):
-        model.set_attn_implementation(current[len(ATTN_PREFIX):])
-
-
-@contextlib.contextmanager
-def kvtool_attention(model: Any) -> Iterator[None]:
-    """Context manager: kvtool's attention on ``model`` inside, the previous implementation after."""
-    was_installed = (model.config._attn_implementation or "").startswith(ATTN_PREFIX)
-    install_attention(model)
-    try:
-        yield
-    finally:
-        if not was_installed:
-            restore_attention(model)
 
 
 # ------------------------------------------------------------------------------------- one coded tensor
@@ -306,7 +222,7 @@ def _shared_bytes(codec: Codec) -> int:
 def code_pair(first: _Track, second: _Track, first_context: Callable[[int, np.ndarray], LayerContext],
               second_context: Callable[[int, np.ndarray], LayerContext], first_layer: int) -> None:
     """Code all precise tokens of two adjacent layers' tracks together with a cross-layer codec
-    (:class:`~kvtool.codecs.crosslayer.PairCodec`): what they share is stored once, in the first layer's
+    (:class:`~kvtool.codecs.structure.crosslayer.PairCodec`): what they share is stored once, in the first layer's
     Encoded; the second's records ``meta.partner`` and decodes with the first's arrays, as a reader would."""
     a, b, positions = first.span(first.precise)
     a2, b2, _ = second.span(second.precise)
@@ -329,10 +245,8 @@ def _single_rope(model: Any) -> RopeParams | None:
     global), where which layer uses which would need a forward pass to tell (``kvtool capture`` does that)."""
     if not hasattr(model, "modules"):
         return None
-    from kvtool.rope import _candidates
-
     found: list[RopeParams] = []
-    for cand in _candidates(model):
+    for cand in rope_candidates(model):
         if not any(cand == f for f in found):
             found.append(cand)
     return found[0] if len(found) == 1 else None
@@ -400,7 +314,7 @@ class CodecLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if not self.mask_applied:
             raise KvtoolError("the model's attention did not apply kvtool's eviction mask: token selectors need "
-                              "kvtool.cache.install_attention(model) (CodecCache(model, ...) does it) and a model "
+                              "kvtool.hooks.install_attention(model) (CodecCache(model, ...) does it) and a model "
                               "whose attention goes through transformers' AttentionInterface")
         t = int(key_states.shape[2])
         self.cumulative_length += t
@@ -420,7 +334,7 @@ class CodecLayer(DynamicLayer):
             for track in self.tracks.values():
                 track.keep_last(self.window - 1)
         self.keys, self.values = self.tracks["keys"].buffer, self.tracks["values"].buffer
-        setattr(keys, _LINK, weakref.ref(self))
+        link_layer(keys, self)  # kvtool's attention finds this layer through its keys
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -549,10 +463,8 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
 
 
 def _as_assignment(assignment: Any, shape: Any = None) -> Assignment:
-    """An Assignment from an Assignment, a codec or spec (both roles), or a plan (a ``kvtool.plan.Plan``
+    """An Assignment from an Assignment, a codec or spec (both roles), or a plan (a ``kvtool.codecs.planfile.Plan``
     or a plan file's ``Path``; checked against the model's geometry ``shape``)."""
-    from kvtool.plan import Plan, load_plan
-
     if isinstance(assignment, (Plan, os.PathLike)):
         plan = assignment if isinstance(assignment, Plan) else load_plan(assignment)
         if shape is not None:
@@ -595,17 +507,15 @@ class CodecCache(Cache):
     """A transformers ``Cache`` that stores keys and values through kvtool codecs.
 
     ``model``: the model (or its config); ``assignment``: an :class:`Assignment` (keys/values specs and
-    per-layer overrides), one spec/codec for both, or a plan (:class:`kvtool.plan.Plan` or a plan file's
+    per-layer overrides), one spec/codec for both, or a plan (:class:`kvtool.codecs.planfile.Plan` or a plan file's
     ``Path``, checked against the model's geometry); ``mode``: ``"prefill"`` or
     ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
     attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,
-    it installs kvtool's attention on that model (:func:`install_attention`).
+    it installs kvtool's attention on that model (:func:`kvtool.hooks.install_attention`).
     """
 
     def __init__(self, model: Any, assignment: Any, *, mode: str = "prefill",
                  queries: int = DEFAULT_QUERIES) -> None:
-        from kvtool.capture import model_shape
-
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         config = getattr(model, "config", model)

@@ -2,9 +2,9 @@
 
 Keys and values are read from the model's own cache object after one forward pass, so they are
 exactly what the cache holds (post-RoPE; only the window for sliding-window layers). Queries never
-reach the cache, so they are recorded through transformers' public ``AttentionInterface``: kvtool
-registers an attention function that notes the post-RoPE query and then calls the real attention
-implementation. No model code is forked or patched.
+reach the cache, so they are recorded through transformers' public ``AttentionInterface``
+(:func:`kvtool.hooks.recording`): an attention function that notes the post-RoPE query and then calls the
+real attention implementation. No model code is forked or patched.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,10 @@ import numpy as np
 
 from kvtool.compat import output_cache
 from kvtool.errors import InputError, KvtoolError, NonFiniteError
-from kvtool.models import LoadedModel
+from kvtool.hooks import AttentionHook, ProgressFn, Recorder, recording
+from kvtool.models import LoadedModel, ModelShape, model_shape
 from kvtool.rope import RopeRecorder
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, CacheWriter, StoreHeader, check_output_path
-
-ATTN_PREFIX = "kvtool_capture_"
-EAGER = "eager"
-
-#: A callback ``(stage, done, total)``; stage is "forward" or "write".
-ProgressFn = Callable[[str, int, int], None]
-#: Test/research hook called for every attention call:
-#: ``(layer, query, key, value, attention_output)`` with the tensors the model used.
-AttentionHook = Callable[[int, Any, Any, Any, Any], None]
 
 
 @dataclass(frozen=True)
@@ -124,38 +115,7 @@ def prompt_text(prompt: str) -> TextInput:
 # ----------------------------------------------------------------------------------- model inspection
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    layer_types: tuple[str, ...]
-    sliding_window: int
-
-
-def model_shape(config: Any) -> ModelShape:
-    """Attention geometry as the config states it (the text config of a multimodal one).
-
-    Configs spell these differently across families; :func:`observed_shape` corrects the guess
-    with the tensors of a real forward pass before anything is written.
-    """
-    c = config.get_text_config()
-    n_layers = int(c.num_hidden_layers)
-    n_q = int(c.num_attention_heads)
-    n_kv = int(getattr(c, "num_key_value_heads", None) or getattr(c, "num_kv_heads", None) or n_q)
-    if getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False):
-        n_kv = 1
-    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // n_q)
-    window = int(getattr(c, "sliding_window", None) or 0)
-    raw_types = getattr(c, "layer_types", None) or ["full_attention"] * n_layers
-    types = tuple(LAYER_SLIDING if "sliding" in str(t) and window else LAYER_FULL for t in raw_types)
-    if len(types) != n_layers:
-        types = (LAYER_FULL,) * n_layers
-    return ModelShape(n_layers, n_q, n_kv, head_dim, types, window)
-
-
-def observed_shape(config: Any, cache: Any, rec: _Recorder) -> ModelShape:
+def observed_shape(config: Any, cache: Any, rec: Recorder) -> ModelShape:
     """The geometry the forward pass really produced: kv heads and head_dim from the cache tensors,
     query heads from the recorded queries, sliding layers from the cache's own layer objects."""
     guess = model_shape(config)
@@ -174,64 +134,7 @@ def observed_shape(config: Any, cache: Any, rec: _Recorder) -> ModelShape:
     return ModelShape(guess.num_layers, n_q, n_kv, head_dim, types, window)
 
 
-# --------------------------------------------------------------------------------- attention recording
-
-
-class _Recorder:
-    """Collects queries (and calls an optional hook) while one forward pass runs."""
-
-    def __init__(self, base: Callable[..., Any], num_layers: int, keep_last: int,
-                 progress: ProgressFn | None, hook: AttentionHook | None) -> None:
-        self.base = base
-        self.num_layers = num_layers
-        self.keep_last = keep_last
-        self.progress = progress
-        self.hook = hook
-        self.queries: dict[int, Any] = {}
-        self.scaling: dict[int, float] = {}
-        self.prerope: dict[int, Any] = {}
-        self.rope: dict[int, Any] = {}  # layer -> kvtool.rope.RopeParams, where the model's RoPE is reproducible
-        self.q_heads = 0
-
-    def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                 **kwargs: Any) -> Any:
-        out = self.base(module, query, key, value, attention_mask, **kwargs)
-        layer = int(module.layer_idx)
-        self.q_heads = int(query.shape[1])
-        if self.keep_last:
-            # query: (batch=1, q_heads, T, head_dim), post-RoPE
-            self.queries[layer] = query[0, :, -self.keep_last:, :].detach().to("cpu", copy=True)
-        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
-        self.scaling[layer] = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
-        if self.hook is not None:
-            self.hook(layer, query, key, value, out[0])
-        if self.progress is not None:
-            self.progress("forward", layer + 1, self.num_layers)
-        return out
-
-
-_ACTIVE: dict[str, _Recorder] = {}
-
-
-def _install(model: Any) -> tuple[str, str]:
-    """Register kvtool's recording attention for ``model``; return (previous, new) implementation names."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    previous = model.config._attn_implementation or EAGER
-    base = previous if previous in ALL_ATTENTION_FUNCTIONS else EAGER
-    name = ATTN_PREFIX + re.sub(r"\W", "_", base)
-
-    def recording_attention(module: Any, *args: Any, **kwargs: Any) -> Any:
-        return _ACTIVE[name](module, *args, **kwargs)
-
-    AttentionInterface.register(name, recording_attention)
-    # A custom attention name without a mask function would get no mask at all (transformers skips
-    # mask creation for unknown names), which breaks sliding-window layers: reuse the base's masks.
-    mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS else EAGER
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_base])
-    return previous, name
+# ----------------------------------------------------------------------------- what the pass noted
 
 
 def _heads_first(x: Any, num_kv_heads: int) -> Any:
@@ -246,7 +149,7 @@ def _heads_first(x: Any, num_kv_heads: int) -> Any:
     return x
 
 
-def _prerope_hooks(model: Any, rec: _Recorder, num_kv_heads: int) -> list[Any]:
+def _prerope_hooks(model: Any, rec: Recorder, num_kv_heads: int) -> list[Any]:
     """Forward hooks that note each layer's keys before RoPE: the output of the attention module's
     ``k_norm`` where it has one (Qwen3, Gemma 3), else of ``k_proj``. Returns the hook handles."""
     handles = []
@@ -265,35 +168,9 @@ def _prerope_hooks(model: Any, rec: _Recorder, num_kv_heads: int) -> list[Any]:
     return handles
 
 
-def _base_attention(name: str) -> Callable[..., Any]:
-    """The real attention function behind kvtool's recording one (see :func:`real_attention`)."""
-    return real_attention(name[len(ATTN_PREFIX):])
-
-
-def real_attention(base: str) -> Callable[..., Any]:
-    """The attention function that implementation name ``base`` stands for, for wrappers to call.
-
-    Registered implementations (sdpa, flash, flex) come from transformers' registry. "eager" is not
-    registered: each modeling module defines its own ``eager_attention_forward`` (softcapping and
-    other model-specific details live there), so it is looked up from the calling module.
-    """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if base in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[base]
-
-    def eager(module: Any, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if fn is None:
-            raise KvtoolError(f"{type(module).__name__} has no eager attention function kvtool can wrap")
-        return fn(module, *args, **kwargs)
-
-    return eager
-
-
 def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
                    progress: ProgressFn | None = None, hook: AttentionHook | None = None,
-                   pre_rope_keys: bool = False) -> tuple[Any, _Recorder]:
+                   pre_rope_keys: bool = False) -> tuple[Any, Recorder]:
     """One forward pass with recording attention; returns (the model's cache, the recorder).
 
     ``input_ids``: (1, T) long tensor on the model's device.
@@ -302,21 +179,17 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
 
     model = loaded.model
     shape = model_shape(model.config)
-    previous, name = _install(model)
-    recorder = _Recorder(_base_attention(name), shape.num_layers, keep_last, progress, hook)
-    _ACTIVE[name] = recorder
+    recorder = Recorder(shape.num_layers, keep_last, progress, hook)
     handles = _prerope_hooks(model, recorder, shape.num_kv_heads) if pre_rope_keys else []
     rope = RopeRecorder(model)
-    model.set_attn_implementation(name)
     try:
-        with torch.inference_mode():
-            # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
-            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        # read after the pass: dynamic RoPE variants update their frequencies during it
-        recorder.rope = rope.params(model)
+        with recording(model, recorder):
+            with torch.inference_mode():
+                # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
+                out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            # read after the pass: dynamic RoPE variants update their frequencies during it
+            recorder.rope = rope.params(model)
     finally:
-        model.set_attn_implementation(previous)
-        _ACTIVE.pop(name, None)
         rope.remove()
         for h in handles:
             h.remove()
@@ -421,7 +294,7 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
     return result
 
 
-def _header(loaded: LoadedModel, shape: ModelShape, rec: _Recorder, dtype: str) -> StoreHeader:
+def _header(loaded: LoadedModel, shape: ModelShape, rec: Recorder, dtype: str) -> StoreHeader:
     # The scaling the model passed to its attention (Gemma: query_pre_attn_scalar**-0.5; OPT: 1.0
     # because it pre-scales queries); head_dim**-0.5 only when attention never reached kvtool.
     scaling = rec.scaling.get(0, shape.head_dim ** -0.5)
@@ -432,7 +305,7 @@ def _header(loaded: LoadedModel, shape: ModelShape, rec: _Recorder, dtype: str) 
     )
 
 
-def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: _Recorder, shape: ModelShape,
+def _write_sequence(writer: CacheWriter, seq: int, cache: Any, rec: Recorder, shape: ModelShape,
                     num_tokens: int, keep: int, storage: Any, progress: ProgressFn | None) -> None:
     qpos = np.arange(num_tokens - keep, num_tokens, dtype=np.int32)
     for i in range(shape.num_layers):

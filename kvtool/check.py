@@ -40,7 +40,7 @@ from statistics import NormalDist
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.report import KIND_FIELD, REPORT_KINDS
+from kvtool.report import KIND_FIELD, REPORT_KINDS, header, json_safe
 
 MAX, MIN = "max", "min"
 STDERR_SUFFIX = "_stderr"
@@ -497,8 +497,6 @@ class GateResult:
         return f"{bad} of {n} check{'s' if n != 1 else ''} failed: " + "; ".join(r.short() for r in self.failed)
 
     def to_dict(self) -> dict[str, Any]:
-        from kvtool.report import header, json_safe
-
         model, source = _model_id(self.report)
         return json_safe({**header("check", model=model, model_source=source,
                                    model_architecture=str(self.report.get("model_architecture", ""))),

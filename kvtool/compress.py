@@ -1,8 +1,10 @@
 """Compress a captured cache with a pair of codecs, measure what it costs, optionally write the result.
 
 :func:`compress` streams the cache one layer at a time: read keys/values (and queries), fit each codec,
-encode, decode, measure (:mod:`kvtool.metrics`) and, with ``output``, write the stored arrays to a
-``kind="compressed"`` file. :func:`decompress` turns such a file back into an ordinary cache file.
+encode, decode, measure and, with ``output``, write the stored arrays to a ``kind="compressed"`` file.
+:func:`decompress` turns such a file back into an ordinary cache file. The measuring itself (query split,
+fitting context, one tensor's and one layer's report, totals) is :mod:`kvtool.measure`, shared with
+``sweep`` and ``plan``.
 
 The layout of the codec groups is defined in :mod:`kvtool.store` (module docstring, "compressed file").
 
@@ -20,12 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from kvtool import metrics
-from kvtool.codecs import Codec, Encoded, LayerContext, parse_spec
+from kvtool.codecs import Codec, Encoded, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
-from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
+from kvtool.codecs.planfile import Plan, load_plan
+from kvtool.codecs.structure.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import CodecError, InputError, StoreError
+from kvtool.measure import (
+    Queries,
+    encode_tensor,
+    joint_mask,
+    layer_context,
+    layer_report,
+    query_split,
+    split_queries,
+    totals,
+)
 from kvtool.report import json_safe, store_header
 from kvtool.store import (
     CODEC_ATTR,
@@ -50,129 +62,6 @@ from kvtool.store import (
 
 PASSTHROUGH = "fp16"
 Progress = Callable[[int, int], None]
-
-
-# ------------------------------------------------------------------------------------------- one tensor
-
-
-def encode_tensor(codec: Codec, x: np.ndarray, context: LayerContext,
-                  state: dict[str, np.ndarray] | None = None) -> tuple[Encoded, np.ndarray]:
-    """Fit ``codec`` to ``x`` ``(kv_heads, T, head_dim)``, encode and decode: (stored, reconstruction).
-
-    ``state``: shared state fitted elsewhere (``--fit-on``). It is restored before ``fit`` (codecs then fit
-    only what belongs to ``x``) and again after it, for a codec that refits regardless.
-    """
-    if state is not None:
-        codec.load_shared_state(state)
-    codec.fit(x, context)
-    if state is not None:
-        codec.load_shared_state(state)
-    enc = codec.encode(x)
-    return enc, codec.decode(enc)
-
-
-def tensor_report(codec: Codec, x: np.ndarray, enc: Encoded, x_hat: np.ndarray) -> dict[str, Any]:
-    """Bits, bytes and reconstruction error of one tensor; ``heads`` holds per-head rel_mse/cosine.
-
-    For a token selector also ``kept_fraction``, ``kept_tokens`` (per head) and ``rel_mse_kept`` (the
-    error of the rows that exist; ``rel_mse`` counts evicted rows as lost)."""
-    rec = metrics.reconstruction(x, x_hat)
-    before = x.size * 2  # the same elements in fp16
-    state = int(sum(a.nbytes for a in codec.shared_state().values()))
-    report = {
-        "spec": codec.spec(),
-        "bits_per_element": enc.bits_per_element(),
-        "bits_per_element_with_state": 8.0 * (enc.nbytes + state) / max(enc.elements, 1),
-        "bytes_before": before,
-        "bytes_after": enc.nbytes,
-        "ratio": before / enc.nbytes if enc.nbytes else float("inf"),
-        "shared_state_bytes": state,
-        **rec,
-    }
-    resolved = codec.report(enc)
-    if resolved:
-        report["resolved"] = resolved
-    mask = codec.token_mask(enc)
-    if mask is not None:
-        kept = x[mask]  # (kept rows, head_dim)
-        ref = float(np.square(kept, dtype=np.float64).sum())
-        err = float(np.square(kept - x_hat[mask], dtype=np.float64).sum())
-        report.update(kept_fraction=float(mask.mean()), kept_tokens=mask.sum(axis=1).tolist(),
-                      rel_mse_kept=err / ref if ref > 0 else float(err > 0))
-    return report
-
-
-Queries = tuple[np.ndarray, np.ndarray] | None  # (queries (q_heads, n, d), positions (n,)) or none
-
-
-def split_queries(data: LayerData, observe: int) -> tuple[Queries, Queries]:
-    """(observed, held out): the first ``observe`` captured queries and the rest (either may be None)."""
-    if data.queries is None or data.query_positions is None:
-        return None, None
-    q, pos = data.queries, data.query_positions
-    seen = (q[:, :observe], pos[:observe]) if observe > 0 else None
-    held = (q[:, observe:], pos[observe:]) if observe < pos.size else None
-    return seen, held
-
-
-def _context(data: LayerData, role: str, observed: Queries = None) -> LayerContext:
-    """The context codecs are fitted with: the layer's keys, values and positions, and only the
-    ``observed`` queries (None: no queries)."""
-    queries, positions = observed if observed is not None else (None, None)
-    rope = data.rope
-    return LayerContext(layer=data.layer, role=role, queries=queries,
-                        query_positions=positions, key_positions=data.key_positions,
-                        keys=data.keys, values=data.values, scaling=data.scaling,
-                        sliding_window=data.sliding_window, keys_prerope=data.keys_prerope, rope=rope,
-                        rope_inv_freq=rope.inv_freq if rope is not None and
-                        rope.rotary_dim == data.keys.shape[-1] else None)
-
-
-def reference_for(data: LayerData, heldout: Queries, topk: int) -> metrics.AttentionReference | None:
-    """The exact attention of the ``heldout`` queries of a layer (None without them)."""
-    if heldout is None:
-        return None
-    queries, positions = heldout
-    return metrics.reference_attention(queries, data.keys, data.values, positions, data.key_positions,
-                                       scaling=data.scaling, sliding_window=data.sliding_window, topk=topk,
-                                       reference_mask=data.kept)
-
-
-def _layer_report(data: LayerData, keys: tuple, values: tuple, topk: int,
-                  reference: metrics.AttentionReference | None = None,
-                  heldout: Queries | None = None) -> dict[str, Any]:
-    """keys/values: (codec, enc, reconstruction). Metrics of one layer, per head and in total; attention
-    is scored on the ``heldout`` queries (default: all the layer's queries).
-
-    ``reference``: the exact attention of those queries when the caller already computed it (``sweep``
-    compares many codecs with one reference; the figures are those of a fresh one)."""
-    (kc, ke, kx), (vc, ve, vx) = keys, values
-    k_rep, v_rep = tensor_report(kc, data.keys, ke, kx), tensor_report(vc, data.values, ve, vx)
-    heads = [{"head": h, "keys_rel_mse": kh["rel_mse"], "keys_cosine": kh["cosine"],
-              "values_rel_mse": vh["rel_mse"], "values_cosine": vh["cosine"]}
-             for h, (kh, vh) in enumerate(zip(k_rep.pop("heads"), v_rep.pop("heads"), strict=True))]
-    report: dict[str, Any] = {"layer": data.layer, "tokens": int(data.keys.shape[1]),
-                              "layer_type": data.layer_type, "keys": k_rep, "values": v_rep}
-    mask = _joint_mask(kc.token_mask(ke), vc.token_mask(ve))
-    if mask is not None:
-        report["kept_fraction"] = float(mask.mean())
-    if reference is None:
-        if heldout is None and data.queries is not None:
-            heldout = (data.queries, data.query_positions)
-        reference = reference_for(data, heldout, topk)
-    if reference is not None:
-        att = metrics.compare_attention(reference, kx, vx, key_mask=mask)
-        for row, head_att in zip(heads, att.pop("heads"), strict=True):
-            row.update(head_att)
-        report.update(att)
-    report["heads"] = heads
-    return report
-
-
-def _joint_mask(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    if a is None:
-        return b
-    return a if b is None else a & b
 
 
 # ------------------------------------------------------------------------------------------- the file
@@ -228,7 +117,7 @@ def fit_shared_state(reader: CacheReader, assignment: Assignment, layer: int, se
     out = {}
     for role, x in (("keys", data.keys), ("values", data.values)):
         codec = assignment.codec(layer, role)
-        codec.fit(x, _context(data, role, observed))
+        codec.fit(x, layer_context(data, role, observed))
         out[role] = codec.shared_state()
     return out
 
@@ -257,52 +146,6 @@ def _fitted_on(calib: CacheReader | None, info: StoreInfo, sequence: int) -> tup
     return fitted, notes
 
 
-# ------------------------------------------------------------------------------------------- totals
-
-
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    return float(np.mean([r[key] for r in rows])) if rows else 0.0
-
-
-def _kept_total(rows: list[dict[str, Any]], total: dict[str, Any], weights: list[int]) -> None:
-    """Token-weighted kept fraction over the rows that have one (token selectors)."""
-    pairs = [(r["kept_fraction"], w) for r, w in zip(rows, weights, strict=True) if "kept_fraction" in r]
-    if pairs:
-        total["kept_fraction"] = sum(f * w for f, w in pairs) / max(sum(w for _, w in pairs), 1)
-
-
-def _tensor_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    before = sum(r["bytes_before"] for r in rows)
-    after = sum(r["bytes_after"] for r in rows)
-    state = sum(r["shared_state_bytes"] for r in rows)
-    total = {"bits_per_element": 16.0 * after / before if before else 0.0,
-             "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
-             "bytes_before": before, "bytes_after": after, "ratio": before / after if after else float("inf"),
-             "shared_state_bytes": state, "rel_mse": _mean(rows, "rel_mse"), "cosine": _mean(rows, "cosine")}
-    _kept_total(rows, total, [r["bytes_before"] for r in rows])
-    return total
-
-
-def totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bytes summed over layers; error metrics averaged over layers (``*_max``: the worst layer)."""
-    keys, values = _tensor_total([r["keys"] for r in layers]), _tensor_total([r["values"] for r in layers])
-    before, after = keys["bytes_before"] + values["bytes_before"], keys["bytes_after"] + values["bytes_after"]
-    state = keys["shared_state_bytes"] + values["shared_state_bytes"]
-    total: dict[str, Any] = {"keys": keys, "values": values, "bytes_before": before, "bytes_after": after,
-                             "shared_state_bytes": state,
-                             "bits_per_element": 16.0 * after / before if before else 0.0,
-                             "bits_per_element_with_state": 16.0 * (after + state) / before if before else 0.0,
-                             "ratio": before / after if after else float("inf"),
-                             "averaging": "mean over layers"}
-    _kept_total(layers, total, [r["tokens"] for r in layers])
-    with_att = [r for r in layers if "attention_output_rel_error" in r]
-    if with_att:
-        total.update({k: _mean(with_att, k) for k in metrics.ATTENTION_KEYS})
-        total["attention_output_rel_error_max"] = max(r["attention_output_rel_error"] for r in with_att)
-        total["attention_output_cosine_min"] = min(r["attention_output_cosine"] for r in with_att)
-    return total
-
-
 # ------------------------------------------------------------------------------------------- public API
 
 
@@ -320,13 +163,13 @@ def compress(
     topk: int = 8,
     assignment: Assignment | None = None,
     observe: int | None = None,
-    plan: Any = None,
+    plan: Plan | Path | str | None = None,
     fit_on: Path | str | None = None,
 ) -> dict[str, Any]:
     """Compress the cache at ``path`` with ``keys_codec``/``values_codec`` and report what it costs.
 
     ``assignment`` (instead of the codec pair) chooses the codec of each layer and role; every layer is
-    coded by a fresh codec instance either way. ``plan`` (a :class:`kvtool.plan.Plan` or a plan file's
+    coded by a fresh codec instance either way. ``plan`` (a :class:`kvtool.codecs.planfile.Plan` or a plan file's
     path, instead of both) is checked against the cache's model and geometry and applied as its assignment.
     ``fit_on``: another cache of the same model and geometry (its sequence 0) to fit the codecs' shared
     state on — a basis, a codebook — which is then applied here; the report's ``fitted_on`` names it
@@ -346,8 +189,6 @@ def compress(
     started = time.perf_counter()
     path = Path(path)
     if plan is not None:
-        from kvtool.plan import Plan, load_plan
-
         if assignment is not None or keys_codec is not None or values_codec is not None:
             raise CodecError("give compress a plan or codecs, not both")
         plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -415,47 +256,6 @@ def compress(
     return json_safe(report)
 
 
-def query_split(info: StoreInfo, assignment: Assignment | list[Assignment], chosen: list[int], sequence: int,
-                observe: int | None) -> dict[str, Any]:
-    """Check ``observe`` against the captured queries and describe the split (the report's ``query_split``).
-
-    ``observe`` of the ``Tq`` queries of each layer (the earliest) are given to the codecs; the other
-    ``Tq − observe`` (the latest) score attention. Default (``None``): ``Tq // 2`` when a codec of the
-    assignment (of any of a list of assignments: a sweep scores every spec on the same queries) uses
-    queries, else 0. Raises InputError for a split that leaves no held-out query, or a
-    query-using codec on a cache without queries.
-    """
-    layer_info = info.sequences[sequence].layers[chosen[0]] if chosen else None
-    tq = layer_info.num_queries if layer_info is not None else 0
-    assignments = assignment if isinstance(assignment, list) else [assignment]
-    wants = any(a.codec(i, role).uses_queries() for a in assignments for i in chosen for role in ROLES)
-    if tq == 0:
-        if observe:
-            raise InputError(f"--observe {observe}: the cache holds no captured queries; capture with "
-                             "`kvtool capture --queries last:N`")
-        if wants:
-            raise InputError("a codec of this spec scores tokens with the model's queries, but the cache "
-                             "holds none; capture with `kvtool capture --queries last:N`")
-        return {"observe": 0, "captured": 0, "default": observe is None, "observed_positions": [],
-                "heldout_positions": []}
-    default = observe is None
-    if default:
-        observe = tq // 2 if wants else 0
-    if not 0 <= observe < tq:  # type: ignore[operator]
-        raise InputError(f"--observe {observe} leaves no held-out queries for the attention metrics: the "
-                         f"cache holds {tq} queries per layer; use 0..{tq - 1}")
-    if wants and observe == 0:
-        raise InputError(f"--observe 0 gives no queries to a codec of this spec that scores tokens with them; "
-                         f"use 1..{tq - 1} (default {tq // 2})")
-    with CacheReader(info.path) as reader:
-        group = reader.layer_group(chosen[0], sequence)
-        positions = reader.read_dataset(group, QUERY_POSITIONS, sequence, chosen[0]).astype(int).tolist()
-    seen, held = positions[:observe], positions[observe:]
-    note = (f"codecs saw the first {observe} of the {tq} captured queries (positions {seen[0]}..{seen[-1]}); "
-            f"attention metrics use the other {len(held)} (positions {held[0]}..{held[-1]})"
-            if observe else "")
-    return {"observe": observe, "captured": tq, "default": default, "observed_positions": seen,
-            "heldout_positions": held, "note": note}
 
 
 def _run(reader: CacheReader, assignment: Assignment, chosen: list[int], sequence: int,
@@ -506,7 +306,7 @@ def _emit(assignment: Assignment, group: list[LayerData], j: int, writer: CacheW
         if writer is not None:
             _write_layer(writer, j, d, keys, values)
         if report:
-            rows.append(_layer_report(d, keys, values, topk, heldout=held))
+            rows.append(layer_report(d, keys, values, topk, heldout=held))
     return rows
 
 
@@ -526,12 +326,12 @@ def _code_layers(assignment: Assignment, group: list[LayerData], observed: list[
                  selected: set[int], pairs: list[dict[str, Any]] | None,
                  states: list[dict[str, dict[str, np.ndarray]]] | None = None) -> list[tuple[tuple, tuple]]:
     """Fit, encode and decode keys and values of one layer, or of two adjacent layers whose codecs share
-    (:class:`~kvtool.codecs.crosslayer.PairCodec`). Returns ``[(keys, values)]`` per layer, each a
+    (:class:`~kvtool.codecs.structure.crosslayer.PairCodec`). Returns ``[(keys, values)]`` per layer, each a
     ``(codec, stored Encoded, reconstruction)``; ``pairs`` collects what each pair shared."""
     coded: list[dict[str, tuple]] = [{} for _ in group]
     for role in ROLES:
         tensors = [getattr(d, role) for d in group]
-        contexts = [_context(d, role, seen) for d, seen in zip(group, observed, strict=True)]
+        contexts = [layer_context(d, role, seen) for d, seen in zip(group, observed, strict=True)]
         codecs = [assignment.codec(d.layer, role) for d in group]
         if len(group) == 2 and _partner(assignment, group[0].layer, role, num_layers, selected) == group[1].layer:
             first, second = codecs  # type: ignore[misc]
@@ -626,6 +426,6 @@ def _decompress_layer(reader: CacheReader, writer: CacheWriter, j: int, i: int) 
     values, values_mask = decode_tensor(reader, i, VALUES, j)
     writer.write_layer(j, i, keys, values, queries=queries, query_positions=qpos,
                        layer_type=layer_info.layer_type, sliding_window=layer_info.sliding_window,
-                       key_start=layer_info.key_start, kept=_joint_mask(keys_mask, values_mask),
+                       key_start=layer_info.key_start, kept=joint_mask(keys_mask, values_mask),
                        rope=reader.rope(i, j))
 

@@ -43,13 +43,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvtool import metrics
-from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord, kvtool_attention
+from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord
+from kvtool.capture import TextInput, read_text, run_and_record
 from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.planfile import Plan
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
-from kvtool.models import LoadedModel
+from kvtool.hooks import codec_attention
+from kvtool.models import LoadedModel, model_shape
 from kvtool.report import header, json_safe
 
 
@@ -76,8 +80,6 @@ Progress = Callable[[int, int], None]
 
 def tokenize_text(loaded: LoadedModel, text: str | Path, max_tokens: int | None = None) -> np.ndarray:
     """Token ids ``(T,)`` of a UTF-8 text file (or of ``text`` itself when it is not a path)."""
-    from kvtool.capture import TextInput, read_text
-
     if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text and Path(text).is_file()):
         source = read_text(text)
     else:
@@ -123,89 +125,45 @@ def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None
                          f"lower --context or give a longer text")
 
 
-def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment], *,
+def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment | Plan], *,
              mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int = DEFAULT_QUERIES,
              labels: Sequence[str] | None = None, progress: Progress | None = None,
              source: str = "", baselines: Sequence[Baseline] = ()) -> dict[str, Any]:
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
-    pass), each an :class:`Assignment` or a :class:`kvtool.plan.Plan` (checked against the model's identity
-    and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
-    tokens of each chunk are scored); ``labels``: a name per method (default: its specs); ``baselines``: other
-    caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
-    report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
-    statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
+    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's
+    identity and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last
+    C − 1 − C/2 tokens of each chunk are scored); ``labels``: a name per method (default: its specs);
+    ``baselines``: other caches scored in the same run, reported after the methods (:class:`Baseline`).
+    Returns the JSON report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with
+    the statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
     ``seconds``) and, at top level, the fields of the first method.
     """
-    import torch
-
+    # 1. everything that can be wrong with the input fails before any forward pass
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not assignments:
         raise InputError("give at least one method (--method, or --keys and --values)")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     check_context(loaded, tokens, context)
-    assignments = [_plan_assignment(loaded, a) for a in assignments]
-    model = loaded.model
-    for a in assignments:  # bad specs and non-streaming selectors fail before any forward pass
-        CodecCache(model.config, a, mode=mode)
-    labels = list(labels) if labels is not None else [_label(a) for a in assignments]
-    labels += [b.label for b in baselines]
-    runs: list[Any] = [*assignments, *baselines]
+    methods = [_plan_assignment(loaded, a) for a in assignments]
+    for a in methods:  # bad specs and non-streaming selectors
+        CodecCache(loaded.model.config, a, mode=mode)
+    runs: list[Assignment | Baseline] = [*methods, *baselines]
+    names = list(labels) if labels is not None else [_label(a) for a in methods]
+    names += [b.label for b in baselines]
+    # 2. per chunk: the exact pass, then every run on the same prompt, compared token by token
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
-    first = context // 2
-    total_passes = len(chunks) * (1 + len(runs))
-    done = 0
-    per_method: list[list[dict[str, np.ndarray]]] = [[] for _ in runs]
-    sizes = [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in runs]  # [stored bytes, elements]
-    exact_bytes = np.zeros(len(runs))
-    seconds = np.zeros(len(runs))
-    seconds_exact = 0.0
+    tally = _Tally.empty(len(runs), progress, total=len(chunks) * (1 + len(runs)))
     started = time.perf_counter()
     with torch.inference_mode():
         for chunk in chunks:
-            ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
-            targets = chunk[first + 1:]
-            t0 = time.perf_counter()
-            prefill, records = _exact_prefill(loaded, ids[:, :first], queries)
-            exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
-            seconds_exact += time.perf_counter() - t0
-            done += 1
-            if progress is not None:
-                progress(done, total_passes)
-            for m, run in enumerate(runs):
-                t0 = time.perf_counter()
-                if isinstance(run, Baseline):
-                    logits, fp = _baseline_pass(model, run, ids, first)
-                else:
-                    logits, fp = _method_pass(model, run, mode, ids, first, prefill, records, queries)
-                stats = metrics.next_token_stats(exact_logits, logits, targets)
-                seconds[m] += time.perf_counter() - t0
-                per_method[m].append(stats)
-                for role in ("keys", "values"):
-                    sizes[m][role] += (fp[role]["stored_bytes"], fp[role]["elements"])
-                exact_bytes[m] += _exact_bytes(fp, model.dtype)
-                del logits
-                done += 1
-                if progress is not None:
-                    progress(done, total_passes)
-    methods = []
-    for m, run in enumerate(runs):
-        summary = metrics.summarize_next_token(metrics.concat_stats(per_method[m]))
-        stored = {role: float(sizes[m][role][0]) for role in ("keys", "values")}
-        elements = {role: float(sizes[m][role][1]) for role in ("keys", "values")}
-        bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
-        bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
-        methods.append({
-            "label": labels[m], "assignment": run.describe() if isinstance(run, Assignment) else None,
-            **summary,
-            "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
-            "bits_per_element_values": bits["values"],
-            "cache_bytes_exact": exact_bytes[m] / len(chunks),
-            "cache_bytes_compressed": sum(stored.values()) / len(chunks),
-            "seconds": float(seconds[m]),
-        })
+            _score_chunk(loaded, chunk, runs, mode, queries, tally)
+    # 3. the report: one row per run, the first run's figures also at top level
+    rows = [_method_row(names[m], run, tally, m, len(chunks)) for m, run in enumerate(runs)]
+    model = loaded.model
+    first = context // 2
     report = header("eval", model=loaded.spec, model_source=loaded.source,
                     model_architecture=loaded.architecture)
     report.update({
@@ -213,17 +171,92 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         "tokens_in_text": int(len(tokens)), "scored_per_chunk": context - 1 - first,
         "model_dtype": str(model.dtype).replace("torch.", ""), "device": str(loaded.device),
         "device_map": getattr(loaded, "device_map", None),
-        **{k: v for k, v in methods[0].items() if k not in ("label", "assignment")},
-        "methods": methods, "seconds_exact": seconds_exact, "seconds": time.perf_counter() - started,
+        **{k: v for k, v in rows[0].items() if k not in ("label", "assignment")},
+        "methods": rows, "seconds_exact": tally.seconds_exact, "seconds": time.perf_counter() - started,
     })
     return json_safe(report)
 
 
-def _plan_assignment(loaded: LoadedModel, a: Any) -> Assignment:
-    """``a`` itself, or a plan's assignment once the plan is checked against the loaded model."""
-    from kvtool.capture import model_shape
-    from kvtool.plan import Plan
+@dataclass
+class _Tally:
+    """What the chunks add up to, per run: next-token statistics, stored bytes and elements per role, the
+    exact cache's bytes, seconds; and the progress over forward passes."""
 
+    stats: list[list[dict[str, np.ndarray]]]
+    sizes: list[dict[str, np.ndarray]]  # per run, per role: [stored bytes, elements]
+    exact_bytes: np.ndarray
+    seconds: np.ndarray
+    progress: Progress | None
+    total: int
+    done: int = 0
+    seconds_exact: float = 0.0
+
+    @classmethod
+    def empty(cls, runs: int, progress: Progress | None, total: int) -> _Tally:
+        return cls([[] for _ in range(runs)], [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in range(runs)],
+                   np.zeros(runs), np.zeros(runs), progress, total)
+
+    def tick(self) -> None:
+        """One forward pass done (the exact one or a run's)."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def add(self, m: int, stats: dict[str, np.ndarray], footprint: dict[str, dict[str, int]], dtype: Any,
+            seconds: float) -> None:
+        self.seconds[m] += seconds
+        self.stats[m].append(stats)
+        for role in ("keys", "values"):
+            self.sizes[m][role] += (footprint[role]["stored_bytes"], footprint[role]["elements"])
+        self.exact_bytes[m] += _exact_bytes(footprint, dtype)
+
+
+def _score_chunk(loaded: LoadedModel, chunk: np.ndarray, runs: Sequence[Assignment | Baseline], mode: str,
+                 queries: int, tally: _Tally) -> None:
+    """One chunk ``(C,)``: the exact prompt pass and its continuation's logits, then each run's continuation
+    on the same prompt, compared with the exact logits on the scored tokens."""
+    model = loaded.model
+    ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
+    first = len(chunk) // 2
+    targets = chunk[first + 1:]
+    t0 = time.perf_counter()
+    prefill, records = _exact_prefill(loaded, ids[:, :first], queries)
+    exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
+    tally.seconds_exact += time.perf_counter() - t0
+    tally.tick()
+    for m, run in enumerate(runs):
+        t0 = time.perf_counter()
+        if isinstance(run, Baseline):
+            logits, footprint = _baseline_pass(model, run, ids, first)
+        else:
+            logits, footprint = _method_pass(model, run, mode, ids, first, prefill, records, queries)
+        stats = metrics.next_token_stats(exact_logits, logits, targets)
+        tally.add(m, stats, footprint, model.dtype, time.perf_counter() - t0)
+        del logits
+        tally.tick()
+
+
+def _method_row(label: str, run: Assignment | Baseline, tally: _Tally, m: int, chunks: int) -> dict[str, Any]:
+    """One run's row of the report: the next-token statistics over all chunks, stored bits, bytes, seconds."""
+    summary = metrics.summarize_next_token(metrics.concat_stats(tally.stats[m]))
+    sizes = tally.sizes[m]
+    stored = {role: float(sizes[role][0]) for role in ("keys", "values")}
+    elements = {role: float(sizes[role][1]) for role in ("keys", "values")}
+    bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
+    bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
+    return {
+        "label": label, "assignment": run.describe() if isinstance(run, Assignment) else None,
+        **summary,
+        "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
+        "bits_per_element_values": bits["values"],
+        "cache_bytes_exact": tally.exact_bytes[m] / chunks,
+        "cache_bytes_compressed": sum(stored.values()) / chunks,
+        "seconds": float(tally.seconds[m]),
+    }
+
+
+def _plan_assignment(loaded: LoadedModel, a: Assignment | Plan) -> Assignment:
+    """``a`` itself, or a plan's assignment once the plan is checked against the loaded model."""
     if not isinstance(a, Plan):
         return a
     a.check_model(loaded.spec, loaded.source, loaded.architecture, "the model")
@@ -239,8 +272,6 @@ def _label(a: Assignment) -> str:
 
 def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
     """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
-    from kvtool.capture import run_and_record
-
     cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
     n = int(prompt.shape[1])
     records = {}
@@ -262,9 +293,7 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
                  records: dict[int, QueryRecord], queries: int) -> tuple[Any, dict[str, dict[str, int]]]:
     """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, and the cache's
     :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk)."""
-    import torch
-
-    with kvtool_attention(model):
+    with codec_attention(model):
         if mode == "prefill":
             cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise

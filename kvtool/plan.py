@@ -4,7 +4,7 @@
 each role, codes the keys (values exact) or the values (keys exact) and records per KV head the true stored
 bytes (arrays + shared state) and the squared attention-output error ``‖ô_h − o_h‖²``. With
 ``granularity="head"`` every head is also coded on its own, as the per-head codec ``heads[...]``
-(:mod:`kvtool.codecs.heads`) will code it, so costs and errors are those of what gets applied.
+(:mod:`kvtool.codecs.compose.heads`) will code it, so costs and errors are those of what gets applied.
 
 :func:`make_plan` turns the table into a multiple-choice knapsack (:mod:`kvtool.knapsack`, exact DP over a
 discretised budget): one group per (layer, role) or per (layer, head, role), one option per candidate, cost
@@ -24,10 +24,8 @@ turns it into the :class:`~kvtool.codecs.assignment.Assignment` that ``compress`
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,21 +37,20 @@ from kvtool import knapsack, metrics
 from kvtool.codecs import Codec, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES
-from kvtool.codecs.crosslayer import PairCodec
-from kvtool.codecs.heads import CLOSE, OPEN, SEP, head_context
-from kvtool.codecs.presets import expand
-from kvtool.compress import _context, encode_tensor, query_split, reference_for, split_queries
-from kvtool.errors import CodecError, InputError
+from kvtool.codecs.compose.heads import CLOSE, OPEN, SEP, head_context
+from kvtool.codecs.planfile import GEOMETRY, Plan, save_plan
+from kvtool.codecs.presets import PRESETS, expand
+from kvtool.codecs.structure.crosslayer import PairCodec
+from kvtool.compress import compress
+from kvtool.errors import InputError
+from kvtool.evaluate import evaluate
+from kvtool.measure import encode_tensor, layer_context, query_split, reference_for, split_queries
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
-from kvtool.sweep import EVAL_KEYS, EvalText, load_eval
-from kvtool.util import atomic_write
+from kvtool.sweep import EVAL_KEYS, EvalText, load_eval, pareto_frontier
 
-PLAN_VERSION = 1
-PLAN_FIELD = "kvtool_plan"
 OBJECTIVES = ("attention", "kld")
 GRANULARITIES = ("head", "layer")
-GEOMETRY = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 MAX_BITS = 16.0
 #: the candidates `kvtool plan` uses when none are given (a preset name, see kvtool.codecs.presets)
 DEFAULT_CANDIDATES = "plan"
@@ -106,7 +103,7 @@ def _role_errors(ref: metrics.AttentionReference, role: str, x_hat: np.ndarray, 
 def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionReference, role: str,
                     n: int, spec: str, seen: Any) -> None:
     x = data.keys if role == "keys" else data.values
-    ctx = _context(data, role, seen)
+    ctx = layer_context(data, role, seen)
     codec = parse_spec(spec).for_role(role)
     enc, x_hat = encode_tensor(codec, x, ctx)
     mask = codec.token_mask(enc)
@@ -155,7 +152,7 @@ def measure(
         raise InputError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
     names = expand([c for c in candidates if c.strip()])
     if not names:
-        raise InputError("no candidates: give codec specs or a preset name (default, quant, all)")
+        raise InputError(f"no candidates: give codec specs or a preset name ({', '.join(PRESETS)})")
     with CacheReader(path, kinds=(KIND_CACHE,)) as reader:
         info = reader.info
         reader.check_layer(0, sequence)
@@ -206,8 +203,6 @@ def sample_layers(num_layers: int, k: int) -> list[int]:
 def _screen(m: Measurements, sample: list[int]) -> list[int]:
     """Candidates on the keys or the values frontier of (stored bytes, relative squared output error)
     summed over the ``sample`` layers; the others are dropped before the remaining layers are measured."""
-    from kvtool.sweep import pareto_frontier
-
     keep: set[int] = set()
     for role in ROLES:
         points = [(sum(m.full[(i, role, n)].cost for i in sample),
@@ -227,113 +222,6 @@ def _restrict(m: Measurements, keep: list[int]) -> Measurements:
     return Measurements(m.info, [m.candidates[n] for n in keep], m.layers, m.granularity, m.tokens, m.observe,
                         m.sequence,
                         energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable))
-
-
-# ------------------------------------------------------------------------------------------- the plan file
-
-
-@dataclass
-class Plan:
-    """A codec spec for each layer's keys and values (``heads[...]`` where heads differ), and where it
-    came from. JSON form: :meth:`to_json`; see docs/PLAN.md."""
-
-    model: dict[str, str]
-    geometry: dict[str, int]
-    candidates: list[str]
-    choices: dict[int, dict[str, str]]
-    budget_bits: float = 0.0
-    objective: str = "attention"
-    granularity: str = "head"
-    source: str = ""
-    tokens: int = 0
-    predicted: dict[str, Any] = field(default_factory=dict)
-    observe: int = 0  # queries the codecs were fitted with; the errors were measured on the rest
-
-    def assignment(self) -> Assignment:
-        """The :class:`Assignment` of this plan: the most common spec of each role as the default, the
-        other layers as overrides."""
-        defaults = {r: Counter(c[r] for c in self.choices.values()).most_common(1)[0][0] for r in ROLES}
-        layers = {i: {r: c[r] for r in ROLES if c[r] != defaults[r]} for i, c in self.choices.items()}
-        return Assignment(defaults["keys"], defaults["values"], {i: v for i, v in layers.items() if v})
-
-    def check(self, info: StoreInfo, where: str | Path) -> None:
-        """Raise InputError unless ``info`` (a cache's metadata) has this plan's model and geometry."""
-        self.check_model(info.model, info.model_source, info.model_architecture, where)
-        self.check_geometry({g: int(getattr(info, g)) for g in GEOMETRY}, where)
-
-    def check_model(self, model: str, model_source: str, architecture: str, where: str | Path) -> None:
-        mine = self.model
-        same = (mine.get("model_source") == model_source if mine.get("model_source") and model_source
-                else mine.get("model") == model and mine.get("model_architecture") == architecture)
-        if not same:
-            raise InputError(f"the plan was made for model {mine.get('model')!r} "
-                             f"({mine.get('model_source') or mine.get('model_architecture')}), but {where} "
-                             f"holds {model!r} ({model_source or architecture})")
-
-    def check_geometry(self, geometry: Mapping[str, int], where: str | Path) -> None:
-        wrong = {g: (self.geometry.get(g), geometry.get(g)) for g in GEOMETRY
-                 if self.geometry.get(g) != geometry.get(g)}
-        if wrong:
-            detail = ", ".join(f"{g} {a} vs {b}" for g, (a, b) in wrong.items())
-            raise InputError(f"the plan's geometry does not match {where}: {detail} (plan vs file)")
-
-    def to_json(self) -> dict[str, Any]:
-        return json_safe({PLAN_FIELD: PLAN_VERSION, "model": self.model, "geometry": self.geometry,
-                          "candidates": self.candidates, "budget_bits": self.budget_bits,
-                          "objective": self.objective, "granularity": self.granularity,
-                          "source": self.source, "tokens": self.tokens, "observe": self.observe,
-                          "choices": {str(i): dict(c) for i, c in sorted(self.choices.items())},
-                          "predicted": self.predicted})
-
-    @classmethod
-    def from_json(cls, data: Any, where: str | Path = "plan") -> Plan:
-        """Validate and load a plan's JSON form; InputError names what is wrong."""
-        if not isinstance(data, dict) or PLAN_FIELD not in data:
-            raise InputError(f"{where}: not a kvtool plan file (no {PLAN_FIELD!r} field)")
-        if data[PLAN_FIELD] != PLAN_VERSION:
-            raise InputError(f"{where}: plan version {data[PLAN_FIELD]!r} is not supported; this kvtool "
-                             f"reads version {PLAN_VERSION}")
-        try:
-            geometry = {g: int(data["geometry"][g]) for g in GEOMETRY}
-            model = {k: str(data["model"].get(k, "")) for k in ("model", "model_source", "model_architecture")}
-            choices = {int(i): {r: str(c[r]) for r in ROLES} for i, c in data["choices"].items()}
-            plan = cls(model, geometry, [str(c) for c in data.get("candidates", [])], choices,
-                       float(data.get("budget_bits", 0.0)), str(data.get("objective", "")),
-                       str(data.get("granularity", "")), str(data.get("source", "")),
-                       int(data.get("tokens", 0)), dict(data.get("predicted", {})), int(data.get("observe", 0)))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{where}: malformed kvtool plan ({type(exc).__name__}: {exc})") from None
-        if sorted(choices) != list(range(geometry["num_layers"])):
-            raise InputError(f"{where}: the plan must choose for layers 0..{geometry['num_layers'] - 1}, "
-                             f"it names {sorted(choices)}")
-        try:
-            plan.assignment().validate(geometry["head_dim"], geometry["num_layers"])
-        except CodecError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        return plan
-
-
-def load_plan(path: Path | str) -> Plan:
-    """Read and validate a plan file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such plan file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a kvtool plan file ({exc})") from None
-    return Plan.from_json(data, path)
-
-
-def save_plan(plan: Plan, path: Path | str, *, force: bool = False) -> Path:
-    """Write ``plan`` as JSON, atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise InputError(f"{path} exists; use --force to overwrite it")
-    text = json.dumps(plan.to_json(), indent=2, allow_nan=False) + "\n"
-    # temp file + rename (util.atomic_write): a full disk or an interruption leaves nothing partial
-    atomic_write(path, lambda tmp: tmp.write_text(text), "the plan")
-    return path
 
 
 # ------------------------------------------------------------------------------------------- solving
@@ -502,9 +390,6 @@ def plan(
     Returns a ``plan`` report: the plan's JSON form, the predicted figures, the best uniform candidate at
     the same budget, and with ``verify`` the figures ``compress`` (and eval) measure for both.
     """
-    from kvtool.compress import compress
-    from kvtool.evaluate import evaluate
-
     started = time.perf_counter()
     path = Path(path)
     if not 0 < budget_bits <= MAX_BITS:  # before measuring; the lower end is known only after
@@ -569,8 +454,6 @@ def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText, re
     ``none`` codec elsewhere), over that layer's squared relative attention-output error under the same
     codec on the cache (``e_l²``, from the measurements). ``Σ_l s_l · e_l²`` is then a first-order estimate
     of the KLD of any plan. One coded pass per layer, instead of one per (layer, role, head, candidate)."""
-    from kvtool.evaluate import evaluate
-
     n = m.candidates.index(reference)
     methods = [Assignment("none", "none", {i: {"keys": reference, "values": reference}}) for i in m.layers]
     scored = evaluate(loaded, tokens, methods, context=setup.context, labels=[f"layer {i}" for i in m.layers],

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from kvtool._version import __version__
+
 #: The field naming a report's kind, and the kinds kvtool writes.
 KIND_FIELD = "kvtool_report"
 REPORT_KINDS = ("compress", "analyze", "eval", "sweep", "plan", "budget", "check")
@@ -21,8 +23,6 @@ REPORT_KINDS = ("compress", "analyze", "eval", "sweep", "plan", "budget", "check
 def header(kind: str, *, model: str = "", model_source: str = "", model_architecture: str = "",
            **extra: Any) -> dict[str, Any]:
     """The first fields of a report of ``kind``: kind, kvtool version, model identity, then ``extra``."""
-    from kvtool import __version__
-
     if kind not in REPORT_KINDS:
         raise ValueError(f"unknown report kind {kind!r}; kinds: {', '.join(REPORT_KINDS)}")
     return {KIND_FIELD: kind, "kvtool_version": __version__, "model": model, "model_source": model_source,

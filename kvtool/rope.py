@@ -88,7 +88,7 @@ class RopeParams:
 # ------------------------------------------------------------------------------------- from a live model
 
 
-def _candidates(model: Any) -> list[RopeParams]:
+def rope_candidates(model: Any) -> list[RopeParams]:
     """Every (inverse frequencies, attention factor) pair held by a rotary-embedding module of ``model``.
 
     transformers' rotary classes keep ``inv_freq`` and ``attention_scaling``; those with one basis per
@@ -151,7 +151,7 @@ class RopeRecorder:
 
     def params(self, model: Any) -> dict[int, RopeParams]:
         """Per layer, the first rotary-module parameters matching the cos/sin that layer received."""
-        candidates = _candidates(model)
+        candidates = rope_candidates(model)
         found: dict[int, RopeParams] = {}
         for layer, (positions, cos, sin) in self.seen.items():
             for cand in candidates:

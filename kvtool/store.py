@@ -95,6 +95,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtool._version import __version__
 from kvtool.errors import NonFiniteError, StoreError
 from kvtool.rope import RopeParams
 from kvtool.util import os_error_reason, publish, temp_beside
@@ -150,8 +151,6 @@ REQUIRED_ROOT_ATTRS: dict[str, type] = {
 
 
 def _version() -> str:
-    from kvtool import __version__
-
     return __version__
 
 

@@ -2,10 +2,10 @@
 
 :func:`sweep` reads each layer once, computes its exact attention once
 (:func:`kvtool.metrics.reference_attention`) and measures every spec against it with the very functions
-:func:`kvtool.compress.compress` uses, so a spec's figures here are the figures ``compress --method SPEC``
-reports. Each spec codes keys and values (KIVI picks its axis per role, as with ``--method``). When a spec
-fits on queries (token selectors), every spec is scored on the same held-out queries: the split is
-compress's default ``--observe`` and the report's ``query_split`` records it.
+:func:`kvtool.compress.compress` uses (:mod:`kvtool.measure`), so a spec's figures here are the figures
+``compress --method SPEC`` reports. Each spec codes keys and values (KIVI picks its axis per role, as with
+``--method``). When a spec fits on queries (token selectors), every spec is scored on the same held-out
+queries: the split is compress's default ``--observe`` and the report's ``query_split`` records it.
 
 Bits: ``stored_bits`` counts every byte written for a tensor — the codec's arrays *and* its shared state
 (outlier tables, bases, codebooks) — over the elements (compress's ``bits_per_element_with_state``);
@@ -24,18 +24,13 @@ from typing import Any
 from kvtool import metrics
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.presets import expand
-from kvtool.compress import (
-    _context,
-    _layer_report,
-    encode_tensor,
-    query_split,
-    reference_for,
-    split_queries,
-    totals,
-)
 from kvtool.errors import CodecError, InputError
+from kvtool.evaluate import check_context, evaluate, tokenize_text
+from kvtool.measure import encode_tensor, layer_context, layer_report, query_split, reference_for, split_queries, totals
+from kvtool.models import load_model
 from kvtool.report import json_safe, store_header
 from kvtool.store import KIND_CACHE, CacheReader
+from kvtool.util import atomic_write
 
 Progress = Callable[[int, int], None]
 ATTENTION_ERROR = "attention_output_rel_error"
@@ -51,21 +46,27 @@ EVAL_KEYS = ("kld_mean", "kld_stderr", "delta_ppl_pct", "delta_ppl_pct_stderr", 
 class EvalText:
     """What ``sweep --eval-text`` and ``plan --objective kld`` score in the model (``kvtool eval``'s
     protocol, prefill mode): ``text`` cut to ``max_tokens`` tokens, chunks of ``context``; ``model``
-    defaults to the cache's own model spec."""
+    defaults to the cache's own model spec. The other fields are :func:`kvtool.models.load_model`'s
+    options (the same as ``capture``'s and ``eval``'s ``--model-dtype``, ``--device``, ...)."""
 
     text: Path | str
     model: str | None = None
     max_tokens: int | None = 1024
     context: int = 512
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: Path | str | None = None
+    trust_remote_code: bool = False
 
 
 def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
     """(loaded model, token ids) for ``setup``; refuses a model other than the one the cache was captured
     with when both identify their weights."""
-    from kvtool.evaluate import check_context, tokenize_text
-    from kvtool.models import load_model
-
-    loaded = load_model(setup.model or info.model)
+    loaded = load_model(setup.model or info.model, dtype=setup.dtype, device=setup.device,
+                        device_map=setup.device_map, max_memory=setup.max_memory,
+                        offload_folder=setup.offload_folder, trust_remote_code=setup.trust_remote_code)
     if info.model_source and loaded.source and info.model_source != loaded.source:
         raise InputError(f"the cache was captured with {info.model!r} ({info.model_source}), but the eval model "
                          f"{loaded.spec!r} is {loaded.source}")
@@ -77,8 +78,6 @@ def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
 def eval_specs(info: Any, specs: Sequence[str], setup: EvalText, progress: Progress | None = None
                ) -> dict[str, Any]:
     """``kvtool eval`` of every spec (keys and values) in one run sharing the exact pass: the eval report."""
-    from kvtool.evaluate import evaluate
-
     loaded, tokens = load_eval(info, setup)
     return evaluate(loaded, tokens, [Assignment.of(s, s) for s in specs], context=setup.context,
                     labels=list(specs), source=str(setup.text), progress=progress)
@@ -163,9 +162,9 @@ def sweep(
             ref = reference_for(data, held, topk)
             for n, a in enumerate(assignments):
                 kc, vc = a.codec(i, "keys"), a.codec(i, "values")
-                keys = (kc, *encode_tensor(kc, data.keys, _context(data, "keys", seen)))
-                values = (vc, *encode_tensor(vc, data.values, _context(data, "values", seen)))
-                rows[n].append(_layer_report(data, keys, values, topk, ref, held))
+                keys = (kc, *encode_tensor(kc, data.keys, layer_context(data, "keys", seen)))
+                values = (vc, *encode_tensor(vc, data.values, layer_context(data, "values", seen)))
+                rows[n].append(layer_report(data, keys, values, topk, ref, held))
                 done += 1
                 if progress is not None:
                     progress(done, steps)
@@ -247,8 +246,6 @@ def plot_frontier(report: dict[str, Any], output: Path | str) -> Path:
     Written to a temporary file beside ``output`` and renamed, so no partial PNG is left behind.
     """
     from matplotlib.figure import Figure
-
-    from kvtool.util import atomic_write
 
     output = Path(output)
     results = report["results"]

@@ -111,7 +111,7 @@ def test_cli(tmp_path: Path) -> None:
 def test_age_spec_in_a_plan_file(tmp_path: Path) -> None:
     """A plan file holds one spec string per layer and role; an age spec goes through JSON, load_plan and
     compress --plan unchanged."""
-    from kvtool.plan import Plan, load_plan, save_plan
+    from kvtool.codecs.planfile import Plan, load_plan, save_plan
     from kvtool.store import read_info
 
     rng = np.random.default_rng(1)

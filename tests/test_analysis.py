@@ -12,11 +12,11 @@ import torch
 from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, low_rank, write_cache
 
 from kvtool.analysis import analyze
-from kvtool.analysis.attention import attention_chunks
 from kvtool.analysis.outliers import kurtosis, random_rotation
 from kvtool.analysis.similarity import head_similarity, linear_cka
 from kvtool.analysis.spectrum import effective_rank
 from kvtool.errors import InputError, StoreError
+from kvtool.metrics import attention_chunks
 
 T = 256
 

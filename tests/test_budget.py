@@ -247,3 +247,29 @@ def test_unreadable_configs_are_bad_input(tmp_path: Path, content: str, fragment
 def test_parse_tokens() -> None:
     assert parse_tokens("4k,32k,128k") == [4096, 32768, 131072]
     assert parse_tokens("1M, 1.5k ,100") == [1048576, 1536, 100]
+
+
+def test_a_hub_id_is_read_from_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`budget --model org/name` reads the hub model's config alone (as capture/eval find hub ids)."""
+    import kvtool.budget as budget_module
+    from kvtool.budget_presets import PRESETS
+
+    seen = {}
+
+    def fake_hub_config(spec: str, *, trust_remote_code: bool = False):
+        seen.update(spec=spec, trust=trust_remote_code)
+        return dict(PRESETS["bonsai-8b"]["config"]), "abc123"
+
+    monkeypatch.setattr(budget_module, "hub_config", fake_hub_config)
+    r = budget("someorg/some-model", contexts=[65536], batches=[1], weight_bits=[16], kv_specs=["fp16"],
+               trust_remote_code=True)
+    assert seen == {"spec": "someorg/some-model", "trust": True}
+    assert r["model_source"] == "abc123" and r["geometry"]["num_layers"] == 36
+
+
+def test_an_unknown_hub_id_offline_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    result = run("budget", "--model", "nobody-kvtool/no-such-model")
+    assert_one_line_error(result, "not a preset")
+    assert "nobody-kvtool/no-such-model" in result.stderr and "hub" in result.stderr

@@ -7,11 +7,12 @@ import pytest
 import torch
 from _selectors import DropRange  # tests/ is on sys.path, as for _cli
 
-from kvtool.cache import CodecCache, install_attention, restore_attention
+from kvtool.cache import CodecCache
 from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.compat import forward_cache_kwarg, generate_cache_kwarg
 from kvtool.errors import CodecError, KvtoolError
+from kvtool.hooks import install_attention, restore_attention
 
 VOCAB = 128
 
@@ -342,7 +343,7 @@ def test_codec_streaming_forms():
 def test_cross_layer_pairs_are_coded_together_in_prefill():
     """minicache pairs layers 0 and 1: the CodecCache codes them jointly, like compress does, and counts the
     shared directions once (in layer 0)."""
-    from kvtool.codecs.crosslayer import with_partner
+    from kvtool.codecs.structure.crosslayer import with_partner
 
     model = tiny()
     x = ids(30, seed=6)

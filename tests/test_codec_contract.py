@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import REGISTRY, Composed, Encoded, LayerContext, Selector, Stage, parse_pair, parse_spec
-from kvtool.codecs.uniform import Uniform
+from kvtool.codecs.quant.uniform import Uniform
 from kvtool.errors import CodecError
 
 HEADS, TOKENS, DIM = 2, 256, 64

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtool.cache import CodecCache, restore_attention
+from kvtool.cache import CodecCache
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import CodecError
+from kvtool.hooks import restore_attention
 
 SPECS = ["streaming:keep=0.5", "h2o:keep=0.5", "snapkv:keep=0.5,window=4", "tova:keep=0.5", "knorm:keep=0.5",
          "expected:keep=0.5", "h2o:keep=0.5,per_head=true", "snapkv:keep=0.5+turboquant:bits=4",

@@ -10,7 +10,7 @@ import pytest
 
 from kvtool.codecs import Encoded, LayerContext, parse_spec
 from kvtool.codecs.base import Selector
-from kvtool.codecs.heads import PerHead, head_context
+from kvtool.codecs.compose.heads import PerHead, head_context
 from kvtool.errors import CodecError
 
 SPEC = "heads[turboquant:bits=2.5|kivi:bits=2,group=16,residual=8|fp16]"

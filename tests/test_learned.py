@@ -9,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from kvtool.codecs import learned, parse_spec
-from kvtool.codecs.learned import BLAS_THRESHOLD, blas_search, faiss_module, kmeans, kmeanspp
+from kvtool.codecs import parse_spec
+from kvtool.codecs.structure import learned
+from kvtool.codecs.structure.learned import BLAS_THRESHOLD, blas_search, faiss_module, kmeans, kmeanspp
 from kvtool.errors import CodecError
 
 D = 32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import LayerContext, parse_spec
-from kvtool.codecs.lowrank import LowRank
+from kvtool.codecs.structure.lowrank import LowRank
 from kvtool.errors import CodecError
 from kvtool.rope import RopeParams
 
@@ -78,7 +78,7 @@ def test_energy_picks_the_smallest_rank_that_reaches_it() -> None:
 
 
 def test_default_is_energy_0_9() -> None:
-    from kvtool.codecs.lowrank import DEFAULT_ENERGY
+    from kvtool.codecs.structure.lowrank import DEFAULT_ENERGY
 
     x = planted(20, tokens=400)
     codec, enc, _ = code("lowrank", x)

@@ -13,7 +13,7 @@ from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, write_cache
 
 from kvtool.codecs import parse_spec
 from kvtool.codecs.assignment import Assignment
-from kvtool.codecs.crosslayer import with_partner
+from kvtool.codecs.structure.crosslayer import with_partner
 from kvtool.compress import compress, decompress
 from kvtool.store import CacheReader
 

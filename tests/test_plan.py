@@ -13,9 +13,10 @@ from _synth_cache import HEAD_DIM, KV_HEADS, Q_HEADS, gaussian, write_cache
 
 from kvtool.codecs import parse_spec
 from kvtool.codecs.base import ROLES
+from kvtool.codecs.planfile import PLAN_VERSION, load_plan, save_plan
 from kvtool.compress import compress
 from kvtool.errors import InputError
-from kvtool.plan import PLAN_VERSION, load_plan, make_plan, measure, plan, save_plan
+from kvtool.plan import make_plan, measure, plan
 
 LAYERS, TOKENS, N_Q, SENSITIVE = 4, 64, 8, 1
 CANDIDATES = ["uniform:bits=2", "uniform:bits=3", "uniform:bits=4", "uniform:bits=6"]

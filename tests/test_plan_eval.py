@@ -11,10 +11,10 @@ from _cli import assert_one_line_error
 from _cli import run as cli_run
 
 from kvtool.cache import CodecCache
+from kvtool.codecs.planfile import Plan, save_plan
 from kvtool.errors import InputError
 from kvtool.evaluate import evaluate
 from kvtool.models import LoadedModel
-from kvtool.plan import Plan, save_plan
 
 CHOICES = {0: {"keys": "heads[turboquant:bits=2|kivi:bits=2,group=4,residual=4]", "values": "turboquant:bits=3"},
            1: {"keys": "fp16", "values": "heads[fp16|turboquant:bits=2]"}}
@@ -60,7 +60,7 @@ def test_evaluate_and_codec_cache_take_a_plan(tiny, tmp_path) -> None:
 
 @pytest.mark.model
 def test_cli_eval_plan_on_the_bundled_model(smollm, tmp_path) -> None:
-    from kvtool.capture import model_shape
+    from kvtool.models import model_shape
 
     shape = model_shape(smollm.config)
     geometry = {g: getattr(shape, g) for g in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim")}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import parse_spec
-from kvtool.codecs.polarquant import angle_codebook
+from kvtool.codecs.quant.polarquant import angle_codebook
 from kvtool.errors import CodecError
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import parse_spec
-from kvtool.codecs.qjl import QJL
-from kvtool.codecs.rotation import gaussian_projection
+from kvtool.codecs.quant.qjl import QJL
+from kvtool.codecs.quant.rotation import gaussian_projection
 from kvtool.errors import CodecError
 
 

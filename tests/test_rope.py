@@ -69,10 +69,10 @@ def full_rank_prerope_error(d) -> float:
     """Max error, relative to the keys' scale, of ``lowrank`` at full rank with ``prerope=true``: fitted on
     the captured pre-RoPE keys, decoded by re-applying the recorded RoPE at the stored positions."""
     from kvtool.codecs import parse_spec
-    from kvtool.compress import _context
+    from kvtool.measure import layer_context
 
     codec = parse_spec(f"lowrank:rank={d.keys.shape[-1]},prerope=true,sink=0").for_role("keys")
-    codec.fit(d.keys, _context(d, "keys"))
+    codec.fit(d.keys, layer_context(d, "keys"))
     y = codec.decode(codec.encode(d.keys))
     return float(np.abs(y - d.keys).max() / np.abs(d.keys).max())
 

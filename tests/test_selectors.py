@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from kvtool import metrics
-from kvtool.codecs import LayerContext, parse_spec, selection
+from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.base import pack_selection, selection_mask
-from kvtool.codecs.expected import mean_rotation, rope_rotate
+from kvtool.codecs.select import selection
+from kvtool.codecs.select.expected import mean_rotation, rope_rotate
 from kvtool.errors import CodecError
 
 KV, G, T, D = 3, 2, 300, 32

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import parse_spec
-from kvtool.codecs.lloydmax import sphere_codebook
-from kvtool.codecs.turboquant import TurboQuant
+from kvtool.codecs.quant.lloydmax import sphere_codebook
+from kvtool.codecs.quant.turboquant import TurboQuant
 from kvtool.errors import CodecError
 from kvtool.metrics import attention
 

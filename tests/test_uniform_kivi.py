@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kvtool.codecs import parse_pair, parse_spec
-from kvtool.codecs.kivi import Kivi
-from kvtool.codecs.uniform import Uniform
+from kvtool.codecs.quant.kivi import Kivi
+from kvtool.codecs.quant.uniform import Uniform
 
 
 def uniform_data(heads: int = 2, tokens: int = 4096, dim: int = 64, seed: int = 0) -> np.ndarray:

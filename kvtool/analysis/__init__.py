@@ -26,6 +26,7 @@ from kvtool.analysis.spectrum import analyze_spectrum
 from kvtool.errors import InputError
 from kvtool.report import json_safe, store_header
 from kvtool.store import KEPT, KEYS_PREROPE, KIND_CACHE, CacheReader, StoreInfo
+from kvtool.util import parse_layers
 
 __all__ = ["analyze", "analyze_layer", "json_safe"]
 
@@ -92,8 +93,6 @@ def _select_layers(layers: Sequence[int] | str | None, num_layers: int, reader: 
     if layers is None:
         return list(range(num_layers))
     if isinstance(layers, str):
-        from kvtool.util import parse_layers
-
         return parse_layers(layers, num_layers)
     chosen = [int(i) for i in layers]
     for i in chosen:

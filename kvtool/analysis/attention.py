@@ -20,12 +20,13 @@ probabilities stay about 1 MiB.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from kvtool.metrics import attention_chunks
 
 SINK_COUNTS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
 RECENT_WINDOWS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
@@ -36,45 +37,6 @@ COVER = 0.9  # "holds most of the mass": sink + recent and heavy-hitter figures 
 # twice the per-query oracle budget (H2O/SnapKV only approximate that oracle).
 STATIC_SLACK = 2.0
 SINK_MIN = 0.05  # a sink token must draw at least this share of the mass on average
-# Queries per chunk are chosen so one chunk's probabilities hold about this many floats (1 MiB): the
-# handful of (q_heads, chunk, T) temporaries (softmax, sort, prefix sums) stay a few MiB at any T.
-CHUNK_ELEMENTS = 1 << 18
-
-
-def visible(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal (and sliding-window) visibility on absolute positions: (c,), (T,) → (c, T) bool."""
-    dist = qpos[:, None] - kpos[None, :]  # (c, T)
-    vis = dist >= 0
-    return vis & (dist < window) if window > 0 else vis
-
-
-def attention_chunks(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor,
-                     scaling: float, window: int = 0, chunk: int | None = None,
-                     kept: torch.Tensor | None = None
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (probs (q_heads, c, T), qpos (c,), visible (c, T)) for successive chunks of queries.
-
-    q: (q_heads, Tq, d), k: (kv_heads, T, d). Query heads are grouped onto their kv head without
-    copying the keys: heads kv·g .. kv·g + g-1 share kv head kv. ``kept`` (kv_heads, T) bool masks out
-    the evicted rows of a decompressed evicted cache (they get no attention).
-    """
-    hq, tq, d = q.shape
-    hkv, t = k.shape[0], k.shape[1]
-    group = hq // hkv
-    chunk = chunk or max(1, CHUNK_ELEMENTS // (hq * max(t, 1)))
-    kt = k.transpose(1, 2)  # (kv_heads, d, T)
-    for s in range(0, tq, chunk):
-        qc = q[:, s:s + chunk]  # (q_heads, c, d)
-        c = qc.shape[1]
-        logits = torch.bmm(qc.reshape(hkv, group * c, d), kt).reshape(hq, c, t) * scaling
-        vis = visible(qpos[s:s + chunk], kpos, window)
-        logits = logits.masked_fill(~vis, float("-inf"))
-        if kept is not None:
-            logits = logits.masked_fill(~kept.repeat_interleave(group, dim=0)[:, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no visible key → zeros
-        yield probs, qpos[s:s + chunk], vis
-
-
 @dataclass
 class _Sums:
     """Running sums over queries, per query head; finalized into means."""

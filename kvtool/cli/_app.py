@@ -35,9 +35,15 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
 
-# Model placement options, shared by every command that loads a model (pass them to
-# kvtool.models.load_model(device=..., device_map=..., max_memory=..., offload_folder=...) as they are:
-# it parses and checks the text).
+# The model options, shared by every command that loads a model (capture, eval, and sweep/plan with
+# --eval-text): --model, --model-dtype, --device, --device-map, --max-memory, --offload-folder,
+# --trust-remote-code. Pass them to kvtool.models.load_model(...) as they are: it parses and checks the text.
+# (budget reads only a config: it takes --model and --trust-remote-code.)
+MODEL_FORMS = "'default' (bundled SmolLM2-135M GGUF), a .gguf file, a Hugging Face model folder, or a hub id"
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"The model: {MODEL_FORMS}.")]
+#: sweep and plan: -m and -c are their candidates, and the model defaults to the cache's own
+CacheModelOption = Annotated[str | None, typer.Option(
+    "--model", help=f"The model for --eval-text: {MODEL_FORMS} (default: the one the cache was captured with).")]
 DeviceOption = Annotated[str | None, typer.Option(
     "--device", help="Put the whole model on cpu (the default), cuda, or auto (cuda when torch sees it). "
     "Not with --device-map.")]

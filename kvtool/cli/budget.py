@@ -8,14 +8,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, run_guarded, write_json
+from kvtool.cli._app import TrustRemoteCodeOption, app, console, run_guarded, write_json
 
 
 @app.command()
 def budget(
     model: Annotated[str, typer.Option("--model", help="'default' (the bundled SmolLM2), a folder with "
-                                       "config.json, a config.json, a .gguf file, or a preset: "
-                                       "bitnet-b1.58-2b-4t, bonsai-1.7b, bonsai-8b.")] = "default",
+                                       "config.json, a config.json, a .gguf file, a hub id (its config only), "
+                                       "or a preset: bitnet-b1.58-2b-4t, bonsai-1.7b, bonsai-8b.")] = "default",
     context: Annotated[str, typer.Option("--context", help="Context lengths in tokens (k = 1024).")]
     = "4k,32k,128k",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes (sequences held at once).")] = "1",
@@ -28,6 +28,7 @@ def budget(
                                                    "for stdout, no table).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG (or .svg/.pdf) of memory against "
                                               "context.")] = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Weights vs KV-cache memory per context, batch and codec, and where the cache outgrows the weights."""
 
@@ -36,7 +37,7 @@ def budget(
         from kvtool.budget import parse_batches, parse_bits, parse_tokens
 
         contexts, batches, bits = parse_tokens(context), parse_batches(batch), parse_bits(weight_bits)
-        report = run(model, contexts, batches, bits, kv, plot=plot)
+        report = run(model, contexts, batches, bits, kv, plot=plot, trust_remote_code=trust_remote_code)
         write_json(report, json_path)
         if json_path is None or str(json_path) != "-":
             _render(report)

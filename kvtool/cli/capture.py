@@ -14,6 +14,7 @@ from kvtool.cli._app import (
     DeviceOption,
     MaxMemoryOption,
     ModelDtypeOption,
+    ModelOption,
     OffloadFolderOption,
     TrustRemoteCodeOption,
     app,
@@ -31,8 +32,7 @@ def capture(
                                                      "several sequences in one file.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text given inline instead of a file.")]
     = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
-                                       "file, a Hugging Face model folder, or a hub id.")] = "default",
+    model: ModelOption = "default",
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path("cache.h5"),
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Keep only the first N tokens "
                                                    "of each text (also how to truncate past the model's "

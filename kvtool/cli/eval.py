@@ -13,6 +13,7 @@ from kvtool.cli._app import (
     DeviceOption,
     MaxMemoryOption,
     ModelDtypeOption,
+    ModelOption,
     OffloadFolderOption,
     TrustRemoteCodeOption,
     app,
@@ -59,8 +60,7 @@ def eval_command(
                                          "the prompt, the next C/2 - 1 are scored.")] = 512,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Use only the first N tokens "
                                                    "of the text.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
-                                       "file, a Hugging Face model folder, or a hub id.")] = "default",
+    model: ModelOption = "default",
     model_dtype: ModelDtypeOption = "auto",
     device: DeviceOption = None,
     device_map: DeviceMapOption = None,
@@ -90,7 +90,7 @@ def eval_command(
 
         if mode not in MODES:
             raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-        from kvtool.plan import load_plan
+        from kvtool.codecs.planfile import load_plan
 
         plans = [load_plan(p) for p in plan or []]  # a bad plan file fails before the model loads
         assignments, labels = (assignments_from_options(method, keys, values) if method or keys or values
@@ -155,5 +155,9 @@ def _render(r: dict[str, Any]) -> None:
                       f"{m['ln_ppl_ratio']:+.5f}±{m['ln_ppl_ratio_stderr']:.5f}, cache "
                       f"{human_bytes(m['cache_bytes_exact'])} → {human_bytes(m['cache_bytes_compressed'])} "
                       f"per chunk", highlight=False)
-    console.print(f"bits: stored bits per element of keys and values (every stored byte counted); "
-                  f"{r['seconds']:.1f} s", highlight=False)
+    counted = ("what the codecs store for each chunk's prompt (coded arrays and shared state); the scored "
+               "continuation is appended precise and not counted" if r["mode"] == "prefill" else
+               "everything the cache holds after each chunk (coded blocks, shared state, and the 16-bit window "
+               "of tokens not yet coded)")
+    console.print(f"bits: stored bits per element of keys and values: {counted}; {r['seconds']:.1f} s",
+                  highlight=False)

@@ -8,8 +8,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, print_table, run_guarded, write_json
-from kvtool.cli.sweep import EvalContextOption, EvalTokensOption, ModelOption, eval_setup, step_progress
+from kvtool.cli._app import (
+    CacheModelOption,
+    DeviceMapOption,
+    DeviceOption,
+    MaxMemoryOption,
+    ModelDtypeOption,
+    OffloadFolderOption,
+    TrustRemoteCodeOption,
+    app,
+    console,
+    print_table,
+    run_guarded,
+    write_json,
+)
+from kvtool.cli.sweep import EvalContextOption, EvalTokensOption, eval_setup, step_progress
 
 
 @app.command()
@@ -20,8 +33,8 @@ def plan(
     budget_bits: Annotated[float, typer.Option("--budget-bits", help="Average stored bits per element of "
                                                "keys and values (arrays + shared state), at most 16.")] = 3.0,
     candidates: Annotated[list[str] | None, typer.Option(
-        "--candidates", "-c", help="Candidate codec specs or presets; repeat the option or list them after "
-        "it. Default: the 'plan' preset.")] = None,
+        "--candidates", "-c", help="Candidate codec specs or preset names (default, quant, all, plan); repeat "
+        "the option or list them after it. Default: the 'plan' preset.")] = None,
     objective: Annotated[str, typer.Option("--objective", help="attention (Σ per-layer squared "
                                            "attention-output error) or kld (weighted by each layer's "
                                            "measured KL sensitivity; needs --eval-text).")] = "attention",
@@ -30,7 +43,13 @@ def plan(
                                                    "the best uniform spec (kvtool eval, prefill).")] = None,
     eval_tokens: EvalTokensOption = 1024,
     eval_context: EvalContextOption = 512,
-    model: ModelOption = None,
+    model: CacheModelOption = None,
+    model_dtype: ModelDtypeOption = "auto",
+    device: DeviceOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
     granularity: Annotated[str, typer.Option("--granularity", help="layer (a codec per layer and role) or head "
                                              "(per layer, KV head and role: a smaller attention error, but "
                                              "measured worse in the model; docs/PLAN.md).")] = "layer",
@@ -58,10 +77,13 @@ def plan(
             raise InputError(f"--prescreen must be >= 0, got {prescreen}")
         items = [*(candidates or []), *(specs or [])] or [DEFAULT_CANDIDATES]
         quiet = json_path is not None and str(json_path) == "-"
+        setup = eval_setup(eval_text, eval_tokens, eval_context, model, dtype=model_dtype, device=device,
+                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                           trust_remote_code=trust_remote_code)
         with step_progress("measuring (layer × candidate)", quiet) as progress:
             report = run(path, budget_bits, items, objective=objective, granularity=granularity,
                          sequence=sequence, output=output, force=force, verify=verify, prescreen=prescreen,
-                         eval_text=eval_setup(eval_text, eval_tokens, eval_context, model), progress=progress)
+                         eval_text=setup, progress=progress)
         write_json(report, json_path)
         if not quiet:
             render_plan(report)
@@ -71,7 +93,7 @@ def plan(
 
 def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
     """A short label (#1, #2, ...) for every spec the plan uses, in order of first use."""
-    from kvtool.codecs.heads import head_specs
+    from kvtool.codecs.compose.heads import head_specs
 
     labels: dict[str, str] = {}
     for layer in choices.values():
@@ -82,7 +104,7 @@ def _labels(choices: dict[str, dict[str, str]]) -> dict[str, str]:
 
 
 def _cell(spec: str, labels: dict[str, str]) -> str:
-    from kvtool.codecs.heads import head_specs
+    from kvtool.codecs.compose.heads import head_specs
 
     return " ".join(labels[p] for p in head_specs(spec))
 

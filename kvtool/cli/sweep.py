@@ -10,7 +10,21 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kvtool.cli._app import app, console, err_console, print_table, run_guarded, write_json
+from kvtool.cli._app import (
+    CacheModelOption,
+    DeviceMapOption,
+    DeviceOption,
+    MaxMemoryOption,
+    ModelDtypeOption,
+    OffloadFolderOption,
+    TrustRemoteCodeOption,
+    app,
+    console,
+    err_console,
+    print_table,
+    run_guarded,
+    write_json,
+)
 
 FRONTIER_MARK = "★"
 
@@ -20,20 +34,19 @@ EvalTextOption = Annotated[Path | None, typer.Option("--eval-text", help="Also s
 EvalTokensOption = Annotated[int, typer.Option("--eval-tokens", help="Use the first N tokens of --eval-text.")]
 EvalContextOption = Annotated[int, typer.Option("--eval-context", help="Chunk length of the in-model "
                                                 "scoring (as kvtool eval --context).")]
-ModelOption = Annotated[str | None, typer.Option("--model", help="Model for --eval-text (default: the one the "
-                                                 "cache was captured with).")]
 
 
-def eval_setup(text: Path | None, tokens: int, context: int, model: str | None) -> Any:
-    """The in-model scoring options as a :class:`kvtool.sweep.EvalText` (None without a text); the text is
-    read here, so a bad one fails before anything slow."""
+def eval_setup(text: Path | None, tokens: int, context: int, model: str | None, **load: Any) -> Any:
+    """The in-model scoring options as a :class:`kvtool.sweep.EvalText` (None without a text); ``load``: the
+    model options (``dtype``, ``device``, ``device_map``, ``max_memory``, ``offload_folder``,
+    ``trust_remote_code``). The text is read here, so a bad one fails before anything slow."""
     if text is None:
         return None
     from kvtool.capture import read_text
     from kvtool.sweep import EvalText
 
     read_text(text)
-    return EvalText(text, model, tokens, context)
+    return EvalText(text, model, tokens, context, **load)
 
 
 @contextlib.contextmanager
@@ -54,7 +67,7 @@ def sweep(
     specs: Annotated[list[str] | None, typer.Argument(help="More codec specs or presets (as --methods).",
                                                       show_default=False)] = None,
     methods: Annotated[list[str] | None, typer.Option(
-        "--methods", "-m", help="Codec specs or preset names (default, quant, all); repeat the option or "
+        "--methods", "-m", help="Codec specs or preset names (default, quant, all, plan); repeat the option or "
         "list them after it: --methods SPEC SPEC ... Default: the 'default' preset.")] = None,
     layers: Annotated[str, typer.Option("--layers", help="Layers to measure, e.g. '0-5,29' (default all).")]
     = "all",
@@ -67,7 +80,13 @@ def sweep(
     eval_text: EvalTextOption = None,
     eval_tokens: EvalTokensOption = 1024,
     eval_context: EvalContextOption = 512,
-    model: ModelOption = None,
+    model: CacheModelOption = None,
+    model_dtype: ModelDtypeOption = "auto",
+    device: DeviceOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_folder: OffloadFolderOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Measure many codec specs in one pass (each layer read once, its exact attention computed once);
     mark the Pareto frontier of stored bits against attention-output error."""
@@ -84,7 +103,9 @@ def sweep(
         chosen = parse_layers(layers, read_info(path).num_layers)
         items = [*(methods or []), *(specs or [])] or ["default"]
         quiet = json_path is not None and str(json_path) == "-"
-        setup = eval_setup(eval_text, eval_tokens, eval_context, model)
+        setup = eval_setup(eval_text, eval_tokens, eval_context, model, dtype=model_dtype, device=device,
+                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                           trust_remote_code=trust_remote_code)
         with step_progress("sweeping (layer × spec), then eval passes", quiet) as progress:
             report = run(path, items, layers=chosen, sequence=sequence, topk=topk, eval_text=setup,
                          progress=progress)

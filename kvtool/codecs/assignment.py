@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtool.codecs.base import ROLES, Codec
+from kvtool.codecs.spec import parse_spec
 from kvtool.errors import CodecError
 
 
@@ -56,8 +57,6 @@ class Assignment:
 
     def codec(self, layer: int, role: str) -> Codec:
         """A fresh codec for ``role`` of ``layer``, configured for its role (KIVI picks its axis)."""
-        from kvtool.codecs import parse_spec
-
         return parse_spec(self.spec(layer, role)).for_role(role)
 
     def validate(self, head_dim: int, num_layers: int) -> None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
@@ -77,6 +78,13 @@ def register(cls: type[Codec]) -> type[Codec]:
         raise TypeError(f"codec name {name!r} is registered twice ({other}, {cls.__name__})")
     REGISTRY[name] = cls
     return cls
+
+
+#: Spec forms other than ``name:key=value`` — ``heads[a|b|...]`` — by their opening text: each maps to
+#: ``build(spec, parse)``, which builds the codec and parses the specs it holds with ``parse``. Filled by the
+#: module that defines the form (:mod:`kvtool.codecs.compose.heads`), read by the parser
+#: (:mod:`kvtool.codecs.spec`), so the parser needs no import of the wrappers that need it.
+SPEC_FORMS: dict[str, Callable[[str, Callable[[str], Codec]], Codec]] = {}
 
 
 @dataclass
@@ -255,6 +263,25 @@ def format_value(value: object) -> str:
         short = f"{value:g}"
         return short if float(short) == value else repr(value)
     return str(value)
+
+
+def split_top(text: str, sep: str) -> list[str]:
+    """``text`` split on ``sep`` outside square brackets: a parameter value in ``[...]`` may hold whole specs
+    (``age:bands=[0-128:fp16;128-:turboquant:bits=4,center=true]``) with their own ``,`` and ``+``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise CodecError(f"unbalanced ']' in codec spec {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise CodecError(f"unbalanced '[' in codec spec {text!r}")
+    return [*parts, text[start:]]
 
 
 def choice_error(param: str, allowed: str, got: object) -> CodecError:

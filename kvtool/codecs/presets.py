@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import fields, is_dataclass
 
 from kvtool.codecs import REGISTRY, Codec, Composed, codec_parameters, format_value, parse_spec
+from kvtool.codecs.compose.heads import CLOSE, OPEN, SEP, PerHead
+from kvtool.codecs.structure.crosslayer import PairCodec
 from kvtool.errors import CodecError
 
 QUANT_BITS = tuple(range(2, 9))
@@ -33,8 +35,6 @@ PRESETS = ("default", "quant", "all", "plan")
 def short_spec(codec: Codec) -> str:
     """``name:key=value,...`` with ``bits`` and the parameters that differ from the defaults
     (``turboquant:bits=2``); it parses back to the same codec."""
-    from kvtool.codecs.heads import CLOSE, OPEN, SEP, PerHead
-
     if isinstance(codec, PerHead):
         return OPEN + SEP.join(short_spec(p) for p in codec.parts) + CLOSE
     if isinstance(codec, Composed):
@@ -77,8 +77,6 @@ def _recommended_specs(widths: Iterable[int]) -> Iterator[str | None]:
 
 
 def _default_specs() -> Iterator[str | None]:
-    from kvtool.codecs.crosslayer import PairCodec
-
     for name in sorted(REGISTRY):
         if not issubclass(REGISTRY[name], PairCodec):  # shares across layers only in compress, not per layer
             yield _canonical(name)

@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
-from kvtool.codecs.learned import (
+from kvtool.codecs.structure.learned import (
     DEFAULT_ITERS,
     blas_search,
     check_bits,

@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvtool.codecs.base import LayerContext, register
-from kvtool.codecs.selection import ScoredSelector, attention_probs, observed, per_kv_head
+from kvtool.codecs.select.selection import ScoredSelector, attention_probs, observed, per_kv_head
 
 
 @register

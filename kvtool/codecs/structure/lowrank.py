@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
+import torch
 
 from kvtool.codecs.base import Encoded, LayerContext, Stage, check_input, register
 from kvtool.errors import CodecError
+from kvtool.metrics import visibility
 from kvtool.rope import RopeParams
 
 DEFAULT_ENERGY = 0.9
@@ -414,10 +416,6 @@ def _attention_received(queries: np.ndarray, keys: np.ndarray, query_positions: 
                         key_positions: np.ndarray, scaling: float | None, window: int) -> np.ndarray:
     """Mean attention probability each key receives ``(kv_heads, T)`` over the recorded queries
     (causal and sliding-window masks from absolute positions, GQA query heads pooled)."""
-    import torch
-
-    from kvtool.metrics import visibility
-
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (q_heads, Tq, d)
     k = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (kv_heads, T, d)
     kv, d = k.shape[0], k.shape[-1]

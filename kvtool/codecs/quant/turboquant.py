@@ -3,7 +3,7 @@
 TurboQuant_mse (Alg. 1): rotate each vector by a seeded Haar-random orthogonal ``Π`` (only the seed is
 stored), split it into its norm (fp16) and direction, and quantize every coordinate of the rotated unit
 direction with the ``b``-bit Lloyd-Max codebook for the exact coordinate marginal (see
-:mod:`kvtool.codecs.lloydmax`). Codes are packed densely. Decoding looks the codes up, rotates back and
+:mod:`kvtool.codecs.quant.lloydmax`). Codes are packed densely. Decoding looks the codes up, rotates back and
 rescales by the norm. Stored bits per element: ``b + 16/d``, e.g. 3.25 at ``b = 3, d = 64``.
 
 TurboQuant_prod (Alg. 2, ``variant=prod``): the ``(b-1)``-bit mse stage, then a 1-bit QJL sketch
@@ -54,9 +54,9 @@ import torch
 
 from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
-from kvtool.codecs.lloydmax import sphere_codebook
-from kvtool.codecs.qjl import as_rows, fp16_norms, sign_sketch, sign_unsketch
-from kvtool.codecs.rotation import gaussian_projection, random_rotation
+from kvtool.codecs.quant.lloydmax import sphere_codebook
+from kvtool.codecs.quant.qjl import as_rows, fp16_norms, sign_sketch, sign_unsketch
+from kvtool.codecs.quant.rotation import gaussian_projection, random_rotation
 from kvtool.errors import CodecError
 
 #: Vectors per block: a block's rotated rows, codes and packed bytes stay in cache (multiple of 8).

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvtool.codecs.base import Encoded, LayerContext, check_input, pack_selection, register, selection_mask
-from kvtool.codecs.crosslayer import PARTNER_PREFIX, PairCodec
+from kvtool.codecs.structure.crosslayer import PARTNER_PREFIX, PairCodec
 from kvtool.errors import CodecError
 
 #: The arrays of the first layer of a pair that the second reads (stored once).
@@ -123,7 +123,7 @@ class MiniCache(PairCodec):
         prefix = PARTNER_PREFIX if PARTNER_PREFIX + "direction" in enc.arrays else ""
         if prefix + "direction" not in enc.arrays:
             raise CodecError("minicache: the second layer of a pair decodes with its partner's arrays "
-                             "(kvtool.codecs.crosslayer.with_partner)")
+                             "(kvtool.codecs.structure.crosslayer.with_partner)")
         retained = _retained(enc.arrays, prefix, enc.shape)
         out = np.zeros(enc.shape, dtype=np.float32)
         direction = enc.arrays[prefix + "direction"].astype(np.float32)

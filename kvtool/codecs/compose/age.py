@@ -21,7 +21,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register, split_top
+from kvtool.codecs.spec import parse_spec
 from kvtool.errors import CodecError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")
@@ -53,8 +54,6 @@ class Band:
 
 def parse_bands(text: str) -> list[Band]:
     """``[0-128:fp16;128-:turboquant:bits=4]`` → bands sorted by age; CodecError on any overlap or gap."""
-    from kvtool.codecs import parse_spec, split_top
-
     body = text.strip()
     if body.startswith("[") and body.endswith("]"):
         body = body[1:-1]

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 from kvtool.codecs.base import register
-from kvtool.codecs.group import GroupQuantizer, minmax_dequantize, minmax_quantize
+from kvtool.codecs.quant.group import GroupQuantizer, minmax_dequantize, minmax_quantize
 
 
 @register

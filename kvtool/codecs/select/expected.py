@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kvtool.codecs.base import Encoded, LayerContext, register
-from kvtool.codecs.selection import ScoredSelector, observed, per_kv_head
+from kvtool.codecs.select.selection import ScoredSelector, observed, per_kv_head
 from kvtool.errors import CodecError
 
 

@@ -26,7 +26,7 @@ import torch
 
 from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, check_input, check_int_range, register
-from kvtool.codecs.rotation import gaussian_projection
+from kvtool.codecs.quant.rotation import gaussian_projection
 from kvtool.errors import CodecError
 
 #: Vectors per block: keeps a block's projections and signs in cache (a multiple of 8 for bitpack).

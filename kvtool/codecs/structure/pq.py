@@ -25,7 +25,8 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
-from kvtool.codecs.learned import (
+from kvtool.codecs.quant.rotation import random_rotation
+from kvtool.codecs.structure.learned import (
     DEFAULT_ITERS,
     blas_search,
     check_bits,
@@ -39,7 +40,6 @@ from kvtool.codecs.learned import (
     points_as_centroids,
     quiet,
 )
-from kvtool.codecs.rotation import random_rotation
 from kvtool.errors import CodecError
 
 #: OPQ alternations (faiss's default is 50; 10 keeps a per-head fit within seconds and gained little more).

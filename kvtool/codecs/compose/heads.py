@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input
+from kvtool.codecs.base import SPEC_FORMS, Codec, Encoded, LayerContext, check_input, split_top
 from kvtool.errors import CodecError
 
 OPEN, CLOSE, SEP = "heads[", "]", "|"
@@ -144,8 +144,6 @@ def is_heads_spec(text: str) -> bool:
 def head_specs(text: str) -> list[str]:
     """The per-head parts of ``heads[a|b|...]`` (split outside nested brackets), or ``[text]`` for any other
     spec."""
-    from kvtool.codecs import split_top
-
     text = text.strip()
     if not is_heads_spec(text):
         return [text]
@@ -162,3 +160,6 @@ def parse_heads(text: str, parse_one) -> PerHead:
     if any(is_heads_spec(item) for item in items):
         raise CodecError("heads[...] cannot be nested")
     return PerHead(tuple(parse_one(item) for item in items))
+
+
+SPEC_FORMS[OPEN] = parse_heads  # the parser (kvtool.codecs.spec) builds heads[...] specs with it

@@ -29,9 +29,9 @@ import torch
 
 from kvtool.codecs import bitpack
 from kvtool.codecs.base import Codec, Encoded, check_input, check_int_range, register
-from kvtool.codecs.qjl import as_rows, fp16_norms
-from kvtool.codecs.rotation import random_rotation
-from kvtool.codecs.turboquant import join_packed
+from kvtool.codecs.quant.qjl import as_rows, fp16_norms
+from kvtool.codecs.quant.rotation import random_rotation
+from kvtool.codecs.quant.turboquant import join_packed
 from kvtool.errors import CodecError
 
 #: Vectors per block (a multiple of 8 for bitpack).

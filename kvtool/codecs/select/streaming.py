@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvtool.codecs.base import LayerContext, register
-from kvtool.codecs.selection import BudgetSelector
+from kvtool.codecs.select.selection import BudgetSelector
 from kvtool.errors import CodecError
 
 

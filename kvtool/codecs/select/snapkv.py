@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kvtool.codecs.base import LayerContext, register
-from kvtool.codecs.selection import ScoredSelector, attention_probs, observed, per_kv_head
+from kvtool.codecs.select.selection import ScoredSelector, attention_probs, observed, per_kv_head
 from kvtool.errors import CodecError
 
 

@@ -36,6 +36,7 @@ import torch
 
 from kvtool.codecs.base import LayerContext, Selector, check_input, kept_mask
 from kvtool.errors import CodecError
+from kvtool.metrics import attention_chunks
 
 DEFAULT_KEEP = 0.5
 ADAKV_SAFEGUARD = 0.2  # AdaKV's alpha: every head keeps at least this share of its free budget
@@ -265,8 +266,6 @@ def observed(name: str, context: LayerContext | None, tokens: int) -> Observed:
 def attention_probs(keys: np.ndarray, obs: Observed, last: int | None = None) -> torch.Tensor:
     """Attention ``(q_heads, Tq', T)`` of the observed queries (the last ``last`` of them) over ``keys``
     ``(kv_heads, T, d)``: the model's scaling, causal and sliding-window masks on absolute positions."""
-    from kvtool.analysis.attention import attention_chunks
-
     q, qpos = obs.queries, obs.query_positions
     if last is not None:
         q, qpos = q[:, -last:], qpos[-last:]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kvtool.codecs.base import Codec, Encoded, check_input, choice_error, register
-from kvtool.codecs.group import parallel_map
+from kvtool.codecs.quant.group import parallel_map
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 BLOCK = 1 << 18  # elements per work block

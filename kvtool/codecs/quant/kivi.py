@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from kvtool.codecs.base import Codec, check_int_range, choice_error, register
-from kvtool.codecs.uniform import Uniform
+from kvtool.codecs.quant.uniform import Uniform
 from kvtool.errors import CodecError
 
 ROLE_AXIS = {"keys": "channel", "values": "token"}
