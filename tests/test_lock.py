@@ -4,9 +4,9 @@ ranges pyproject.toml admits, and the project's CI examples run the locked and t
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
