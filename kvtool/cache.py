@@ -55,7 +55,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtool.codecs.assignment import Assignment
-from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
+from kvtool.codecs.base import DEFAULT_OBSERVED, ROLES, Codec, Composed, Encoded, LayerContext, Selector
 from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
 from kvtool.rope import RopeParams
@@ -65,7 +65,7 @@ ATTN_PREFIX = "kvtool_cache_"
 #: Attention implementations whose mask kvtool can extend with a per-head key mask.
 MASKABLE = ("sdpa", "eager")
 #: Default number of last query positions recorded per layer for the codecs' LayerContext.
-DEFAULT_QUERIES = 128
+DEFAULT_QUERIES = DEFAULT_OBSERVED
 #: Blocks with fewer elements than this are coded on one torch thread (see _threads_for).
 SMALL_BLOCK = 1 << 20
 _LINK = "_kvtool_layer"  # attribute of the key tensor a CodecLayer returns: a weakref to that layer

@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from kvtool import metrics
-from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord, kvtool_attention
+from kvtool.cache import MODES, CodecCache, QueryRecord, kvtool_attention
 from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.base import ROLES, most_queries
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
 from kvtool.models import LoadedModel
@@ -124,7 +125,7 @@ def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None
 
 
 def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment], *,
-             mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int = DEFAULT_QUERIES,
+             mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int | None = None,
              labels: Sequence[str] | None = None, progress: Progress | None = None,
              source: str = "", baselines: Sequence[Baseline] = ()) -> dict[str, Any]:
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
@@ -136,7 +137,11 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
     report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
     statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
-    ``seconds``) and, at top level, the fields of the first method.
+    ``seconds``, and ``warnings``: what a codec reported it could not do as asked, with the number of
+    layers) and, at top level, the fields of the first method. ``queries``: how many of the prompt's last
+    query positions each method's codecs get in their context; by default what each asks for
+    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors, the whole
+    prompt for ``expected``).
     """
     import torch
 
@@ -155,9 +160,12 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     runs: list[Any] = [*assignments, *baselines]
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     first = context // 2
+    wants = [_queries_wanted(model.config, a, first) if queries is None else queries for a in assignments]
+    wants += [0] * len(baselines)
     total_passes = len(chunks) * (1 + len(runs))
     done = 0
     per_method: list[list[dict[str, np.ndarray]]] = [[] for _ in runs]
+    warnings: list[dict[str, int]] = [{} for _ in runs]  # a codec's warning -> layers (summed over chunks)
     sizes = [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in runs]  # [stored bytes, elements]
     exact_bytes = np.zeros(len(runs))
     seconds = np.zeros(len(runs))
@@ -168,7 +176,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
             ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
             targets = chunk[first + 1:]
             t0 = time.perf_counter()
-            prefill, records = _exact_prefill(loaded, ids[:, :first], queries)
+            prefill, records = _exact_prefill(loaded, ids[:, :first], max(wants, default=0))
             exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
             seconds_exact += time.perf_counter() - t0
             done += 1
@@ -179,7 +187,10 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
                 if isinstance(run, Baseline):
                     logits, fp = _baseline_pass(model, run, ids, first)
                 else:
-                    logits, fp = _method_pass(model, run, mode, ids, first, prefill, records, queries)
+                    logits, fp, notes = _method_pass(model, run, mode, ids, first, prefill,
+                                                     _last_queries(records, wants[m]), wants[m])
+                    for note, count in notes.items():
+                        warnings[m][note] = warnings[m].get(note, 0) + count
                 stats = metrics.next_token_stats(exact_logits, logits, targets)
                 seconds[m] += time.perf_counter() - t0
                 per_method[m].append(stats)
@@ -205,6 +216,9 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
             "cache_bytes_exact": exact_bytes[m] / len(chunks),
             "cache_bytes_compressed": sum(stored.values()) / len(chunks),
             "seconds": float(seconds[m]),
+            "queries_observed": wants[m],
+            "warnings": [f"{note} ({count // len(chunks)} of {_layers(model.config)} layers)"
+                         for note, count in warnings[m].items()],
         })
     report = header("eval", model=loaded.spec, model_source=loaded.source,
                     model_architecture=loaded.architecture)
@@ -237,6 +251,40 @@ def _label(a: Assignment) -> str:
     return base if a.uniform else f"{base} (+{len(a.layers)} layer overrides)"
 
 
+def _layers(config: Any) -> int:
+    from kvtool.capture import model_shape
+
+    return model_shape(config).num_layers
+
+
+def _queries_wanted(config: Any, assignment: Assignment, prompt: int) -> int:
+    """The prompt's last query positions ``assignment``'s codecs ask for (all of them: ``prompt``)."""
+    counts = [assignment.codec(i, role).observed_queries() for i in range(_layers(config)) for role in ROLES]
+    most = most_queries(counts)
+    return prompt if most is None else min(most, prompt)
+
+
+def _last_queries(records: dict[int, QueryRecord], n: int) -> dict[int, QueryRecord]:
+    """The last ``n`` recorded queries of each layer."""
+    if not n:
+        return {}
+    return {i: QueryRecord(r.queries[:, :, -n:], r.positions[-n:], r.scaling) for i, r in records.items()}
+
+
+def _warnings(cache: CodecCache) -> dict[str, int]:
+    """The distinct ``warning`` entries of the codecs' reports on the coded blocks, each with its number of
+    layers (a codec reports one when it could not do what its spec asked, e.g. find the layer's RoPE)."""
+    found: dict[str, set[int]] = {}
+    for layer in cache.layers:
+        for track in layer.tracks.values():
+            for segment in track.segments:
+                for enc in segment.rows:
+                    for key, value in track.codec.report(enc).items():
+                        if key.split(".")[-1] == "warning":
+                            found.setdefault(str(value), set()).add(layer.index)
+    return {note: len(layers) for note, layers in found.items()}
+
+
 def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
     """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
     from kvtool.capture import run_and_record
@@ -259,16 +307,18 @@ def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
 
 
 def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prefill: Any,
-                 records: dict[int, QueryRecord], queries: int) -> tuple[Any, dict[str, dict[str, int]]]:
-    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, and the cache's
-    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk)."""
+                 records: dict[int, QueryRecord],
+                 queries: int) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
+    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, the cache's
+    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk) and
+    its codecs' warnings (:func:`_warnings`)."""
     import torch
 
     with kvtool_attention(model):
         if mode == "prefill":
             cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
-            return _forward(model, ids[:, first:-1], cache), footprint
+            return _forward(model, ids[:, first:-1], cache), footprint, _warnings(cache)
         cache = CodecCache(model, assignment, mode="streaming", queries=queries)
         pieces: list[Any] = []
         pos, end = 0, int(ids.shape[1]) - 1
@@ -279,7 +329,7 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
             if stop > first:
                 pieces.append(out[max(first - pos, 0):])
             pos = stop
-        return torch.cat(pieces, dim=0), cache.footprint()
+        return torch.cat(pieces, dim=0), cache.footprint(), _warnings(cache)
 
 
 def _baseline_pass(model: Any, baseline: Baseline, ids: Any, first: int) -> tuple[Any, dict[str, dict[str, int]]]:

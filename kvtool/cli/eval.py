@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvtool.cli._app import (
@@ -157,3 +158,8 @@ def _render(r: dict[str, Any]) -> None:
                       f"per chunk", highlight=False)
     console.print(f"bits: stored bits per element of keys and values (every stored byte counted); "
                   f"{r['seconds']:.1f} s", highlight=False)
+    for note in r.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(note)}", markup=True)
+    for i, m in enumerate(r["methods"], 1):
+        for note in m.get("warnings", []):
+            err_console.print(f"[yellow]warning:[/] method {i}: {escape(note)}", markup=True)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, most_queries, register
 from kvtool.errors import CodecError
 
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d*)\s*$")
@@ -133,6 +133,9 @@ class Age(Codec):
 
     def uses_queries(self) -> bool:
         return any(b.codec.uses_queries() for b in self._bands)
+
+    def observed_queries(self) -> int | None:
+        return most_queries(b.codec.observed_queries() for b in self._bands)
 
     # -- coding ----------------------------------------------------------------------------------------
     def _parts(self, tokens: int) -> list[tuple[int, Band, slice]]:
