@@ -151,6 +151,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         raise InputError("give at least one method (--method, or --keys and --values)")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     check_context(loaded, tokens, context)
+    in_sample = [plan_overlap(a, tokens, context) for a in assignments]
     assignments = [_plan_assignment(loaded, a) for a in assignments]
     model = loaded.model
     for a in assignments:  # bad specs and non-streaming selectors fail before any forward pass
@@ -218,7 +219,9 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
             "seconds": float(seconds[m]),
             "queries_observed": wants[m],
             "warnings": [f"{note} ({count // len(chunks)} of {_layers(model.config)} layers)"
-                         for note, count in warnings[m].items()],
+                         for note, count in warnings[m].items()]
+            + ([in_sample[m]["warning"]] if m < len(in_sample) and in_sample[m] else []),
+            "in_sample": in_sample[m] if m < len(in_sample) else None,
         })
     report = header("eval", model=loaded.spec, model_source=loaded.source,
                     model_architecture=loaded.architecture)
@@ -231,6 +234,46 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         "methods": methods, "seconds_exact": seconds_exact, "seconds": time.perf_counter() - started,
     })
     return json_safe(report)
+
+
+#: Scored tokens count as seen in a capture when the window of this many tokens ending at them occurs in it.
+OVERLAP_WINDOW = 16
+
+
+def plan_overlap(plan: Any, tokens: np.ndarray, context: int) -> dict[str, Any] | None:
+    """For a :class:`kvtool.plan.Plan`: which share of the tokens eval scores were in the capture the plan
+    was measured on (``plan.source``), so its figures are in-sample; None for anything else or no overlap.
+
+    A scored token counts as seen when the :data:`OVERLAP_WINDOW` tokens ending at it occur, in order, in
+    the capture's tokens. When the capture file is gone the check is impossible, and said so.
+    """
+    from kvtool.plan import Plan
+    from kvtool.store import CacheReader
+
+    if not isinstance(plan, Plan) or not plan.source:
+        return None
+    if not Path(plan.source).is_file():
+        return {"capture": plan.source, "checked": False, "scored_in_capture": None,
+                "warning": f"the plan's capture {plan.source} is not here, so whether the scored tokens were "
+                           "part of it (in-sample figures) was not checked"}
+    seen: set[bytes] = set()
+    with CacheReader(plan.source) as reader:
+        for j in range(len(reader.info.sequences)):
+            t = np.asarray(reader.tokens(j), dtype=np.int64)
+            seen.update(t[i:i + OVERLAP_WINDOW].tobytes() for i in range(len(t) - OVERLAP_WINDOW + 1))
+    first = context // 2
+    hits = total = 0
+    for chunk in chunk_tokens(tokens, context):  # the text's own tokens (BOS replacement aside)
+        for end in range(first + 1, context):
+            total += 1
+            if end + 1 >= OVERLAP_WINDOW and chunk[end + 1 - OVERLAP_WINDOW:end + 1].tobytes() in seen:
+                hits += 1
+    if not hits:
+        return None
+    share = hits / max(total, 1)
+    return {"capture": plan.source, "checked": True, "scored_in_capture": share,
+            "warning": f"{100 * share:.0f} % of the scored tokens were in the capture the plan was measured on "
+                       f"({plan.source}): its figures are in-sample; score held-out text"}
 
 
 def _plan_assignment(loaded: LoadedModel, a: Any) -> Assignment:

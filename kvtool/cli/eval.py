@@ -159,8 +159,6 @@ def _render(r: dict[str, Any]) -> None:
                       f"per chunk", highlight=False)
     console.print(f"bits: stored bits per element of keys and values (every stored byte counted); "
                   f"{r['seconds']:.1f} s", highlight=False)
-    for note in r.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {escape(note)}", markup=True)
     for i, m in enumerate(r["methods"], 1):
         for note in m.get("warnings", []):
             err_console.print(f"[yellow]warning:[/] method {i}: {escape(note)}", markup=True)
