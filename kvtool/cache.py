@@ -636,13 +636,18 @@ class CodecCache(Cache):
 
     @classmethod
     def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
-                   queries: Mapping[int, QueryRecord] | None = None) -> CodecCache:
+                   queries: Mapping[int, QueryRecord] | None = None,
+                   ropes: Mapping[int, RopeParams] | None = None) -> CodecCache:
         """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
 
         ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
-        ``queries``: per layer, the prompt's recorded queries for the codecs' context.
+        ``queries``: per layer, the prompt's recorded queries for the codecs' context; ``ropes``: per layer,
+        the RoPE the prefill really used (``kvtool.capture.run_and_record`` records it), which replaces the
+        model-wide one where a model has several (Gemma 3's local and global bases).
         """
         cache = cls(model, assignment, mode="prefill", queries=0)
+        for i, rope in (ropes or {}).items():
+            cache.layers[i].rope = rope
         for i, (layer, src) in enumerate(zip(cache.layers, source.layers, strict=True)):
             keys, values = src.keys, src.values
             if keys is None or keys.numel() == 0:

@@ -329,7 +329,8 @@ def _warnings(cache: CodecCache) -> dict[str, int]:
 
 
 def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
-    """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
+    """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer); the
+    RoPE each layer used is kept on the cache as ``kvtool_ropes`` for the codecs' context."""
     from kvtool.capture import run_and_record
 
     cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
@@ -338,6 +339,7 @@ def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any,
     for layer, q in rec.queries.items():
         positions = np.arange(n - q.shape[1], n)
         records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer))
+    cache.kvtool_ropes = dict(rec.rope)
     return cache, records
 
 
@@ -359,7 +361,8 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
 
     with kvtool_attention(model):
         if mode == "prefill":
-            cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
+            cache = CodecCache.from_cache(model, assignment, prefill, queries=records,
+                                          ropes=getattr(prefill, "kvtool_ropes", None))
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
             return _forward(model, ids[:, first:-1], cache), footprint, _warnings(cache)
         cache = CodecCache(model, assignment, mode="streaming", queries=queries)

@@ -55,7 +55,8 @@ __all__ = [
 
 #: Codec modules imported (in this order) to fill REGISTRY. A module that does not exist yet is skipped.
 _MODULES = ["none", "fp16", "fp8", "uniform", "kivi", "turboquant", "qjl", "polarquant", "streaming", "h2o",
-            "snapkv", "tova", "knorm", "expected", "age", "minicache", "lowrank", "pq", "vq"]
+            "snapkv", "tova", "knorm", "expected", "age", "minicache", "lowrank", "pq", "vq",
+            "quant.kvquant", "quant.outliers", "quant.smooth"]
 
 
 def _load_modules() -> None:
