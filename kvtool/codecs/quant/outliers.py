@@ -3,9 +3,9 @@
 KVQuant (Hooper et al., arXiv 2401.18079, §3.4 "Dense-and-Sparse Quantization"): a few per cent of the
 entries stretch the range every quantization group must cover; keeping them aside in 16 bits (with their
 indices) lets the dense remainder be quantized over a much narrower range. Here the ``frac`` largest
-``|x|`` of each KV head are kept, as fp16 values plus their flat index within the head (``uint16`` when a
-head holds at most 65,536 entries, else ``uint32``); both are stored and counted. The dense payload —
-``x`` with those entries set to 0 — goes to the next codec of a composition
+``|x|`` of each KV head are kept, as fp16 values plus their flat index within the head in 16 bits (its
+low 16 bits, with per-block counts of 65,536 entries where a head holds more); all are stored and
+counted. The dense payload — ``x`` with those entries set to 0 — goes to the next codec of a composition
 (``outliers:frac=0.01+turboquant:bits=3``), or is stored in fp16 when the stage stands alone.
 """
 
@@ -19,7 +19,10 @@ import numpy as np
 from kvtool.codecs.base import Encoded, Stage, register
 from kvtool.errors import CodecError
 
-IDX, VAL = "outlier_idx", "outlier_val"
+IDX, VAL, BLOCKS = "outlier_idx", "outlier_val", "outlier_blocks"
+#: Flat indices are stored as their low 16 bits; a head with more entries than this also stores how many of
+#: its outliers fall in each block of this many entries (uint32 counts), so an index costs 16 bits, not 32.
+BLOCK = 1 << 16
 
 
 def outlier_count(frac: float, per_head: int) -> int:
@@ -27,16 +30,15 @@ def outlier_count(frac: float, per_head: int) -> int:
     return min(per_head, math.ceil(frac * per_head)) if frac > 0 else 0
 
 
-def index_dtype(per_head: int) -> type:
-    return np.uint16 if per_head <= 1 << 16 else np.uint32
-
-
 def split_outliers(x: np.ndarray, frac: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``x`` ``(heads, tokens, d)`` → (``{outlier_idx, outlier_val}`` each ``(heads, k)``, dense ``x`` with
-    those entries zeroed)."""
+    """``x`` ``(heads, tokens, d)`` → (stored arrays, dense ``x`` with those entries zeroed). Stored:
+    ``outlier_val`` fp16 ``(heads, k)``, ``outlier_idx`` uint16 ``(heads, k)`` (each flat index within its
+    head, modulo 65,536, ascending) and, when a head holds more than 65,536 entries, ``outlier_blocks``
+    uint32 ``(heads, blocks)``: how many of the head's indices fall in each block of 65,536."""
     heads = x.shape[0]
     flat = x.reshape(heads, -1)
-    k = outlier_count(frac, flat.shape[1])
+    per_head = flat.shape[1]
+    k = outlier_count(frac, per_head)
     dense = flat.copy()
     if k == 0:
         return {}, dense.reshape(x.shape)
@@ -44,7 +46,21 @@ def split_outliers(x: np.ndarray, frac: float) -> tuple[dict[str, np.ndarray], n
     idx.sort(axis=1)
     vals = np.take_along_axis(flat, idx, axis=1).astype(np.float16)
     np.put_along_axis(dense, idx, 0.0, axis=1)
-    return {IDX: idx.astype(index_dtype(flat.shape[1])), VAL: vals}, dense.reshape(x.shape)
+    arrays = {IDX: (idx % BLOCK).astype(np.uint16), VAL: vals}
+    if per_head > BLOCK:
+        blocks = -(-per_head // BLOCK)
+        arrays[BLOCKS] = np.stack([np.bincount(row // BLOCK, minlength=blocks) for row in idx]).astype(np.uint32)
+    return arrays, dense.reshape(x.shape)
+
+
+def outlier_indices(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The flat indices ``(heads, k)`` int64 back from the stored low bits and block counts."""
+    low = arrays[IDX].astype(np.int64)
+    if BLOCKS not in arrays:
+        return low
+    counts = arrays[BLOCKS].astype(np.int64)  # (heads, blocks)
+    high = np.stack([np.repeat(np.arange(c.size), c) for c in counts])  # (heads, k)
+    return high * BLOCK + low
 
 
 def merge_outliers(arrays: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
@@ -52,7 +68,7 @@ def merge_outliers(arrays: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarr
     if IDX not in arrays:
         return dense
     out = np.ascontiguousarray(dense, dtype=np.float32).reshape(dense.shape[0], -1).copy()
-    np.put_along_axis(out, arrays[IDX].astype(np.int64), arrays[VAL].astype(np.float32), axis=1)
+    np.put_along_axis(out, outlier_indices(arrays), arrays[VAL].astype(np.float32), axis=1)
     return out.reshape(dense.shape)
 
 
@@ -61,7 +77,7 @@ def merge_outliers(arrays: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarr
 class Outliers(Stage):
     """``outliers:frac=0.01`` — keep each KV head's ``frac`` largest-magnitude entries in fp16 (indices
     counted), hand the rest to the next codec. Stored bits per element on top of the next codec's:
-    ``frac · (16 + 16 or 32)``, i.e. 0.32 at 1 % with 16-bit indices."""
+    ``frac · 32`` (0.32 at 1 %) plus 32 bits per block of 65,536 entries of a head."""
 
     name = "outliers"
     frac: float = 0.01
