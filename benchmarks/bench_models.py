@@ -74,26 +74,29 @@ def _outliers(analysis: dict) -> str:
 
 
 def write_markdown(models: list[str], args: argparse.Namespace) -> None:
-    lines = [f"Per model: `kvtool eval` on held-out text (Apache-2.0, --context {args.context}: a "
-             f"{args.context // 2}-token prompt, {args.context // 2 - 1} tokens scored), every row on one shared "
-             "exact pass; plans made by `kvtool plan` (attention objective, per layer, `plan` preset, "
-             f"--prescreen 4) on a {args.tokens}-token GPL-3 capture, so the plans never saw the scored text. "
-             "Bits: stored bits per element of the coded prompt, every byte counted. ± is the standard error "
-             "over scored tokens.", ""]
+    """One table per eval report ``models.<model>.eval*.json`` in the results folder (this script's run
+    writes ``models.<model>.eval.json``; further `kvtool eval --json` reports of the same model, saved as
+    ``models.<model>.eval.<what>.json``, are rendered beside it)."""
+    lines = ["Per model: `kvtool eval` (prefill, one 2,048-token chunk: a 1,024-token prompt coded, 1,023 tokens "
+             "scored), every row of a table on one shared exact pass; plans made by `kvtool plan` (attention "
+             "objective, per layer, `plan` preset, --prescreen 4) on a 2,048-token GPL-3 capture. Bits: stored "
+             "bits per element of the coded prompt, every byte counted. ± is the standard error over scored "
+             "tokens.", ""]
     for model in models:
-        report = json.loads((RESULTS / f"models.{model}.eval.json").read_text())
         analysis_path = RESULTS / f"models.{model}.analysis.json"
         note = _outliers(json.loads(analysis_path.read_text())) if analysis_path.is_file() else ""
-        lines += [f"### {model} ({report.get('model_architecture', '')}), exact ppl {report['ppl_exact']:.3f}"
-                  + (f"; {note}" if note else ""), "",
-                  "| method | bits | Δppl % | KLD | top-1 % |", "|---|---:|---:|---:|---:|"]
-        for m in report["methods"]:
-            lines.append(f"| `{m['label']}` | {m['bits_per_element']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
-                         f"{m['delta_ppl_pct_stderr']:.2f} | {m['kld_mean']:.4f} ± {m['kld_stderr']:.4f} | "
-                         f"{100 * m['top1_agreement']:.1f} |")
-            for w in m.get("warnings", []):
-                lines.append(f"|  ↳ warning: {w} | | | | |")
-        lines.append("")
+        lines += [f"### {model}" + (f" — {note}" if note else ""), ""]
+        for path in sorted(RESULTS.glob(f"models.{model}.eval*.json")):
+            report = json.loads(path.read_text())
+            lines += [f"{report['text']}, exact ppl {report['ppl_exact']:.3f} ({path.name}):", "",
+                      "| method | bits | Δppl % | KLD | top-1 % |", "|---|---:|---:|---:|---:|"]
+            for m in report["methods"]:
+                lines.append(f"| `{m['label']}` | {m['bits_per_element']:.3f} | {m['delta_ppl_pct']:+.2f} ± "
+                             f"{m['delta_ppl_pct_stderr']:.2f} | {m['kld_mean']:.4f} ± {m['kld_stderr']:.4f} | "
+                             f"{100 * m['top1_agreement']:.1f} |")
+                for w in m.get("warnings", []):
+                    lines.append(f"|  ↳ warning: {w} | | | | |")
+            lines.append("")
     (RESULTS / "models.md").write_text("\n".join(lines))
 
 
