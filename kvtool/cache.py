@@ -53,7 +53,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtool.codecs.assignment import Assignment
-from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Selector
+from kvtool.codecs.base import DEFAULT_OBSERVED, ROLES, Codec, Composed, Encoded, LayerContext, Selector
 from kvtool.codecs.planfile import Plan, load_plan
 from kvtool.codecs.structure.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
@@ -63,7 +63,7 @@ from kvtool.rope import RopeParams, rope_candidates
 
 MODES = ("prefill", "streaming")
 #: Default number of last query positions recorded per layer for the codecs' LayerContext.
-DEFAULT_QUERIES = 128
+DEFAULT_QUERIES = DEFAULT_OBSERVED
 #: Blocks with fewer elements than this are coded on one torch thread (see _threads_for).
 SMALL_BLOCK = 1 << 20
 
@@ -546,13 +546,18 @@ class CodecCache(Cache):
 
     @classmethod
     def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
-                   queries: Mapping[int, QueryRecord] | None = None) -> CodecCache:
+                   queries: Mapping[int, QueryRecord] | None = None,
+                   ropes: Mapping[int, RopeParams] | None = None) -> CodecCache:
         """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
 
         ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
-        ``queries``: per layer, the prompt's recorded queries for the codecs' context.
+        ``queries``: per layer, the prompt's recorded queries for the codecs' context; ``ropes``: per layer,
+        the RoPE the prefill really used (``kvtool.capture.run_and_record`` records it), which replaces the
+        model-wide one where a model has several (Gemma 3's local and global bases).
         """
         cache = cls(model, assignment, mode="prefill", queries=0)
+        for i, rope in (ropes or {}).items():
+            cache.layers[i].rope = rope
         for i, (layer, src) in enumerate(zip(cache.layers, source.layers, strict=True)):
             keys, values = src.keys, src.values
             if keys is None or keys.numel() == 0:

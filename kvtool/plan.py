@@ -433,6 +433,10 @@ def plan(
             for key, row in zip(("plan", "best_uniform"), scored["methods"], strict=False):
                 report["verify"][key]["eval"] = {k: row[k] for k in EVAL_KEYS if k in row}
             report["verify"]["eval"] = {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored")}
+            if sens is not None:  # the kld objective's sensitivities came from these very tokens
+                report["verify"]["warning"] = ("in-sample: the kld objective's sensitivities were measured on "
+                                               "the same --eval-text tokens this verification scores; score "
+                                               "the plan on held-out text with `kvtool eval --plan`")
     report["seconds"] = time.perf_counter() - started
     return json_safe(report)
 

@@ -131,3 +131,21 @@ def test_age_spec_in_a_plan_file(tmp_path: Path) -> None:
     layer0 = json.loads(result.stdout)["layers"][0]
     assert layer0["keys"]["spec"] == parse_spec(spec).for_role("keys").spec()
     assert layer0["kept_fraction"] == pytest.approx((2 + 64 + 117) / 300)  # sinks, fp16 band, half the rest
+
+
+def test_sink_is_the_first_positions_not_the_first_held_rows() -> None:
+    """A sliding-window layer holds its newest tokens: rows past position ``sink`` are no sinks, so they
+    are coded by their age band; a layer whose rows start at position 2 holds the 2 remaining sinks."""
+    x = fp16_tensor(600)
+    later = LayerContext(key_positions=np.arange(600) + 1000)
+    codec = parse_spec("age:bands=[0-16:fp16;16-:turboquant:bits=2],sink=4").fit(x, later)
+    enc = codec.encode(x)
+    assert "sink" not in enc.arrays
+    assert [b["tokens"] for b in codec.report(enc)["bands"]] == [16, 584]
+    assert np.abs(codec.decode(enc)[:, :4] - x[:, :4]).max() > 0  # the first rows are coded at 2 bits
+    near = LayerContext(key_positions=np.arange(600) + 2)
+    codec = parse_spec("age:bands=[0-16:fp16;16-:turboquant:bits=2],sink=4").fit(x, near)
+    enc = codec.encode(x)
+    assert enc.arrays["sink"].shape[1] == 2
+    np.testing.assert_array_equal(parse_spec(codec.spec()).decode(enc)[:, :2], x[:, :2])
+    assert [b["tokens"] for b in codec.report(enc)["bands"]] == [16, 582]

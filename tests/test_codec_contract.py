@@ -6,6 +6,7 @@ Adding a codec = one row in ``TABLE`` (a spec and its stored bits per element as
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -75,6 +76,13 @@ TABLE: list[tuple[str, object]] = [
     ("pq:m=8,bits=5,rotation=opq", lambda d, t: 8 * 5 / d),
     ("vq", lambda d, t: 8 * 4 / d),  # 4 stages of 8 bits
     ("vq:stages=3,bits=5", lambda d, t: 8 * 2 / d),
+    # KVQuant keys: token 0 in fp16; the rest per channel (fp16 scale+zero per channel), 1 % outliers kept
+    # as fp16 value + uint16 index
+    ("kvquant:bits=3,role=keys",
+     lambda d, t: (16 * d + (t - 1) * d * 3 + 32 * d + 32 * math.ceil(0.01 * (t - 1) * d)) / (t * d)),
+    ("kvquant:bits=4,role=values,outliers=0,sink=0", lambda d, t: 4 + 32 / d),
+    ("outliers:frac=0.01+uniform:bits=4", lambda d, t: 4 + 32 / d + 32 * math.ceil(0.01 * t * d) / (t * d)),
+    ("smooth:alpha=0.5+turboquant:bits=3", lambda d, t: 3 + 16 / d + 16 / t),  # + fp16 scale per channel
 ]
 
 # (spec template with {} for the bit width, bit widths in increasing order)
@@ -93,6 +101,8 @@ MONOTONE: list[tuple[str, list[object]]] = [
     ("lowrank:rank=32+turboquant:bits={}", list(range(1, 9))),
     ("pq:m=16,bits={}", [1, 2, 4, 6, 8]),
     ("vq:stages={},bits=6", [1, 2, 4]),
+    ("kvquant:bits={},role=keys", list(range(1, 9))),
+    ("outliers:frac=0.01+turboquant:bits={}", list(range(1, 9))),
 ]
 
 

@@ -235,9 +235,45 @@ def test_expected_takes_the_recorded_rope_and_partial_rotary() -> None:
     assert enc.meta["rope"] == 1 and via_rope.report(enc) == {"rope": "rotated"}
     ctx.rope_inv_freq = None
     plain = parse_spec("expected:keep=0.2").fit(keys, ctx)
-    assert plain.report(plain.encode(keys)) == {"rope": "none"}
+    report = plain.report(plain.encode(keys))
+    assert report["rope"] == "none" and "no single RoPE" in report["warning"]  # eval shows the warning
+    unrotated = parse_spec("expected:keep=0.2,future=0").fit(keys, ctx)
+    assert unrotated.report(unrotated.encode(keys)) == {"rope": "none"}  # asked for: nothing to warn about
     # partial rotary: the channels past 2·len(inv_freq) pass through the averaged rotation unchanged
     inv = torch.from_numpy(INV_FREQ[:4]) * 100
     r = mean_rotation(inv, torch.arange(10, 20), D, factor=1.0)
     torch.testing.assert_close(r[8:, 8:], torch.eye(D - 8, dtype=torch.float64))
     assert not torch.allclose(r[:8, :8], torch.eye(8, dtype=torch.float64))
+
+
+def test_sinks_are_positions_not_rows() -> None:
+    """A sliding-window layer holds its newest tokens only: the rows whose positions are past ``sink``
+    hold no sink, so none is protected; a cache starting at position 0 protects its first rows."""
+    keys, values, queries = layer(3)
+    held = context(keys, queries)
+    assert selection.sink_rows(4, held, T).nonzero()[0].tolist() == [0, 1, 2, 3]
+    held.key_positions = np.arange(T) + 1000  # the window of a sliding layer, later in the sequence
+    assert not selection.sink_rows(4, held, T).any()
+    held.query_positions = held.query_positions + 1000
+    scores = parse_spec("knorm:keep=0.1,sink=4").scores(keys, held)
+    kept = parse_spec("knorm:keep=0.1,sink=4").fit(keys, held).keep_mask(keys)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :kept.sum(axis=1)[0]]
+    assert all(set(np.nonzero(kept[h])[0]) == set(best[h]) for h in range(KV))  # no row protected
+
+
+def test_expected_leaves_sinks_out_of_the_softmax_and_skips_sink_queries() -> None:
+    """kvpress's form: the first ``sink`` positions are kept but take no share of any head's softmax (a
+    sink-heavy head then weighs as much as the others in its group's mean), and the queries at those
+    positions are left out of the statistics."""
+    keys, values, queries = layer(4, tq=T)
+    keys[:, 0] *= 20.0  # a loud sink: it would take most of every head's softmax
+    ctx = context(keys, queries)
+    scores = parse_spec("expected:keep=0.5,sink=1").scores(keys, ctx)
+    assert scores[:, 0].max() == 0.0 and np.isfinite(scores).all()
+    codec = parse_spec("expected:keep=0.5,sink=4")
+    obs = selection.observed("expected", ctx, T)
+    mu, _ = codec.statistics(obs, None)
+    assert torch.allclose(mu, obs.queries[:, 4:].double().mean(dim=1))
+    assert codec.observed_queries() is None and parse_spec("snapkv:keep=0.5").observed_queries() == 128
+    assert parse_spec("knorm:keep=0.5").observed_queries() == 0
+    assert parse_spec("expected:keep=0.5+turboquant:bits=3").observed_queries() is None

@@ -81,11 +81,40 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+#: The codec forms measured in the model (docs/FIDELITY.md, benchmarks/results/models.md) for ~3 stored bits:
+#: TurboQuant's recommended form where rotation evens the keys out (SmolLM2), KVQuant's per-channel pre-RoPE
+#: keys where the keys' outliers sit in a few fixed, very large channels (Gemma 3, where `plan` picks it for
+#: most layers).
+ROTATED_FORM = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"
+PER_CHANNEL_KEYS = "kvquant:bits=3"
+#: Median over layers of the keys' largest channel |max| over the median channel's: 4.7 on SmolLM2 (the
+#: rotated form wins in the model), 8.4 on Gemma 3 270M (per-channel keys win). Two models place this
+#: threshold; `plan` + `eval` decide for a new one.
+HEAVY_KEY_CHANNELS = 6.5
+
+
+def recommend_codec(rec: list[dict[str, Any]], key_peaks: list[float]) -> dict[str, str]:
+    """One ``--keys``/``--values`` pair for the whole file: keys per channel before RoPE (``kvquant``) when
+    at least half of the layers' keys quantize best per channel *and* their outlier channels are heavy
+    (median ``key_peaks`` — each layer's largest channel |max| over the median channel's — at least
+    :data:`HEAVY_KEY_CHANNELS`), else the rotated TurboQuant form; values in the rotated form (best so on
+    every model measured). A starting point: ``kvtool plan`` chooses per layer, ``kvtool eval`` judges."""
+    per_channel = sum(r["quantization"]["keys"]["scheme"] == "per-channel" for r in rec)
+    peak = float(np.median(key_peaks)) if key_peaks else 0.0
+    heavy = bool(rec) and 2 * per_channel >= len(rec) and peak >= HEAVY_KEY_CHANNELS
+    why = (f"keys quantize best per channel in {per_channel} of {len(rec)} layers, largest key channel "
+           f"{peak:.1f}× the median one")
+    return {"keys": PER_CHANNEL_KEYS if heavy else ROTATED_FORM, "values": ROTATED_FORM, "why": why}
+
+
 def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """File-level figures over the analysed layers (means, counts, the layers flagged for sharing)."""
+    """File-level figures over the analysed layers (means, counts, the layers flagged for sharing) and the
+    codec pair they point to (:func:`recommend_codec`)."""
     att = [e["attention"] for e in layers if e.get("attention")]
     rec = [e["recommendation"] for e in layers]
     return {
+        "codec": recommend_codec(rec, [max(e["outliers"]["keys"]["max_over_median"]) for e in layers
+                                       if e.get("outliers")]),
         "layers": len(layers),
         "mean_rank95": {n: _mean([float(np.mean(e["spectrum"][n]["per_head"]["rank95"])) for e in layers])
                         for n in ("keys", "values")},

@@ -87,6 +87,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"attention: sink mass {s['mean_sink_mass']:.2f}, "
                      f"local mass {s['mean_local_mass']:.2f}, 90 % of the mass in "
                      f"{s['mean_keep_fraction']:.0%} of the keys (mean over layers)")
+    if s.get("codec"):
+        c = s["codec"]
+        lines.append(f"codec to start from ({c['why']}): --keys {c['keys']} --values {c['values']}; "
+                     "refine with `kvtool plan` and judge with `kvtool eval`")
     shared = s["sharing_candidates"]
     lines.append(f"cross-layer sharing candidates (cosine ≥ 0.9 with the previous layer): "
                  f"{', '.join(map(str, shared)) if shared else 'none'}")

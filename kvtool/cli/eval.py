@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvtool.cli._app import (
@@ -161,3 +162,6 @@ def _render(r: dict[str, Any]) -> None:
                "of tokens not yet coded)")
     console.print(f"bits: stored bits per element of keys and values: {counted}; {r['seconds']:.1f} s",
                   highlight=False)
+    for i, m in enumerate(r["methods"], 1):
+        for note in m.get("warnings", []):
+            err_console.print(f"[yellow]warning:[/] method {i}: {escape(note)}", markup=True)

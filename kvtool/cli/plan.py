@@ -172,6 +172,8 @@ def render_plan(r: dict[str, Any]) -> None:
             gain = 1 - verify["plan"]["eval"]["kld_mean"] / verify["best_uniform"]["eval"]["kld_mean"]
             console.print(f"measured KLD {abs(gain):.1%} {'below' if gain >= 0 else 'above'} the best uniform "
                           "spec's")
+        if "warning" in verify:
+            console.print(f"[yellow]warning:[/] {escape(verify['warning'])}")
     if best is not None:
         console.print(f"best uniform: the candidate with the least predicted error that fits the budget, "
                       f"{escape(best['spec'])} for every layer and both roles")

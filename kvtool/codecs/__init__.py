@@ -59,7 +59,8 @@ _MODULES = ["compose.heads",
             "quant.polarquant",
             "select.streaming", "select.h2o", "select.snapkv", "select.tova", "select.knorm", "select.expected",
             "compose.age",
-            "structure.minicache", "structure.lowrank", "structure.pq", "structure.vq"]
+            "structure.minicache", "structure.lowrank", "structure.pq", "structure.vq",
+            "quant.kvquant", "quant.outliers", "quant.smooth"]
 
 
 def _load_modules() -> None:

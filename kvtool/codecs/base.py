@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
@@ -63,6 +63,8 @@ from kvtool.errors import CodecError
 from kvtool.rope import RopeParams
 
 ROLES = ("keys", "values")
+#: Last query positions of the prompt a query-reading codec gets by default (:meth:`Codec.observed_queries`).
+DEFAULT_OBSERVED = 128
 
 #: Every registered codec class, by name. Filled by :func:`register`; ``kvtool.codecs`` re-exports it.
 REGISTRY: dict[str, type[Codec]] = {}
@@ -226,6 +228,12 @@ class Codec(ABC):
         """
         return False
 
+    def observed_queries(self) -> int | None:
+        """How many of the prompt's last query positions :meth:`fit` wants in its context where a cache
+        records them (``kvtool eval``): 0 for a codec that reads no queries, ``None`` for all of them
+        (Expected Attention estimates its query statistics from the whole prompt, as kvpress does)."""
+        return DEFAULT_OBSERVED if self.uses_queries() else 0
+
     # -- streaming ----------------------------------------------------------------------------------
     def streaming_form(self) -> tuple[int, Codec]:
         """``(block, codec)`` for a cache that grows token by token (``CodecCache(mode="streaming")``).
@@ -253,6 +261,12 @@ class Codec(ABC):
         if state:
             raise CodecError(f"codec {self.name!r} has no shared state, got arrays {sorted(state)}")
         return self
+
+
+def most_queries(counts: Iterable[int | None]) -> int | None:
+    """The largest of :meth:`Codec.observed_queries` counts, ``None`` (all queries) above any number."""
+    counts = list(counts)
+    return None if any(c is None for c in counts) else max(counts, default=0)
 
 
 def format_value(value: object) -> str:
@@ -514,6 +528,9 @@ class Composed(Codec):
 
     def uses_queries(self) -> bool:
         return self.head.uses_queries() or self.tail.uses_queries()
+
+    def observed_queries(self) -> int | None:
+        return most_queries([self.head.observed_queries(), self.tail.observed_queries()])
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Codec:
         x = check_input(x)

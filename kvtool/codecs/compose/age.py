@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, register, split_top
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, most_queries, register, split_top
 from kvtool.codecs.spec import parse_spec
 from kvtool.errors import CodecError
 
@@ -97,7 +97,8 @@ class Age(Codec):
 
     Ages count back from the newest token (age 0); ``FROM-`` is every older token. The default bands are
     the newest 128 tokens in fp16, the next 1,024 at ``turboquant:bits=4``, older ones at ``bits=2``.
-    ``sink=n`` keeps the first n tokens in fp16. Stored arrays: each band's under ``band<i>.``, the sink rows
+    ``sink=n`` keeps the first n positions in fp16 (by position: a sliding-window layer whose held rows
+    start later holds fewer or none). Stored arrays: each band's under ``band<i>.``, the sink rows
     as ``sink``.
     """
 
@@ -133,27 +134,44 @@ class Age(Codec):
     def uses_queries(self) -> bool:
         return any(b.codec.uses_queries() for b in self._bands)
 
+    def observed_queries(self) -> int | None:
+        return most_queries(b.codec.observed_queries() for b in self._bands)
+
     # -- coding ----------------------------------------------------------------------------------------
-    def _parts(self, tokens: int) -> list[tuple[int, Band, slice]]:
-        """The bands that hold tokens in a tensor of ``tokens`` tokens, with their token slices."""
-        sink = min(self.sink, tokens)
+    def _parts(self, tokens: int, sink: int) -> list[tuple[int, Band, slice]]:
+        """The bands that hold tokens in a tensor of ``tokens`` tokens whose first ``sink`` rows are sinks,
+        with their token slices."""
+        sink = min(sink, tokens)
         parts = [(i, b, b.tokens(tokens, sink)) for i, b in enumerate(self._bands)]
         return [(i, b, s) for i, b, s in parts if s.stop > s.start]
+
+    def sink_rows(self, tokens: int, context: LayerContext | None) -> int:
+        """How many leading rows hold the first ``sink`` positions: on a sliding-window layer the held rows
+        start later than position 0, and hold fewer sinks or none."""
+        positions = context.key_positions if context is not None else None
+        if positions is None or len(positions) != tokens:
+            return min(self.sink, tokens)
+        return int((np.asarray(positions) < self.sink).sum())
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Age:
         x = check_input(x)
         super().fit(x, context)
-        for _, band, tokens in self._parts(x.shape[1]):
+        self._sink_rows = self.sink_rows(x.shape[1], context)
+        for _, band, tokens in self._parts(x.shape[1], self._sink_rows):
             band.codec.fit(x[:, tokens], _slice_context(context, tokens))
         return self
+
+    def _stored_sinks(self, enc: Encoded) -> int:
+        return int(enc.arrays[SINK].shape[1]) if SINK in enc.arrays else 0
 
     def encode(self, x: np.ndarray) -> Encoded:
         x = check_input(x)
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, int | float | str] = {}
-        if self.sink:
-            arrays[SINK] = x[:, : self.sink].astype(np.float16)
-        for i, band, tokens in self._parts(x.shape[1]):
+        sink = min(getattr(self, "_sink_rows", self.sink), x.shape[1])
+        if sink:
+            arrays[SINK] = x[:, :sink].astype(np.float16)
+        for i, band, tokens in self._parts(x.shape[1], sink):
             enc = band.codec.encode(x[:, tokens])
             arrays.update({_prefix(i) + k: v for k, v in enc.arrays.items()})
             meta.update({_prefix(i) + k: v for k, v in enc.meta.items()})
@@ -170,13 +188,13 @@ class Age(Codec):
         if SINK in enc.arrays:
             sink = enc.arrays[SINK]
             out[:, : sink.shape[1]] = sink.astype(np.float32)
-        for i, band, tokens in self._parts(enc.shape[1]):
+        for i, band, tokens in self._parts(enc.shape[1], self._stored_sinks(enc)):
             out[:, tokens] = band.codec.decode(self._band_encoded(enc, i, tokens))
         return out
 
     def token_mask(self, enc: Encoded) -> np.ndarray | None:
         masks = [(tokens, band.codec.token_mask(self._band_encoded(enc, i, tokens)))
-                 for i, band, tokens in self._parts(enc.shape[1])]
+                 for i, band, tokens in self._parts(enc.shape[1], self._stored_sinks(enc))]
         if all(m is None for _, m in masks):
             return None
         mask = np.ones(enc.shape[:2], dtype=bool)
@@ -188,7 +206,7 @@ class Age(Codec):
     def report(self, enc: Encoded) -> dict[str, object]:
         """Per band: its ages, tokens and stored bits per element."""
         rows = []
-        for i, band, tokens in self._parts(enc.shape[1]):
+        for i, band, tokens in self._parts(enc.shape[1], self._stored_sinks(enc)):
             part = self._band_encoded(enc, i, tokens)
             rows.append({"ages": band.text().split(":")[0], "tokens": tokens.stop - tokens.start,
                          "bits_per_element": part.bits_per_element()})

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import SPEC_FORMS, Codec, Encoded, LayerContext, check_input, split_top
+from kvtool.codecs.base import SPEC_FORMS, Codec, Encoded, LayerContext, check_input, most_queries, split_top
 from kvtool.errors import CodecError
 
 OPEN, CLOSE, SEP = "heads[", "]", "|"
@@ -84,6 +84,9 @@ class PerHead(Codec):
 
     def uses_queries(self) -> bool:
         return any(p.uses_queries() for p in self.parts)
+
+    def observed_queries(self) -> int | None:
+        return most_queries(p.observed_queries() for p in self.parts)
 
     def _check_heads(self, heads: int) -> None:
         if heads != len(self.parts):

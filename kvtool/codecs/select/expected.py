@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kvtool.codecs.base import Encoded, LayerContext, register
-from kvtool.codecs.select.selection import ScoredSelector, observed, per_kv_head
+from kvtool.codecs.select.selection import Observed, ScoredSelector, observed, per_kv_head, sink_rows
 from kvtool.errors import CodecError
 
 
@@ -49,7 +49,13 @@ class Expected(ScoredSelector):
     averaged over the query heads of each kv head and multiplied by ``‖v‖`` (``vnorm``). ``cov=false`` drops
     the covariance term; ``future=0`` uses the observed post-RoPE queries' statistics as they are, which is
     also what happens when the cache does not record the layer's RoPE frequencies (the compress report's
-    ``resolved`` says ``rope=none`` then). The first ``sink=4`` tokens are kept.
+    ``resolved`` says ``rope=none`` then, and ``kvtool eval`` warns).
+
+    As kvpress does: the statistics come from every observed query but those at the first ``sink`` positions
+    (their outliers would dominate a covariance), and ``kvtool eval`` records the whole prompt's queries for
+    it (:meth:`observed_queries`): a ``d × d`` covariance from only 128 queries inflates its top
+    eigenvalues. The first ``sink=4`` positions are kept and left out of the softmax, so a sink-heavy query
+    head weighs as much as the others in its group's average.
     """
 
     name = "expected"
@@ -64,6 +70,9 @@ class Expected(ScoredSelector):
         if self.future < 0:
             raise CodecError(f"future must be at least 0, got {self.future}")
 
+    def observed_queries(self) -> int | None:
+        return None  # all of the prompt's queries
+
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Expected:
         self._rotated = bool(self.future and _rope(context) is not None)
         super().fit(x, context)
@@ -74,16 +83,23 @@ class Expected(ScoredSelector):
         return own, rows, {**meta, "rope": int(getattr(self, "_rotated", False))}
 
     def report(self, enc: Encoded) -> dict[str, object]:
-        """Whether the query statistics were rotated to the future positions (``rope``)."""
-        return {"rope": "rotated" if enc.meta.get("rope") else "none"}
+        """Whether the query statistics were rotated to the future positions (``rope``); a ``warning``
+        when they were not though ``future`` asked for it."""
+        if enc.meta.get("rope"):
+            return {"rope": "rotated"}
+        if not self.future:
+            return {"rope": "none"}
+        return {"rope": "none", "warning": "expected: no single RoPE found for the layer, so its query "
+                "statistics were not rotated to the future positions (as future=0)"}
 
-    def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
-        obs = observed(self.name, context, keys.shape[1])
-        q = obs.queries.double()  # (q_heads, n, d)
-        rope = _rope(context) if self.future else None
+    def statistics(self, obs: Observed, rope: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(q_heads, d)`` and covariance ``(q_heads, d, d)`` of the future queries."""
+        q, qpos = obs.queries.double(), obs.query_positions  # (q_heads, n, d), (n,)
+        if (qpos >= self.sink).any():
+            q, qpos = q[:, qpos >= self.sink], qpos[qpos >= self.sink]
         if rope is not None:
             inv, factor = rope
-            pos = torch.from_numpy(obs.query_positions).double()
+            pos = torch.from_numpy(qpos).double()
             q = rope_rotate(q, -pos[:, None] * inv[None, :]) / factor  # back to pre-RoPE
         mu = q.mean(dim=1)  # (q_heads, d)
         centred = q - mu[:, None]
@@ -92,12 +108,20 @@ class Expected(ScoredSelector):
             start = int(obs.key_positions.max()) + 1
             r = mean_rotation(inv, torch.arange(start, start + self.future), q.shape[-1], factor)
             mu, sigma = mu @ r.T, r @ sigma @ r.T
+        return mu, sigma
+
+    def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
+        obs = observed(self.name, context, keys.shape[1])
+        mu, sigma = self.statistics(obs, _rope(context) if self.future else None)
         kv_heads, tokens, _ = keys.shape
-        group = q.shape[0] // kv_heads
+        group = mu.shape[0] // kv_heads
         k = torch.from_numpy(keys).double().repeat_interleave(group, dim=0)  # (q_heads, T, d)
         logits = obs.scaling * torch.einsum("htd,hd->ht", k, mu)
         if self.cov:
             logits += obs.scaling**2 / 2 * torch.einsum("htd,hde,hte->ht", k, sigma, k)
+        sinks = torch.from_numpy(sink_rows(self.sink, context, tokens))
+        if not sinks.all():  # sinks are kept anyway: out of the softmax, so they take no head's mass
+            logits[:, sinks] = -torch.inf
         scores = per_kv_head(torch.softmax(logits, dim=-1), kv_heads)  # (kv_heads, T)
         if self.vnorm:
             scores = scores * np.linalg.norm(self._values(keys, context), axis=-1)

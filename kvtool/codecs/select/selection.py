@@ -7,7 +7,8 @@ giving neither means ``keep=0.5``. Every head keeps exactly that many (with ``pe
 keeps ``heads × n`` in total, shared unevenly).
 
 Protected tokens are kept before any score is looked at, in this order of priority: the first ``sink``
-tokens (StreamingLLM's attention sinks), then the newest ones — the last ``recent`` tokens, and for
+positions of the sequence (StreamingLLM's attention sinks; by position, so a sliding-window layer whose
+held rows start later has none), then the newest ones — the last ``recent`` tokens, and for
 query-based selectors every key newer than the last observed query (no observed query could see it, so it
 is treated as a token appended after compression, as a serving cache would keep it). The rest of the
 budget goes to the highest scores. With ``tokens=n`` a budget below ``sink + recent`` is an error; with
@@ -117,7 +118,7 @@ class BudgetSelector(Selector):
         if recent:
             newest[-recent:] = True
         tier[newest] = _NEWEST
-        tier[: self.sink] = _SINK
+        tier[sink_rows(self.sink, context, x.shape[1])] = _SINK
         scores = self.scores(keys, context)  # (heads, T)
         self._mask = self._choose(scores, tier, n)
         _remember(self, keys, context, self._mask)
@@ -199,6 +200,15 @@ class ScoredSelector(BudgetSelector):
         flat = np.argsort(-ranked.ravel(), kind="stable")[:rest]  # the layer's best remaining scores
         mask.ravel()[flat] = True
         return mask
+
+
+def sink_rows(sink: int, context: LayerContext | None, tokens: int) -> np.ndarray:
+    """Boolean ``(tokens,)``: the rows holding the first ``sink`` positions of the sequence. A sliding-window
+    layer holds only its newest tokens, so its rows need not start at position 0 (and then hold no sink)."""
+    positions = context.key_positions if context is not None else None
+    if positions is None or len(positions) != tokens:
+        return np.arange(tokens) < sink
+    return np.asarray(positions, dtype=np.int64) < sink
 
 
 # ------------------------------------------------------------------------------------ selection memo
