@@ -47,7 +47,10 @@ def run_model(model: str, args: argparse.Namespace) -> None:
     cache = work / "capture.h5"
     kvtool("capture", "--model", model, "--text", str(ROOT / "samples" / "gpl-3.0.txt"), "--max-tokens",
            str(args.tokens), "--queries", "last:128", "--output", str(cache), "--force")
-    kvtool("analyze", str(cache), "--json", str(RESULTS / f"models.{model}.analysis.json"))
+    full = work / "analysis.json"
+    kvtool("analyze", str(cache), "--json", str(full))
+    (RESULTS / f"models.{model}.analysis.json").write_text(json.dumps(trim_analysis(json.loads(full.read_text())),
+                                                                      indent=1))
     plans = []
     for budget in args.budgets:
         plan = work / f"plan{budget:g}.json"
@@ -59,6 +62,17 @@ def run_model(model: str, args: argparse.Namespace) -> None:
     for spec in SPECS:
         cmd += ["--method", spec]
     kvtool(*cmd, *plans)
+
+
+def trim_analysis(analysis: dict) -> dict:
+    """The summary and, per layer, the key/value outlier figures the table quotes (the full report holds
+    per-channel arrays: about 1 MB per model)."""
+    keep = ("rms_max_over_median", "max_over_median", "recommended_axis", "recommended_scheme", "quant_rel_mse",
+            "rotation_helps")
+    layers = [{"layer": e["layer"], "outliers": {r: {k: e["outliers"][r][k] for k in keep}
+                                                  for r in ("keys", "values")},
+               "recommendation": e["recommendation"]} for e in analysis["layers"]]
+    return {"summary": analysis["summary"], "layers": layers}
 
 
 def _outliers(analysis: dict) -> str:

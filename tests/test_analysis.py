@@ -370,16 +370,15 @@ def test_json_safe_drops_nan_and_numpy_types() -> None:
 
 def test_codec_recommendation_follows_the_key_layout() -> None:
     """Keys that quantize best per channel with heavy outlier channels (Gemma 3) point to KVQuant's
-    per-channel pre-RoPE keys; milder ones (SmolLM2) to the rotated TurboQuant form; values to the rotated
-    form."""
-    from kvtool.analysis.recommend import PER_CHANNEL_KEYS, ROTATED_FORM, recommend_codec
+    per-channel pre-RoPE keys and light values; milder ones (SmolLM2) to the rotated TurboQuant form."""
+    from kvtool.analysis.recommend import LIGHT_VALUES, PER_CHANNEL_KEYS, ROTATED_FORM, recommend_codec
 
     def layer(scheme: str) -> dict:
         return {"quantization": {"keys": {"scheme": scheme}, "values": {"scheme": "rotate+per-token"}}}
 
     gemma = recommend_codec([layer("per-channel")] * 5 + [layer("rotate+per-token")], [8.4] * 6)
-    assert gemma["keys"] == PER_CHANNEL_KEYS and gemma["values"] == ROTATED_FORM and "5 of 6" in gemma["why"]
+    assert gemma["keys"] == PER_CHANNEL_KEYS and gemma["values"] == LIGHT_VALUES and "5 of 6" in gemma["why"]
     smol = recommend_codec([layer("per-channel")] * 6, [4.7] * 6)  # per channel, but mild outliers
-    assert smol["keys"] == ROTATED_FORM
+    assert smol["keys"] == ROTATED_FORM and smol["values"] == ROTATED_FORM
     assert recommend_codec([layer("rotate+per-token")] * 4 + [layer("per-channel")], [9.0] * 5)["keys"] \
         == ROTATED_FORM

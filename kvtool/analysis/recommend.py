@@ -81,12 +81,14 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-#: The codec forms measured in the model (docs/FIDELITY.md, benchmarks/results/models.md) for ~3 stored bits:
-#: TurboQuant's recommended form where rotation evens the keys out (SmolLM2), KVQuant's per-channel pre-RoPE
-#: keys where the keys' outliers sit in a few fixed, very large channels (Gemma 3, where `plan` picks it for
-#: most layers).
+#: The codec pairs measured in the model (docs/FIDELITY.md, benchmarks/results/models.md) at about 3 stored
+#: bits: TurboQuant's rotated form for keys and values where rotation evens the keys out (SmolLM2: KLD 0.006
+#: at 3.21 bits); where the keys' outliers sit in a few fixed, very large channels (Gemma 3), keys per
+#: channel before RoPE at 4 bits and values in the rotated form at 1.75 bits (KLD 0.0054 at 2.98 bits, where
+#: the rotated form gives 0.0147 at 3.08).
 ROTATED_FORM = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"
-PER_CHANNEL_KEYS = "kvquant:bits=3"
+PER_CHANNEL_KEYS = "kvquant:bits=4,outliers=0"
+LIGHT_VALUES = "turboquant:bits=1.75,center=true,sink=4,norm_bits=8,unbiased=true"
 #: Median over layers of the keys' largest channel |max| over the median channel's: 4.7 on SmolLM2 (the
 #: rotated form wins in the model), 8.4 on Gemma 3 270M (per-channel keys win). Two models place this
 #: threshold; `plan` + `eval` decide for a new one.
@@ -97,14 +99,17 @@ def recommend_codec(rec: list[dict[str, Any]], key_peaks: list[float]) -> dict[s
     """One ``--keys``/``--values`` pair for the whole file: keys per channel before RoPE (``kvquant``) when
     at least half of the layers' keys quantize best per channel *and* their outlier channels are heavy
     (median ``key_peaks`` — each layer's largest channel |max| over the median channel's — at least
-    :data:`HEAVY_KEY_CHANNELS`), else the rotated TurboQuant form; values in the rotated form (best so on
-    every model measured). A starting point: ``kvtool plan`` chooses per layer, ``kvtool eval`` judges."""
+    :data:`HEAVY_KEY_CHANNELS`) — then values at 1.75 bits in the rotated form, since such keys carry the
+    error — else the rotated TurboQuant form for both. A starting point: ``kvtool plan`` chooses per layer,
+    ``kvtool eval`` judges."""
     per_channel = sum(r["quantization"]["keys"]["scheme"] == "per-channel" for r in rec)
     peak = float(np.median(key_peaks)) if key_peaks else 0.0
     heavy = bool(rec) and 2 * per_channel >= len(rec) and peak >= HEAVY_KEY_CHANNELS
     why = (f"keys quantize best per channel in {per_channel} of {len(rec)} layers, largest key channel "
            f"{peak:.1f}× the median one")
-    return {"keys": PER_CHANNEL_KEYS if heavy else ROTATED_FORM, "values": ROTATED_FORM, "why": why}
+    if heavy:
+        return {"keys": PER_CHANNEL_KEYS, "values": LIGHT_VALUES, "why": why}
+    return {"keys": ROTATED_FORM, "values": ROTATED_FORM, "why": why}
 
 
 def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
