@@ -51,14 +51,14 @@ def grid_command(
 
     def work() -> None:
         from kvtool.errors import InputError
-        from kvtool.grid import ResultsStore, load_experiment
+        from kvtool.grid import ResultsStore, load_experiment, run_grid
         from kvtool.grid import dry_run as list_cells
-        from kvtool.grid import run_grid
 
         if retry_failed and not resume:
             raise InputError("--retry-failed goes with --resume")
         if resume and force:
             raise InputError("--resume keeps the earlier rows and --force deletes them: give one")
+        executor = None if dry_run else _executor(workers, ray, ray_cpus, ray_gpus, ray_memory)
         exp = load_experiment(experiment)
         store = ResultsStore(output or experiment.with_suffix(".results"))
         quiet = json_path is not None and str(json_path) == "-"
@@ -68,7 +68,6 @@ def grid_command(
             if not quiet:
                 _render_cells(cells)
             return
-        executor = _executor(workers, ray, ray_cpus, ray_gpus, ray_memory)
         summary = run_grid(exp, store, executor, resume=resume, force=force, retry_failed=retry_failed,
                            progress=None if quiet else _progress)
         write_json(vars(summary), json_path)

@@ -3,8 +3,8 @@
 Format (every key but ``models`` and ``texts``/``tasks`` optional)::
 
     name = "codecs-small"                  # default: the file's stem
-    models = ["default", "models/tiny"]    # a spec as `--model` takes it, or a table
-                                           # {spec = "...", dtype = "float32", device = "cpu", trust_remote_code = false}
+    models = ["default", "models/tiny"]    # a spec as `--model` takes it, or a table {spec = "...",
+                                           #   dtype = "float32", device = "cpu", trust_remote_code = false}
     texts = ["../samples/gpl-3.0.txt"]     # UTF-8 files; relative paths are relative to this file's folder
     # tasks = ["passkey"]                  # task cells (`kvtool eval --task`), instead of or beside texts
     contexts = [512]                       # `--context` of each cell (default [512])

@@ -195,9 +195,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _failed_table(rows: list[dict[str, Any]]) -> str:
-    body = "".join(f"<tr><td>{html.escape(str(r.get('model')))}</td><td>{html.escape(str(r.get('text') or r.get('task')))}"
-                   f"</td><td>{html.escape(str(r.get('method')))}</td><td>{html.escape(str(r.get('error')))}</td></tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+        r.get("model"), r.get("text") or r.get("task"), r.get("method"), r.get("error"))) + "</tr>" for r in rows)
     return f"<table><thead><tr><th>model</th><th>text/task</th><th>method</th><th>error</th></tr></thead>" \
            f"<tbody>{body}</tbody></table>"
 
