@@ -53,7 +53,7 @@ def test_inputs_of_every_kind(inputs, tmp_path):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps(eval_report))
     got = load_inputs([*inputs, path])
-    assert len(got.rows) == 4 and len(got.compress) == 1
+    assert len(got.rows) == 3 + 1 and len(got.compress) == 1
     assert rows_from_eval(eval_report, "eval.json")[0]["kld_mean"] == 0.1
     other = tmp_path / "budget.json"
     other.write_text(json.dumps({"kvtool_report": "budget"}))
@@ -62,37 +62,31 @@ def test_inputs_of_every_kind(inputs, tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
-def _task_row() -> dict:
-    """A task row as kvtool.tasks' runner would write it: accuracy per (length, depth), per method."""
-    cells = [{"length": n, "depth": d, "accuracy": a} for n, row in zip((1024, 2048), ((1, 1, .5), (1, .5, 0)))
-             for d, a in zip((0, 0.5, 1), row)]
-    return {"kind": "task", "status": "ok", "task": "passkey", "model": "tiny", "method": "m",
-            "report_json": json.dumps({"methods": [{"label": "exact", "cells": cells},
-                                                   {"label": "streaming", "cells": cells[::-1]}]})}
+def _task_report() -> dict:
+    """A task report as `kvtool eval --task` writes it (the fields the page reads): accuracy per
+    (length, depth), for the exact cache and one method."""
+    acc = {1024: (1, 1, 0.5), 2048: (1, 0.5, 0)}
+    cells = [{"length": n, "depth": d, "accuracy": acc[n][i]} for n in acc for i, d in enumerate((0, 0.5, 1))]
+    return {"kvtool_report": "task", "model": "tiny", "task": "passkey", "exact": {"label": "exact", "cells": cells},
+            "methods": [{"label": "streaming", "cells": cells[::-1]}]}
 
 
-def test_task_records_from_task_rows():
-    records = task_records([_task_row(), {"kind": "eval", "status": "ok"}])
-    assert len(records) == 12 and {r["method"] for r in records} == {"exact", "streaming"}
+def test_task_records_from_task_rows_and_reports():
+    row = {"kind": "task", "status": "ok", "report_json": json.dumps(_task_report())}
+    records = task_records([row, row, {"kind": "eval", "status": "ok"}])
+    assert len(records) == 12 and [r["method"] for r in records[::6]] == ["exact", "streaming"]
+    assert task_records([], [_task_report()]) == records
 
 
 @needs_chromium
-def test_report_renders_in_chromium_without_console_errors(inputs, tmp_path, monkeypatch):
-    import kvtool.grid.html as h
-
-    real = h.load_inputs
-
-    def with_task_row(paths):  # the tasks runner is another module's: its rows are simulated here
-        got = real(paths)
-        got.rows.append(_task_row())
-        return got
-
-    monkeypatch.setattr(h, "load_inputs", with_task_row)
+def test_report_renders_in_chromium_without_console_errors(inputs, tmp_path):
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(_task_report()))
     page = tmp_path / "report.html"
-    r = run("report", *inputs, "-o", page, "--json", tmp_path / "s.json")
+    r = run("report", *inputs, task, "-o", page, "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["ok"] == 3 and summary["failed"] == 1 and summary["compress_reports"] == 1
+    assert summary["ok"] == 2 and summary["failed"] == 1 and summary["compress_reports"] == 1
     text = page.read_text()
     assert "<script src=" not in text  # self-contained: plotly.js is inlined
     shown = render(page, tmp_path, screenshot=tmp_path / "shot.png")

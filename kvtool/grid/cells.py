@@ -185,6 +185,24 @@ def eval_fields(report: dict[str, Any]) -> dict[str, Any]:
 register_job("eval", _eval_check, _eval_run)
 
 
+# ------------------------------------------------------------------------------------------------ task
+# A task cell runs `kvtool eval --task` (kvtool.tasks, /work/notes/task_report_schema.md) with the cell's one
+# method; its runner returns task_fields(report). Registered by kvtool.tasks: register_job("task", ...).
+
+#: Headline fields of a task report's (only) method copied into a row; the exact cache's accuracy beside.
+TASK_METHOD_FIELDS = ("accuracy", "accuracy_low", "accuracy_high", "agreement", "bits_per_element", "seconds")
+
+
+def task_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """A row's result fields from a task report (``kvtool_report: "task"``) of one method."""
+    m = report["methods"][0]
+    out = {k: m.get(k) for k in TASK_METHOD_FIELDS}
+    out.update(exact_accuracy=report.get("exact", {}).get("accuracy"), model_source=report.get("model_source"),
+               model_architecture=report.get("model_architecture"), torch_dtype=report.get("model_dtype"),
+               report_json=json.dumps(report, sort_keys=True))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 

@@ -1,7 +1,8 @@
 """`kvtool report`: one self-contained static HTML page from grid results and kvtool JSON reports.
 
 Inputs: grid results folders (or one of their Parquet files), ``eval`` JSON reports (one row per method),
-``compress`` JSON reports (the per-layer error profile). The page holds, per model, a table of the cells and
+``task`` JSON reports (`kvtool eval --task`: the heatmaps), ``compress`` JSON reports (the per-layer error
+profile). The page holds, per model, a table of the cells and
 the KLD-vs-stored-bits frontier; a depth × length accuracy heatmap per task and method when task rows are
 present; one per-layer error profile per compress report; and the failed cells with their errors. Plots are
 plotly figures with plotly.js inlined once in the page, so it opens offline from a file or a CI artifact.
@@ -33,6 +34,7 @@ TABLE_COLUMNS = (("text", "text", "{}"), ("context", "context", "{}"), ("mode", 
 class ReportInputs:
     rows: list[dict[str, Any]] = field(default_factory=list)  # grid rows (eval and task cells)
     compress: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, compress report)
+    tasks: list[dict[str, Any]] = field(default_factory=list)  # task reports given as inputs
     sources: list[str] = field(default_factory=list)
 
 
@@ -57,9 +59,11 @@ def load_inputs(paths: Sequence[Path | str]) -> ReportInputs:
             out.compress.append((p.name, data))
         elif kind == "eval":
             out.rows += rows_from_eval(data, p.name)
+        elif kind == "task":
+            out.tasks.append(data)
         else:
             raise InputError(f"{p}: a JSON report of kind {kind!r}; `kvtool report` reads grid results, "
-                             f"eval and compress reports")
+                             f"eval, task and compress reports")
     return out
 
 
@@ -117,18 +121,23 @@ def frontier_figure(model: str, rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def task_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``{task, method, length, depth, accuracy}`` records of task rows: each row's report_json holds
-    ``methods[].cells[]`` with ``length``, ``depth`` and ``accuracy`` (kvtool.tasks' report)."""
-    out = []
-    for r in rows:
-        if r.get("kind") != "task" or r.get("status") != "ok" or not r.get("report_json"):
-            continue
-        report = json.loads(r["report_json"])
-        for m in report.get("methods", []):
-            for c in m.get("cells", []):
-                out.append({"task": r.get("task"), "model": r.get("model"), "method": m.get("label", r["method"]),
-                            "length": c.get("length"), "depth": c.get("depth"), "accuracy": c.get("accuracy")})
+def task_records(rows: list[dict[str, Any]], reports: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """``{task, model, method, length, depth, accuracy}`` records for the heatmaps, from task reports
+    (``kvtool_report: "task"``): ``reports`` given directly, and those kept in task rows' ``report_json``.
+    The exact cache comes first; a panel met twice (exact in every cell of a grid) is kept once."""
+    found = [json.loads(r["report_json"]) for r in rows
+             if r.get("kind") == "task" and r.get("status") == "ok" and r.get("report_json")]
+    out, seen = [], set()
+    for report in [*reports, *found]:
+        for m in [report.get("exact") or {}, *report.get("methods", [])]:
+            label = m.get("label", "exact")
+            key = (report.get("model"), report.get("task"), label)
+            if key in seen or not m.get("cells"):
+                continue
+            seen.add(key)
+            out += [{"task": report.get("task"), "model": report.get("model"), "method": label,
+                     "length": c.get("length"), "depth": c.get("depth"), "accuracy": c.get("accuracy")}
+                    for c in m["cells"]]
     return out
 
 
@@ -232,7 +241,7 @@ def build_html(inputs: ReportInputs, title: str = "kvtool report") -> str:
         sections.append(f"<h3>{html.escape(str(model))}</h3>")
         sections.append(fig_html(frontier_figure(str(model), rows)))
         sections.append(_table(rows))
-    records = task_records(inputs.rows)
+    records = task_records(inputs.rows, inputs.tasks)
     sections.append("<h2>Tasks</h2>")
     if records:
         for (model, task) in dict.fromkeys((r["model"], r["task"]) for r in records):
@@ -261,10 +270,10 @@ def write_report(paths: Sequence[Path | str], output: Path | str, title: str = "
     from kvtool.util import write_text_atomic
 
     inputs = load_inputs(paths)
-    if not inputs.rows and not inputs.compress:
+    if not inputs.rows and not inputs.compress and not inputs.tasks:
         raise InputError(f"nothing to report: {', '.join(inputs.sources)} hold(s) no rows")
     write_text_atomic(output, build_html(inputs, title))
     ok = [r for r in inputs.rows if r.get("status") == "ok"]
     return {"output": str(output), "rows": len(inputs.rows), "ok": len(ok), "failed": len(inputs.rows) - len(ok),
             "models": sorted({str(r.get("model")) for r in ok}), "compress_reports": len(inputs.compress),
-            "task_records": len(task_records(inputs.rows))}
+            "task_records": len(task_records(inputs.rows, inputs.tasks))}

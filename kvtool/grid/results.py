@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import InputError
-from kvtool.grid.cells import EVAL_METHOD_FIELDS, EVAL_REPORT_FIELDS
+from kvtool.grid.cells import EVAL_METHOD_FIELDS, EVAL_REPORT_FIELDS, TASK_METHOD_FIELDS
 from kvtool.util import note_output, os_error_reason
 
 RESULTS_VERSION = 1
@@ -42,12 +42,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     *((f, "int64" if f == "tokens_scored" else "float64") for f in EVAL_METHOD_FIELDS),
     ("model_source", "string"), ("model_architecture", "string"), ("chunks", "int64"),
     ("tokens_in_text", "int64"), ("scored_per_chunk", "int64"), ("seconds_exact", "float64"),
-    ("torch_dtype", "string"), ("worker", "string"), ("hostname", "string"), ("model_load_seconds", "float64"),
+    ("accuracy", "float64"), ("accuracy_low", "float64"), ("accuracy_high", "float64"), ("agreement", "float64"),
+    ("exact_accuracy", "float64"), ("torch_dtype", "string"), ("worker", "string"), ("hostname", "string"),
+    ("model_load_seconds", "float64"),
     ("wall_seconds", "float64"), ("started_at", "string"), ("finished_at", "string"),
     ("kvtool_version", "string"), ("transformers_version", "string"), ("torch_version", "string"),
     ("python_version", "string"), ("report_json", "string"),
 )
-assert {f for f, _ in COLUMNS} >= set(EVAL_REPORT_FIELDS)  # a missing column would drop a result silently
+# a field without a column would be dropped silently
+assert {f for f, _ in COLUMNS} >= {*EVAL_REPORT_FIELDS, *TASK_METHOD_FIELDS}
 
 
 def _pa() -> tuple[Any, Any]:
