@@ -150,6 +150,9 @@ def test_cli_exit_code_and_refusing_to_mix_runs(models, tmp_path):
     states = {c["method"]: c["state"] for c in json.loads(dry.stdout)["cells"]}
     assert states == {"bogus:bits=3": "finished failed", "none": "finished ok"}
     assert run("grid", exp, "--resume").exit_code == 0  # nothing left to run
+    again = run("grid", exp, "--resume", "--retry-failed", "--json", "-")
+    assert again.exit_code == 1 and json.loads(again.stdout)["failed"] == 1  # the bad cell ran again
+    assert_one_line_error(run("grid", exp, "--retry-failed"), "--retry-failed goes with --resume")
 
 
 # -- interruption, resume, local processes ------------------------------------------------------------------
