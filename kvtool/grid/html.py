@@ -105,15 +105,18 @@ def frontier_figure(model: str, rows: list[dict[str, Any]]) -> Any:
     for r in rows:
         if _finite(r.get("bits_per_element")) and _finite(r.get("kld_mean")) and r["kld_mean"] > 0:
             series.setdefault(f"{r['text']} · {r['context']} · {r['mode']}", []).append(r)
-    for name, pts in series.items():
+    from plotly.colors import qualitative
+
+    for i, (name, pts) in enumerate(series.items()):
+        color = qualitative.Plotly[i % len(qualitative.Plotly)]  # the front in its series' colour
         fig.add_trace(go.Scatter(
             x=[r["bits_per_element"] for r in pts], y=[r["kld_mean"] for r in pts], mode="markers", name=name,
-            text=[r["method"] for r in pts], legendgroup=name,
+            text=[r["method"] for r in pts], legendgroup=name, marker={"color": color, "size": 8},
             hovertemplate="%{text}<br>%{x:.3f} bits<br>KLD %{y:.5f}<extra></extra>"))
         front = pareto([(r["bits_per_element"], r["kld_mean"]) for r in pts])
         fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
-                                 line={"dash": "dash", "width": 1}, legendgroup=name, showlegend=False,
-                                 hoverinfo="skip"))
+                                 line={"dash": "dash", "width": 1, "color": color}, legendgroup=name,
+                                 showlegend=False, hoverinfo="skip"))
     fig.update_layout(title=f"{model}: KLD vs stored bits (lower left is better; dashed: Pareto front)",
                       xaxis_title="stored bits per element (keys and values)", yaxis_title="mean KLD (nats)",
                       yaxis_type="log", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
@@ -156,12 +159,13 @@ def heatmap_figure(title: str, records: list[dict[str, Any]]) -> Any:
             if r["method"] == m:
                 z[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
         fig.add_trace(go.Heatmap(z=z, x=[str(x) for x in lengths], y=[str(d) for d in depths], zmin=0, zmax=1,
-                                 colorscale="RdYlGn", showscale=i == len(methods),
+                                 colorscale="RdYlGn", showscale=i == len(methods), texttemplate="%{z:.2f}",
                                  hovertemplate="length %{x}<br>depth %{y}<br>accuracy %{z:.2f}<extra></extra>"),
                       row=1, col=i)
     fig.update_layout(title=title, height=360, margin={"l": 60, "r": 20, "t": 70, "b": 50})
     fig.update_xaxes(title_text="length (tokens)")
-    fig.update_yaxes(title_text="depth", col=1)
+    fig.update_yaxes(autorange="reversed")  # depth 0 (the start of the text) on top, as needle heatmaps read
+    fig.update_yaxes(title_text="needle depth", col=1)
     return fig
 
 
@@ -182,10 +186,10 @@ def layer_figure(name: str, report: dict[str, Any]) -> Any:
     spec = report.get("keys_spec", "")
     if report.get("values_spec") not in (None, spec):
         spec = f"K {spec} | V {report.get('values_spec')}"
-    fig.update_layout(title=f"{name}: {report.get('model', '')} · {spec} · "
-                            f"{report.get('total', {}).get('bits_per_element', float('nan')):.3f} bits",
-                      xaxis_title="layer", yaxis_title="error", height=380,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50}, legend={"orientation": "h", "y": -0.2})
+    bits = report.get("total", {}).get("bits_per_element", float("nan"))
+    fig.update_layout(title=f"{name}: {report.get('model', '')}, {bits:.3f} stored bits<br><sup>{spec}</sup>",
+                      xaxis_title="layer", yaxis_title="error", height=400,
+                      margin={"l": 60, "r": 20, "t": 70, "b": 50}, legend={"orientation": "h", "y": -0.2})
     return fig
 
 
