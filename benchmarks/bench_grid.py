@@ -77,6 +77,11 @@ def main() -> None:
                            base=ROOT)
     cells = len(exp.cells())
     runs: list[tuple[str, int, float, list[dict]]] = []
+    import torch
+
+    # one torch thread per worker everywhere (local processes and Ray actors get one): on a machine shared
+    # with other jobs, two OpenMP threads that spin for a core the other job holds ran a forward pass 10x slower
+    torch.set_num_threads(1)
     wall, rows = _timed(exp, ResultsStore(work / "inline"), InlineExecutor())
     runs.append(("1 worker (in process)", 1, wall, rows))
     wall, rows = _timed(exp, ResultsStore(work / "local2"), LocalExecutor(2))
@@ -110,8 +115,7 @@ def main() -> None:
               f"{ray_over:+.2f} s per cell; `ray.init(num_cpus=2)` itself took {ray_init:.1f} s (not in the "
               f"table). Overhead per cell = (wall × workers − Σ time inside cells) ÷ cells: worker start-up, "
               f"model loads (each worker loads the model of its cells once: \"model loads\" counts them), "
-              f"dispatch and result transfer. The in-process worker uses torch's default threads (2); each local "
-              f"process and Ray actor one thread."]
+              f"dispatch and result transfer. Every worker runs torch on one thread (the in-process one too)."]
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.screenshot:

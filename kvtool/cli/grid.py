@@ -21,10 +21,13 @@ def grid_command(
     workers: Annotated[int, typer.Option("--workers", "-w", help="Cells run at once: 1 runs them in this "
                                          "process; N > 1 starts N local worker processes (or N Ray actors "
                                          "with --ray). Each keeps its model loaded between cells.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch threads per local worker (default: "
+                                                "torch's choice with 1 worker, CPUs / N with N). On a machine "
+                                                "shared with other jobs, 1 thread can be much faster.")] = None,
     ray: Annotated[str | None, typer.Option("--ray", help="Run the cells as Ray actors: 'local' starts a Ray "
                                             "instance here, 'auto' joins this machine's cluster (RAY_ADDRESS "
                                             "or `ray start`), or a cluster ADDRESS (ray://head:10001). Needs "
-                                            "kvtool[ray].")] = None,
+                                            "kvtool\\[ray].")] = None,
     ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="CPUs each Ray actor reserves.")] = 1.0,
     ray_gpus: Annotated[float, typer.Option("--ray-gpus", help="GPUs each Ray actor reserves (0.5 shares a "
                                             "GPU between two actors). Set the models' device = \"cuda\" "
@@ -58,7 +61,7 @@ def grid_command(
             raise InputError("--retry-failed goes with --resume")
         if resume and force:
             raise InputError("--resume keeps the earlier rows and --force deletes them: give one")
-        executor = None if dry_run else _executor(workers, ray, ray_cpus, ray_gpus, ray_memory)
+        executor = None if dry_run else _executor(workers, threads, ray, ray_cpus, ray_gpus, ray_memory)
         exp = load_experiment(experiment)
         store = ResultsStore(output or experiment.with_suffix(".results"))
         quiet = json_path is not None and str(json_path) == "-"
@@ -82,16 +85,21 @@ def grid_command(
     run_guarded(work)
 
 
-def _executor(workers: int, ray: str | None, cpus: float, gpus: float, memory: str | None) -> Any:
+def _executor(workers: int, threads: int | None, ray: str | None, cpus: float, gpus: float,
+              memory: str | None) -> Any:
     from kvtool.errors import InputError
     from kvtool.grid import InlineExecutor, LocalExecutor, RayExecutor
 
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
     if ray is None:
         if gpus or memory or cpus != 1.0:
             raise InputError("--ray-cpus, --ray-gpus and --ray-memory go with --ray")
-        return InlineExecutor() if workers == 1 else LocalExecutor(workers)
+        return InlineExecutor(threads) if workers == 1 else LocalExecutor(workers, threads)
+    if threads is not None:
+        raise InputError("--threads is for local workers; a Ray actor uses its --ray-cpus")
     if cpus <= 0 or gpus < 0:
         raise InputError(f"--ray-cpus must be > 0 and --ray-gpus >= 0, got {cpus:g} and {gpus:g}")
     from kvtool.grid.executors import parse_memory

@@ -22,7 +22,7 @@ def report_command(
 ) -> None:
     """Render results as one static HTML page: per model a table and the KLD-vs-stored-bits frontier, task
     heatmaps (depth × length) when task rows are present, the per-layer error profile of each compress
-    report, and the failed cells with their errors. Needs kvtool[grid] (plotly, pyarrow)."""
+    report, and the failed cells with their errors. Needs kvtool\\[grid] (plotly, pyarrow)."""
 
     def work() -> None:
         from kvtool.grid.html import write_report

@@ -18,16 +18,21 @@ from kvtool.grid.cells import Cell, Worker, failed_row
 
 
 class InlineExecutor:
-    """One slot, in this process (``--workers 1``): no start-up cost, and a debugger sees the cells."""
+    """One slot, in this process (``--workers 1``): no start-up cost, and a debugger sees the cells.
+    ``threads``: torch threads (default: torch's own choice)."""
 
     size = 1
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.worker = Worker("local:0")
+        self.threads = threads
         self._cell: Cell | None = None
 
     def start(self) -> None:
-        pass
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
     def submit(self, slot: int, cell: Cell) -> None:
         self._cell = cell
