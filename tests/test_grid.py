@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = [str(REPO / "samples" / "apache-2.0.txt"), str(REPO / "samples" / "gpl-3.0.txt")]
 METHODS = ["turboquant:bits=3", "uniform:bits=4"]
 #: Fields that depend on timing or on where the cell ran, not on what it computed.
-VOLATILE = {"seconds", "seconds_exact", "worker", "hostname", "model_load_seconds", "wall_seconds", "started_at",
-            "finished_at", "report_json"}
+VOLATILE = {"seconds", "seconds_exact", "worker", "hostname", "model_loaded", "model_load_seconds", "wall_seconds",
+            "started_at", "finished_at", "report_json"}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,7 @@ def test_rows_equal_single_eval_runs(models, tmp_path):
     summary = run_grid(exp, ResultsStore(tmp_path / "g.results"), executor)
     assert summary.ok == 8 and summary.failed == 0
     assert executor.worker.loads == 2  # cells grouped by model: each model loaded once
+    assert sum(r["model_loaded"] for r in read_results(tmp_path / "g.results")) == 2
     rows = read_results(tmp_path / "g.results")
     assert len(rows) == 8
     for row in rows:
@@ -169,7 +170,7 @@ KILLED_METHODS = ["none", "turboquant:bits=3", "uniform:bits=4"]
 def reference(models, tmp_path_factory) -> dict[str, dict]:
     """The table of the interrupted runs' grid, run in one go."""
     d = tmp_path_factory.mktemp("reference")
-    exp = write_experiment(d / "g.toml", models, KILLED_METHODS, TEXTS[:1], contexts=(32, 48))
+    exp = write_experiment(d / "g.toml", models, KILLED_METHODS, TEXTS[:1])
     run_grid(load_experiment(exp), ResultsStore(d / "ref"), InlineExecutor())
     return stable(read_results(d / "ref"))
 
@@ -178,7 +179,7 @@ def reference(models, tmp_path_factory) -> dict[str, dict]:
 def test_a_killed_run_resumes_to_the_same_table(models, reference, tmp_path, sig, code, workers):
     """Killed in the middle (in this process, or with 2 local worker processes): the finished rows stay,
     nothing partial is left, and --resume completes the table equal to an uninterrupted run's."""
-    exp = write_experiment(tmp_path / "g.toml", models, KILLED_METHODS, TEXTS[:1], contexts=(32, 48))
+    exp = write_experiment(tmp_path / "g.toml", models, KILLED_METHODS, TEXTS[:1])
     results = tmp_path / "g.results"
     proc = subprocess.Popen([sys.executable, "-m", "kvtool", "grid", str(exp), "--workers", str(workers)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())

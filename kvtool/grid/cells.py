@@ -256,15 +256,16 @@ class Worker:
         """The cell's row: its configuration, ``status`` ok or failed (with ``error``), results, versions."""
         started = time.time()
         row: dict[str, Any] = {"cell_id": cell.cell_id, **cell.config(), "worker": self.name,
-                               "hostname": socket.gethostname(), **versions()}
+                               "hostname": socket.gethostname(), "model_loaded": False, **versions()}
         load_seconds = 0.0
         try:
             require_kind(cell.kind)
             job = JOBS[cell.kind]
             checked = job.check(cell)
-            t0 = time.perf_counter()
+            t0, loads = time.perf_counter(), self.loads
             loaded = self.model(cell.model)
             load_seconds = time.perf_counter() - t0
+            row["model_loaded"] = self.loads > loads
             row.update(job.run(cell, loaded, checked))
             row.update(status="ok", error=None)
         except Exception as exc:  # a KvtoolError, an out-of-memory error or a bug: the cell fails, not the grid

@@ -8,9 +8,11 @@ for its cell and is started again, so one crash (e.g. the kernel's OOM killer) c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 from kvtool.errors import InputError
@@ -62,6 +64,27 @@ def _process_main(conn: Any, name: str, threads: int | None) -> None:
         conn.send(worker.run(cell))
 
 
+#: Thread-pool sizes read by the BLAS and OpenMP runtimes when they load (numpy's and torch's), as Ray sets them.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int) -> Iterator[None]:
+    """The environment a spawned worker starts with: ``threads`` threads for every BLAS/OpenMP pool. The child
+    imports numpy before its first line runs, so torch.set_num_threads there alone would leave numpy's pool at
+    one thread per core, and N workers would oversubscribe the CPUs."""
+    old = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class LocalExecutor:
     """``size`` worker processes (multiprocessing, spawn: no fork of a process that holds torch threads).
 
@@ -89,7 +112,8 @@ class LocalExecutor:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_process_main, args=(child, f"local:{slot}", self.threads), daemon=True,
                            name=f"kvtool-grid-{slot}")
-        proc.start()
+        with _thread_env(self.threads):
+            proc.start()
         child.close()
         self._procs[slot], self._conns[slot] = proc, parent
 

@@ -119,7 +119,8 @@ def frontier_figure(model: str, rows: list[dict[str, Any]]) -> Any:
                                  showlegend=False, hoverinfo="skip"))
     fig.update_layout(title=f"{model}: KLD vs stored bits (lower left is better; dashed: Pareto front)",
                       xaxis_title="stored bits per element (keys and values)", yaxis_title="mean KLD (nats)",
-                      yaxis_type="log", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      yaxis_type="log", yaxis_exponentformat="power", height=420,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50},
                       legend={"orientation": "h", "y": -0.2})
     return fig
 

@@ -44,7 +44,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("tokens_in_text", "int64"), ("scored_per_chunk", "int64"), ("seconds_exact", "float64"),
     ("accuracy", "float64"), ("accuracy_low", "float64"), ("accuracy_high", "float64"), ("agreement", "float64"),
     ("exact_accuracy", "float64"), ("torch_dtype", "string"), ("worker", "string"), ("hostname", "string"),
-    ("model_load_seconds", "float64"),
+    ("model_loaded", "bool_"), ("model_load_seconds", "float64"),
     ("wall_seconds", "float64"), ("started_at", "string"), ("finished_at", "string"),
     ("kvtool_version", "string"), ("transformers_version", "string"), ("torch_version", "string"),
     ("python_version", "string"), ("report_json", "string"),
