@@ -57,6 +57,13 @@ def written_outputs() -> list[Path]:
     return list(_WRITTEN)
 
 
+def note_output(path: Path) -> None:
+    """Note ``path`` as finished output without writing it here (a folder whose parts are written atomically
+    one by one, such as a grid's results): an interruption then names it as kept."""
+    if path not in _WRITTEN:
+        _WRITTEN.append(path)
+
+
 def forget_outputs() -> None:
     _WRITTEN.clear()
 
