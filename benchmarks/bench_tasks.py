@@ -1,0 +1,162 @@
+"""Retrieval tasks with codecs in the cache (``kvtool eval --task passkey``), beside the KLD tables.
+
+The bundled SmolLM2-135M-Instruct, the passkey task over samples/gpl-3.0.txt, prompts of 1k, 2k and 4k tokens
+× depths 0, 0.25, 0.5, 0.75, 1 × ``--samples`` prompts per cell (seed 0), the exact cache and every method on
+one shared exact prefill per prompt (kvtool.tasks.run's protocol). One run per length, each saved as
+tasks.<length>.json as soon as it is done, so a run cut short still renders what it finished.
+
+torch runs on one thread: on a CPU shared with other jobs, two threads were 3-10x slower than one (measured
+on 2026-12-03: 1k prefill 34 s with 2 threads vs 10 s with 1, under a load average of ~16 on 2 cores).
+
+Run (about 35 minutes on 2 shared cores with --samples 2)::
+
+    .venv/bin/python benchmarks/bench_tasks.py [--samples 2] [--lengths 1k,2k,4k] [--from-json]
+
+Writes benchmarks/results/tasks.md, tasks.png (the heatmap) and tasks.<length>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RECOMMENDED = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"
+METHODS = [
+    RECOMMENDED, "turboquant:bits=3", "kivi:bits=2",
+    "streaming:keep=0.25", "snapkv:keep=0.25", "h2o:keep=0.25", "expected:keep=0.25",
+    "streaming:keep=0.5", "snapkv:keep=0.5", "h2o:keep=0.5", "expected:keep=0.5",
+]
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# KLD on GPL-3 from the eval benchmarks (prefill mode, 2k-token chunks, first half coded), per method:
+# (result file, label in it). Methods absent from both files show "-".
+KLD_SOURCES = {
+    RECOMMENDED: ("eval_fidelity.fid3.json", "tq3 center sink=4 norm8 unbiased seed 0"),
+    "turboquant:bits=3": ("evict_eval.gpl-3.0.json", "turboquant:bits=3"),
+    "kivi:bits=2": ("eval.gpl-3.0.json", "kivi:bits=2"),
+}
+
+
+def run(lengths: list[int], samples: int, task: str) -> None:
+    import torch
+
+    from kvtool.models import load_model
+    from kvtool.report import json_safe
+    from kvtool.tasks.run import run_tasks
+
+    torch.set_num_threads(1)
+    loaded = load_model("default")
+    for n in lengths:
+        t0 = time.perf_counter()
+        report = run_tasks(loaded, task, ROOT / "samples" / "gpl-3.0.txt", METHODS, lengths=[n], depths=DEPTHS,
+                           samples=samples, seed=0, labels=METHODS)
+        (RESULTS / f"tasks.{n}.json").write_text(json.dumps(json_safe(report), indent=1))
+        print(f"length {n}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report over every length (the per-length runs share seed, depths and methods)."""
+    from kvtool.tasks.scoring import summarize
+
+    first = reports[0]
+    items = [it for r in reports for it in r["items"]]
+    lengths = [n for r in reports for n in r["lengths"]]
+    depths = first["depths"]
+    exact_replies = [it["exact"] for it in items]
+    merged = dict(first, lengths=lengths, items=items, prompts=len(items),
+                  seconds=sum(r["seconds"] for r in reports))
+    merged["exact"] = {"label": "exact", **summarize(items, exact_replies, None, lengths, depths),
+                       "seconds": sum(r["exact"]["seconds"] for r in reports)}
+    methods = []
+    for m, meta in enumerate(first["methods"]):
+        replies = [it["methods"][m] for it in items]
+        methods.append({"label": meta["label"], **summarize(items, replies, exact_replies, lengths, depths),
+                        "bits_per_element": sum(r["methods"][m]["bits_per_element"] for r in reports) / len(reports),
+                        "seconds": sum(r["methods"][m]["seconds"] for r in reports)})
+    merged["methods"] = methods
+    return merged
+
+
+def kld_of(label: str) -> str:
+    source = KLD_SOURCES.get(label, ("evict_eval.gpl-3.0.json", label))
+    path = RESULTS / source[0]
+    if not path.exists():
+        return "-"
+    data = json.loads(path.read_text())
+    for report in ([data] if "methods" in data else [v for v in data.values() if isinstance(v, dict)]):
+        for m in report.get("methods", []):
+            if m["label"] == source[1]:
+                return f"{m['kld_mean']:.4f}"
+    return "-"
+
+
+def pct(p: float | None, low: float, high: float) -> str:
+    return "-" if p is None else f"{100 * p:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def write_markdown(report: dict) -> None:
+    lengths = report["lengths"]
+    n_cell = report["samples"]
+    lines = [
+        f"`kvtool.tasks.run_tasks` — task `{report['task']}` ({report['task_params']}) on samples/gpl-3.0.txt, "
+        f"the bundled SmolLM2-135M-Instruct, {report['template']} template, seed {report['seed']}: "
+        f"{len(lengths)} lengths x {len(report['depths'])} depths x {n_cell} prompt(s) per cell = "
+        f"{report['prompts']} prompts per method, greedy answers of at most {report['max_new_tokens']} tokens. "
+        "Each prompt is prefilled exactly once (minus its last token); each method codes that cache as in "
+        "prefill mode, then the last prompt token and the answer go through the coded cache. "
+        "Accuracy: exact match of the reply's first words; [a, b] is the Wilson 95 % interval over all "
+        f"{report['prompts']} prompts (per length: {len(report['depths']) * n_cell} prompts, intervals about "
+        "twice as wide, not shown). Agreement: same normalised reply as the exact cache. "
+        "KLD: mean next-token KL divergence vs exact on GPL-3 from the eval benchmarks (eval.md, "
+        "evict_eval.md, eval_fidelity.md; 2k-token chunks, first half coded) where that method was run.",
+        "",
+        "| method | bits | " + " | ".join(f"{n} acc %" for n in lengths)
+        + " | accuracy % [95 % CI] | agreement % [95 % CI] | KLD (eval) |",
+        "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|",
+    ]
+    for m in [report["exact"], *report["methods"]]:
+        per_length = []
+        for n in lengths:
+            cells = [c for c in m["cells"] if c["length"] == n]
+            k, t = sum(c["correct"] for c in cells), sum(c["n"] for c in cells)
+            per_length.append(f"{100 * k / t:.0f}" if t else "-")
+        bits = m.get("bits_per_element")
+        agree = pct(m["agreement"], m["agreement_low"], m["agreement_high"]) if "agreement" in m else "-"
+        lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | " + " | ".join(per_length)
+                     + f" | {pct(m['accuracy'], m['accuracy_low'], m['accuracy_high'])} | {agree} | "
+                     + ("-" if m["label"] == "exact" else kld_of(m["label"])) + " |")
+    lines += ["", "![passkey accuracy, depth x length, per method](tasks.png)", ""]
+    lines += ["Per cell (depth rows, length columns), correct of " + str(n_cell) + ":", ""]
+    for m in [report["exact"], *report["methods"]]:
+        cell = {(c["length"], c["depth"]): c["correct"] for c in m["cells"]}
+        row = "; ".join(f"d={d:g}: " + "/".join(str(cell.get((n, d), "-")) for n in lengths)
+                        for d in report["depths"])
+        lines.append(f"- `{m['label']}`: {row}")
+    lines += ["", f"Wall time {report['seconds'] / 60:.0f} min (one torch thread, 2 shared cores).", ""]
+    (RESULTS / "tasks.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1k,2k,4k")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--task", default="passkey")
+    parser.add_argument("--from-json", action="store_true", help="render from tasks.<length>.json already there")
+    args = parser.parse_args()
+    from kvtool.tasks import parse_lengths
+    from kvtool.tasks.plot import heatmap
+
+    lengths = parse_lengths(args.lengths)
+    if not args.from_json:
+        run(lengths, args.samples, args.task)
+    reports = [json.loads(p.read_text()) for n in lengths if (p := RESULTS / f"tasks.{n}.json").exists()]
+    merged = merge(reports)
+    write_markdown(merged)
+    heatmap(merged, RESULTS / "tasks.png")
+
+
+if __name__ == "__main__":
+    main()
