@@ -145,15 +145,24 @@ def passkey_prompts(smollm):
     from kvtool.tasks.run import load_haystack
 
     hay = load_haystack(smollm.tokenizer, GPL)
-    return hay, build_prompts(smollm.tokenizer, parse_task("passkey"), hay, [384], [0.5], 1, seed=0)
+    # seed 0, depth 0: a prompt the model answers with the exact cache (checked below)
+    return hay, build_prompts(smollm.tokenizer, parse_task("passkey"), hay, [384], [0.0], 1, seed=0)
 
 
 @pytest.mark.model
 def test_real_tokenizer_needle_at_depth(passkey_prompts, smollm):
     _, prompts = passkey_prompts
     p = prompts[0]
-    assert len(p.ids) == 384 and abs(p.needle_depth - 0.5) * (p.haystack_span[1] - p.haystack_span[0]) <= SNAP + 40
+    assert len(p.ids) == 384 and p.needle_position == p.haystack_span[0] and p.needle_depth == 0.0
     assert smollm.tokenizer.decode(p.ids[p.needle_position:p.needle_position + 8]).strip().startswith("The pass key")
+    hay = passkey_prompts[0]
+    for q in build_prompts(smollm.tokenizer, parse_task("multikey"), hay, [384, 2048], [0.25, 0.5, 0.75], 1):
+        first, end = q.haystack_span
+        filler = end - first - sum(q.needle_lengths)
+        before = sum(n for pos, n in zip(q.needle_positions, q.needle_lengths, strict=True) if pos < q.needle_position)
+        assert len(q.ids) == q.length
+        assert abs(q.needle_position - first - before - q.depth * filler) <= SNAP + 0.5
+        assert q.answer in smollm.tokenizer.decode(q.ids[q.needle_position:q.needle_position + q.needle_lengths[0]])
 
 
 @pytest.mark.model
@@ -165,8 +174,9 @@ def test_none_equals_exact_and_evicting_the_needle_fails(smollm, passkey_prompts
     needle = len(smollm.tokenizer(" The pass key is 00000. Remember it. 00000 is the pass key.",
                                   add_special_tokens=False)["input_ids"])
     drop_needle = f"droprange:start={p.needle_position},stop={p.needle_position + needle}"
-    drop_elsewhere = f"droprange:start={p.haystack_span[0]},stop={p.haystack_span[0] + needle}"
-    r = run_tasks(smollm, "passkey", hay, ["none", drop_needle, drop_elsewhere], lengths=[384], depths=[0.5],
+    later = p.needle_position + needle + 40
+    drop_elsewhere = f"droprange:start={later},stop={later + needle}"
+    r = run_tasks(smollm, "passkey", hay, ["none", drop_needle, drop_elsewhere], lengths=[384], depths=[0.0],
                   samples=1, seed=0)
     assert r["kvtool_report"] == "task" and r["items"][0]["needle_position"] == p.needle_position
     assert r["exact"]["accuracy"] == 1.0, r["items"]  # the model finds this needle with the exact cache
@@ -179,12 +189,12 @@ def test_none_equals_exact_and_evicting_the_needle_fails(smollm, passkey_prompts
 @pytest.mark.model
 def test_cli_task_report_plot_and_gate(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "heat.png"
-    res = cli_run("eval", "--task", "passkey", "--text", GPL, "--lengths", "320", "--depths", "0,1",
+    res = cli_run("eval", "--task", "passkey", "--text", GPL, "--lengths", "256", "--depths", "1",
                   "--method", "none", "--json", out, "--plot", png)
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
-    assert r["kvtool_report"] == "task" and r["prompts"] == 2 and r["methods"][0]["agreement"] == 1.0
-    assert png.stat().st_size > 1000 and "accuracy" in res.stdout.lower() or "acc" in res.stdout
+    assert r["kvtool_report"] == "task" and r["prompts"] == 1 and r["methods"][0]["agreement"] == 1.0
+    assert png.stat().st_size > 1000 and "acc %" in res.stdout
     ok = cli_run("check", out, "--min", "methods.*.agreement=1")
     assert ok.exit_code == 0, ok.output
     bad = cli_run("check", out, "--min", "exact.accuracy=1.01")
