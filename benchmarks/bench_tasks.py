@@ -8,7 +8,7 @@ tasks.<length>.json as soon as it is done, so a run cut short still renders what
 torch runs on one thread: on a CPU shared with other jobs, two threads were 3-10x slower than one (measured
 on 2026-12-03: 1k prefill 34 s with 2 threads vs 10 s with 1, under a load average of ~16 on 2 cores).
 
-Run (about 35 minutes on 2 shared cores with --samples 2)::
+Run (about 25 minutes for 1k and 2k with --samples 2 on 2 shared cores; 4k alone took longer than 25 min)::
 
     .venv/bin/python benchmarks/bench_tasks.py [--samples 2] [--lengths 1k,2k,4k] [--from-json]
 

@@ -20,7 +20,8 @@ def magic_needle(key: str, value: str, depth: float) -> Needle:
 
 def magic_question(key: str) -> tuple[str, str]:
     """(question, answer prefix) asking for ``key``'s number."""
-    return (f"What is the special magic number for {key} mentioned in the provided text?",
+    return (f"What is the special magic number for {key} mentioned in the provided text? "
+            "Answer with the number only.",
             f"The special magic number for {key} mentioned in the provided text is")
 
 

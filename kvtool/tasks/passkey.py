@@ -25,4 +25,4 @@ class Passkey(Task):
     def draw(self, rng: np.random.Generator, depth: float, words: Sequence[str]) -> TaskSample:
         key = number(rng, self.digits)
         needle = Needle(f"The pass key is {key}. Remember it. {key} is the pass key.", depth)
-        return TaskSample([needle], "What is the pass key?", key, "The pass key is")
+        return TaskSample([needle], "What is the pass key? Answer with the number only.", key, "The pass key is")

@@ -53,5 +53,5 @@ class VarTrack(Task):
                 needles.append(Needle(f"VAR {b} = VAR {a}.", float(rng.uniform())))
             if c == 0:
                 asked, answer = chain[-1], value
-        return TaskSample(needles, f"What is the numeric value of VAR {asked}?", answer,
-                          f"The numeric value of VAR {asked} is")
+        return TaskSample(needles, f"What is the numeric value of VAR {asked}? Answer with the number only.",
+                          answer, f"The numeric value of VAR {asked} is")
