@@ -214,3 +214,34 @@ def test_cli_bad_task_options_fail_before_the_model_loads():
     assert_one_line_error(cli_run("eval", "--task", "passkey", "--text", GPL, "--mode", "streaming"),
                           "prefill mode")
     assert_one_line_error(cli_run("eval", "--task", "passkey"), "--task needs --text")
+
+
+def _synthetic_report(exact_hits: list[bool], method_hits: list[bool]) -> dict:
+    from kvtool.report import header
+
+    items = [{"length": n, "depth": d, "answer": "1"} for n in (1024, 2048) for d in (0.0, 1.0)]
+    exact = [("1" if h else "2") for h in exact_hits]
+    replies = [("1" if h else "3") for h in method_hits]
+    method = {"label": "m", **summarize(items, replies, exact, [1024, 2048], [0.0, 1.0])}
+    report = header("task", model="x")
+    report.update({"task": "passkey", "seed": 0, "samples": 1, "lengths": [1024, 2048], "depths": [0.0, 1.0],
+                   "exact": {"label": "exact", **summarize(items, exact, None, [1024, 2048], [0.0, 1.0])},
+                   "methods": [method], **{k: v for k, v in method.items() if k.startswith(("accuracy", "agree"))}})
+    return report
+
+
+def test_heatmap_and_default_baseline_checks(tmp_path):
+    from kvtool.check import gate
+    from kvtool.tasks.plot import heatmap
+
+    good = _synthetic_report([True] * 4, [True] * 4)
+    worse = _synthetic_report([True] * 4, [True, False, False, False])
+    assert heatmap(good, tmp_path / "h.png").stat().st_size > 1000
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    assert gate(tmp_path / "good.json", baseline_path=tmp_path / "good.json", tolerance="10%").passed
+    result = gate(tmp_path / "worse.json", baseline_path=tmp_path / "good.json", tolerance="10%")
+    assert not result.passed and any("accuracy" in c.name for c in result.failed)
+    assert not any("exact.accuracy" in c.name for c in result.failed)  # exact did not change
+    with pytest.raises(InputError, match="cannot write"):
+        heatmap(good, tmp_path / "h.xyz")
