@@ -93,6 +93,26 @@ def kld_of(label: str) -> str:
     return "-"
 
 
+def kld_value(label: str) -> float | None:
+    text = kld_of(label)
+    return None if text == "-" else float(text)
+
+
+def disagreements(report: dict, gap: float = 0.2) -> list[str]:
+    """Pairs of methods where the KLD order and the task order disagree: a has the lower (better) KLD, b the
+    higher accuracy by at least ``gap``; marked (significant) when the Wilson intervals do not overlap."""
+    rows = [(m, kld_value(m["label"])) for m in report["methods"]]
+    rows = [(m, k) for m, k in rows if k is not None]
+    out = []
+    for a, ka in rows:
+        for b, kb in rows:
+            if ka < kb and b["accuracy"] - a["accuracy"] >= gap:
+                sig = " (significant: the intervals do not overlap)" if b["accuracy_low"] > a["accuracy_high"] else ""
+                out.append(f"- `{a['label']}` has the lower KLD ({ka:.4f} vs {kb:.4f}) but `{b['label']}` the higher "
+                           f"accuracy ({100 * b['accuracy']:.0f} % vs {100 * a['accuracy']:.0f} %){sig}")
+    return out
+
+
 def pct(p: float | None, low: float, high: float) -> str:
     return "-" if p is None else f"{100 * p:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
 
@@ -128,6 +148,10 @@ def write_markdown(report: dict) -> None:
         lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | " + " | ".join(per_length)
                      + f" | {pct(m['accuracy'], m['accuracy_low'], m['accuracy_high'])} | {agree} | "
                      + ("-" if m["label"] == "exact" else kld_of(m["label"])) + " |")
+    found = disagreements(report)
+    lines += ["", "Where the KLD order and the task order disagree (accuracy gap of 20 points or more):", ""]
+    lines += found or ["- nowhere: every method with the lower KLD also has the higher accuracy, or a gap "
+                       "under 20 points"]
     lines += ["", "![passkey accuracy, depth x length, per method](tasks.png)", ""]
     lines += ["Per cell (depth rows, length columns), correct of " + str(n_cell) + ":", ""]
     for m in [report["exact"], *report["methods"]]:

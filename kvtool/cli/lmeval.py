@@ -36,7 +36,7 @@ def lm_eval_command(
                                                    "configs, a kvtool header) to this file ('-' for stdout).")]
     = None,
 ) -> None:
-    """Run lm-evaluation-harness tasks with the codec in the cache (needs the extra kvtool[lmeval]).
+    """Run lm-evaluation-harness tasks with the codec in the cache (needs the extra kvtool\\[lmeval]).
 
     Loglikelihood requests: the context is prefilled and coded before the continuation is scored; generate_until:
     prefill, code, generate greedily. docs/TASKS.md describes the protocol; from Python, `import kvtool.lmeval`
