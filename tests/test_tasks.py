@@ -214,6 +214,8 @@ def test_cli_bad_task_options_fail_before_the_model_loads():
     assert_one_line_error(cli_run("eval", "--task", "passkey", "--text", GPL, "--mode", "streaming"),
                           "prefill mode")
     assert_one_line_error(cli_run("eval", "--task", "passkey"), "--task needs --text")
+    assert_one_line_error(cli_run("eval", "--method", "none"), "give --text")
+    assert_one_line_error(cli_run("eval", "--text", GPL, "--plot", "x.png"), "use it with --task")
 
 
 def _synthetic_report(exact_hits: list[bool], method_hits: list[bool]) -> dict:
