@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.kvtool-installed
 OUT    ?= out
 LOCK   := requirements/dev.lock
 # The extras the test environment installs (each one's tests run there); `make lock` locks the same set.
-EXTRAS := dev grid ray
+EXTRAS := dev grid ray lmeval
 # Where pip and uv find the CPU torch wheel: this kind of machine keeps it on disk; elsewhere the PyTorch CPU index.
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 UV_VERSION := 0.13.8

@@ -4,7 +4,7 @@ A check names a dotted path into a report (``total.attention_output_rel_error``)
 value must not rise above it) or ``--min`` (must not fall below it). ``*`` takes every item of a list (or
 every value of a mapping): ``layers.*.attention_output_rel_error`` checks each layer, and the check fails when
 any one does. A number in the path picks one list item (``layers.3.keys.rel_mse``). Nothing here knows a
-report's layout: every report kind kvtool writes (compress, analyze, eval, sweep, plan, budget) can be gated,
+report's layout: every report kind kvtool writes (compress, analyze, eval, sweep, plan, budget, task) can be gated,
 including kinds added later.
 
 The bound is a fixed number (``KEY=0.3``) or, with a baseline report, the baseline's value at the same path:
@@ -54,6 +54,8 @@ DEFAULT_BASELINE_CHECKS: dict[str, tuple[tuple[str, str], ...]] = {
                  (MAX, "total.attention_output_rel_error"), (MAX, "total.attention_output_rel_error_max")),
     # eval reports: the first method's figures at the top level (kvtool/evaluate.py), each with a stderr
     "eval": ((MAX, "delta_ppl_pct"), (MAX, "kld_mean"), (MIN, "top1_agreement")),
+    # task reports: the first method's accuracy and agreement with exact at the top level (kvtool/tasks/run.py)
+    "task": ((MIN, "accuracy"), (MIN, "agreement"), (MIN, "exact.accuracy")),
 }
 
 # Metric names whose better direction is known: a lower error, a higher agreement. Used to pick default

@@ -17,7 +17,7 @@ from kvtool._version import __version__
 
 #: The field naming a report's kind, and the kinds kvtool writes.
 KIND_FIELD = "kvtool_report"
-REPORT_KINDS = ("compress", "analyze", "eval", "sweep", "plan", "budget", "check")
+REPORT_KINDS = ("compress", "analyze", "eval", "sweep", "plan", "budget", "check", "task", "lmeval")
 
 
 def header(kind: str, *, model: str = "", model_source: str = "", model_architecture: str = "",

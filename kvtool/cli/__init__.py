@@ -11,7 +11,8 @@ import importlib
 
 from kvtool.cli._app import app, console, err_console, human_bytes, layer_progress, run_guarded, write_json
 
-_COMMANDS = ["capture", "inspect", "compress", "analyze", "eval", "sweep", "plan", "check", "budget", "grid", "report"]
+_COMMANDS = ["capture", "inspect", "compress", "analyze", "eval", "lmeval", "sweep", "plan", "check", "budget",
+             "grid", "report"]
 
 for _name in _COMMANDS:
     importlib.import_module(f"{__name__}.{_name}")

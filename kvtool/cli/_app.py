@@ -193,3 +193,20 @@ def layer_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], Non
                   TimeElapsedColumn(), console=err_console, transient=True, disable=quiet) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def assignments_from_options(methods: list[str] | None, keys: str | None, values: str | None
+                             ) -> tuple[list[Any], list[str]]:
+    """One Assignment per ``--method`` (``--keys``/``--values`` override its side), or one from
+    ``--keys`` and ``--values`` alone, with a label each. Specs are parsed here, so a bad one fails before
+    the model loads."""
+    from kvtool.codecs import parse_pair
+    from kvtool.codecs.assignment import Assignment
+
+    out, labels = [], []
+    for method in methods or [None]:
+        parse_pair(method, keys, values)
+        k, v = (keys or method or "").strip(), (values or method or "").strip()
+        out.append(Assignment.of(k, v))
+        labels.append(k if k == v else f"K {k} | V {v}")
+    return out, labels

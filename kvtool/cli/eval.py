@@ -18,6 +18,7 @@ from kvtool.cli._app import (
     OffloadFolderOption,
     TrustRemoteCodeOption,
     app,
+    assignments_from_options,
     console,
     err_console,
     human_bytes,
@@ -27,26 +28,10 @@ from kvtool.cli._app import (
 )
 
 
-def assignments_from_options(methods: list[str] | None, keys: str | None, values: str | None
-                             ) -> tuple[list[Any], list[str]]:
-    """One Assignment per ``--method`` (``--keys``/``--values`` override its side), or one from
-    ``--keys`` and ``--values`` alone, with a label each. Specs are parsed here, so a bad one fails before
-    the model loads."""
-    from kvtool.codecs import parse_pair
-    from kvtool.codecs.assignment import Assignment
-
-    out, labels = [], []
-    for method in methods or [None]:
-        parse_pair(method, keys, values)
-        k, v = (keys or method or "").strip(), (values or method or "").strip()
-        out.append(Assignment.of(k, v))
-        labels.append(k if k == v else f"K {k} | V {v}")
-    return out, labels
-
-
 @app.command("eval")
 def eval_command(
-    text: Annotated[Path, typer.Option("--text", "-t", help="UTF-8 text to score.")],
+    text: Annotated[Path | None, typer.Option("--text", "-t", help="UTF-8 text to score; with --task, the "
+                                              "haystack the prompts are drawn from.")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", help="Codec spec for keys and values; repeat "
                                                      "to compare several methods on one shared exact pass.")]
     = None,
@@ -74,6 +59,25 @@ def eval_command(
                                                     "per layer, head and role), scored like a method; "
                                                     "repeatable, and may be combined with --method.")]
     = None,
+    task: Annotated[str | None, typer.Option("--task", help="Run a retrieval task instead of scoring the text: "
+                                             "passkey, fact, multikey or vartrack (NAME:key=value,... for "
+                                             "parameters, e.g. multikey:keys=8); --text is the haystack. "
+                                             "See docs/TASKS.md.")] = None,
+    lengths: Annotated[str, typer.Option("--lengths", help="With --task: prompt lengths in tokens, comma-"
+                                         "separated (k = 1024).")] = "1k,2k,4k",
+    depths: Annotated[str, typer.Option("--depths", help="With --task: where the asked needle sits, fractions "
+                                        "of the haystack (0 = first, 1 = last).")] = "0,0.25,0.5,0.75,1",
+    samples: Annotated[int, typer.Option("--samples", help="With --task: prompts per (length, depth) cell.")]
+    = 1,
+    seed: Annotated[int, typer.Option("--seed", help="With --task: seed of the prompts (same seed, same "
+                                      "prompts and answers).")] = 0,
+    template: Annotated[str, typer.Option("--template", help="With --task: auto (the model's chat template when "
+                                          "it has one), chat, or plain text.")] = "auto",
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="With --task: most tokens "
+                                                       "generated per answer (default: the longest answer's "
+                                                       "tokens + 4).")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="With --task: write the depth x length accuracy "
+                                              "heatmap (one panel per method) to this PNG/SVG/PDF.")] = None,
 ) -> None:
     """Score a text with the exact cache and with each codec inside the model's cache.
 
@@ -81,7 +85,21 @@ def eval_command(
     of each is the prompt, the second half is scored teacher-forced. Reports ppl exact and compressed,
     Δppl and ln(ppl ratio) ± stderr, KLD (mean ± stderr, median, p90, p99, max), top-1 agreement, RMS Δp and
     the bits the codecs really store.
+
+    With --task: RULER-style retrieval prompts built from --text, the whole prompt coded as in prefill mode,
+    the answer generated greedily; accuracy per (length, depth) with Wilson 95 % intervals, for the exact
+    cache and each method, and each method's agreement with exact (docs/TASKS.md).
     """
+    if task is not None:
+        from kvtool.cli._tasks import task_command
+
+        task_command(task=task, text=text, methods=method, keys=keys, values=values, plans=plan, mode=mode,
+                     lengths=lengths, depths=depths, samples=samples, seed=seed, template=template,
+                     max_new_tokens=max_new_tokens, plot=plot, json_path=json_path, model=model,
+                     load_options={"dtype": model_dtype, "device": device, "device_map": device_map,
+                                   "max_memory": max_memory, "offload_folder": offload_folder,
+                                   "trust_remote_code": trust_remote_code})
+        return
 
     def work() -> None:
         from kvtool.cache import MODES
@@ -91,6 +109,10 @@ def eval_command(
 
         if mode not in MODES:
             raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if text is None:
+            raise InputError("give --text (the text to score), or --task NAME with --text as its haystack")
+        if plot is not None:
+            raise InputError("--plot draws a task heatmap; use it with --task")
         from kvtool.codecs.planfile import load_plan
 
         plans = [load_plan(p) for p in plan or []]  # a bad plan file fails before the model loads
