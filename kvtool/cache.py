@@ -59,6 +59,9 @@ from kvtool.codecs.base import ROLES, Codec, Composed, Encoded, LayerContext, Se
 from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
 from kvtool.rope import RopeParams
+from kvtool.runtime.backends import device_codec
+from kvtool.runtime.compact import CompactTrack, Segment
+from kvtool.runtime.device import DeviceCodec
 
 MODES = ("prefill", "streaming")
 ATTN_PREFIX = "kvtool_cache_"
@@ -165,22 +168,7 @@ class QueryRecord:
     scaling: float | None = None
 
 
-@dataclass
-class _Segment:
-    """One coded block: ``rows[b]`` is batch row b's Encoded; tokens ``start .. start + length``."""
-
-    start: int
-    length: int
-    rows: list[Encoded]
-    shared_bytes: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.rows) + self.shared_bytes
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
+_Segment = Segment  # one coded block (kvtool.runtime.compact.Segment)
 
 
 @dataclass
@@ -200,6 +188,22 @@ class _Track:
     precise: int = 0
     window_dtype: torch.dtype | None = None  # streaming: the 16-bit dtype precise tokens are held in
     segments: list[_Segment] = field(default_factory=list)
+    _coder: DeviceCodec | None = None
+
+    @property
+    def coder(self) -> DeviceCodec:
+        """The codec's device form (kvtool.runtime.backends): coding stays on the model's device."""
+        if self._coder is None or self._coder.codec is not self.codec:
+            self._coder = device_codec(self.codec)
+        return self._coder
+
+    def view(self) -> torch.Tensor:
+        """What attention reads: the working tensor ``(B, H, held, D)``."""
+        return self.buffer
+
+    def tokens(self, row: int, first: int, n: int) -> torch.Tensor:
+        """Batch row ``row``'s tokens at absolute positions ``first .. first + n``: ``(H, n, D)``."""
+        return self.buffer[row, :, first - self.start:first - self.start + n, :]
 
     @property
     def held(self) -> int:
@@ -242,20 +246,21 @@ class _Track:
     def code(self, n: int, context: Callable[[int, np.ndarray], LayerContext]) -> None:
         """Code the oldest ``n`` precise tokens as one segment and put their decoding in the buffer."""
         a, b, positions = self.span(n)
-        coded = []
-        for r, x in enumerate(self.rows(a, b)):
-            with _threads_for(x.size):
-                self.codec.fit(x, context(r, positions))
-                enc = self.codec.encode(x)
-                coded.append((enc, self.codec.decode(enc), _shared_bytes(self.codec)))
+        coder, coded = self.coder, []
+        for r in range(self.buffer.shape[0]):
+            x = self.buffer[r, :, a:b, :].float()
+            with _threads_for(x.numel()):
+                coder.fit(x, positions, (lambda r=r: context(r, positions)) if coder.needs_context else None)
+                enc = coder.encode(x)
+                coded.append((enc, coder.decode(enc), coder.shared_bytes()))
         self.store(a, b, coded)
 
-    def store(self, a: int, b: int, coded: list[tuple[Encoded, np.ndarray, int]]) -> None:
+    def store(self, a: int, b: int, coded: list[tuple[Encoded, np.ndarray | torch.Tensor, int]]) -> None:
         """Keep the ``(Encoded, decoding, shared-state bytes)`` of each batch row for buffer tokens ``a..b``."""
         masks = []
         for r, (enc, decoded, _) in enumerate(coded):
-            masks.append(self.codec.token_mask(enc))
-            _write(self.buffer[r, :, a:b, :], torch.from_numpy(decoded))
+            masks.append(self.coder.token_mask(enc))  # (H, b - a) bool tensor or None
+            _write(self.buffer[r, :, a:b, :], torch.as_tensor(decoded))
         self.segments.append(_Segment(self.start + a, b - a, [c[0] for c in coded], sum(c[2] for c in coded)))
         self.precise -= b - a
         if any(m is not None for m in masks):
@@ -263,7 +268,7 @@ class _Track:
                 self.mask = torch.ones(self.buffer.shape[:3], dtype=torch.bool, device=self.buffer.device)
             for r, m in enumerate(masks):
                 if m is not None:
-                    _write(self.mask[r, :, a:b], torch.from_numpy(np.asarray(m, dtype=bool)))
+                    _write(self.mask[r, :, a:b], m)
 
     def keep_last(self, n: int) -> None:
         """Sliding window: hold only the newest ``n`` tokens; drop segments that are entirely older."""
@@ -368,15 +373,17 @@ class CodecLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, compact: bool = False) -> None:
         CacheLayerMixin.__init__(self)  # not super(): in CodecSlidingLayer that is the sliding layer's init
-        self._init_args = (index, keys, values, mode, queries, sliding_window)
+        self._init_args = (index, keys, values, mode, queries, sliding_window, compact)
         self.index = index
         self.rope: RopeParams | None = None  # the model's rotary embedding, when one serves every layer
         self.mode = mode
+        self.compact = compact
         self.cumulative_length = 0
         self.window = sliding_window
-        self.tracks = {role: _Track(codec, codec.streaming_form()[0] if mode == "streaming" else 0)
+        track = CompactTrack if compact else _Track  # coded blocks + window only, or a decoded working copy
+        self.tracks = {role: track(codec, codec.streaming_form()[0] if mode == "streaming" else 0)
                        for role, codec in (("keys", keys), ("values", values))}
         if mode == "streaming":
             for track in self.tracks.values():
@@ -413,7 +420,7 @@ class CodecLayer(DynamicLayer):
                 while track.block and track.precise >= track.block:
                     self._code(track, track.block)
                 track.round_window(t)
-        keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        keys, values = self.tracks["keys"].view(), self.tracks["values"].view()
         self.returned_keep = self._joint_mask()
         self.mask_applied = self.returned_keep is None
         if self.window is not None:  # like DynamicSlidingWindowLayer: return all, hold window - 1
@@ -475,10 +482,9 @@ class CodecLayer(DynamicLayer):
 
         def context(row: int, positions: np.ndarray) -> LayerContext:
             rec = self.query_record
-            a = int(positions[0]) - keys_track.start
-            keys = keys_track.buffer[row, :, a:a + len(positions), :].float().cpu().numpy()
-            v = int(positions[0]) - values_track.start
-            values = values_track.buffer[row, :, v:v + len(positions), :].float().cpu().numpy()
+            first, n = int(positions[0]), len(positions)
+            keys = keys_track.tokens(row, first, n).float().cpu().numpy()
+            values = values_track.tokens(row, first, n).float().cpu().numpy()
             return LayerContext(
                 layer=self.index, role=role, key_positions=positions, keys=keys, values=values, rope=self.rope,
                 queries=rec.queries[row].numpy() if rec is not None else None,
@@ -534,8 +540,8 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
     is_sliding = True
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None) -> None:
-        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window)
+                 sliding_window: int | None = None, compact: bool = False) -> None:
+        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window, compact)
         self.sliding_window = sliding_window
         self.record_past = False
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
@@ -600,10 +606,15 @@ class CodecCache(Cache):
     ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
     attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,
     it installs kvtool's attention on that model (:func:`install_attention`).
+
+    ``compact=True`` holds only what the codecs store: per layer the coded blocks (on the model's device)
+    and the precise window, decoded for each attention call and freed after it
+    (:mod:`kvtool.runtime.compact`); it records queries only for codecs that read them, and in prefill
+    mode drops them once the prompt is coded. The model sees the same keys and values in both modes.
     """
 
     def __init__(self, model: Any, assignment: Any, *, mode: str = "prefill",
-                 queries: int = DEFAULT_QUERIES) -> None:
+                 queries: int = DEFAULT_QUERIES, compact: bool = False) -> None:
         from kvtool.capture import model_shape
 
         if mode not in MODES:
@@ -612,8 +623,11 @@ class CodecCache(Cache):
         shape = model_shape(config)
         self.assignment = _as_assignment(assignment, shape)
         self.mode = mode
+        self.compact = compact
         self.assignment.validate(shape.head_dim, shape.num_layers)
         kinds = _layer_kinds(config)
+        if compact and not any(self.assignment.codec(i, r).uses_queries() for i in range(len(kinds)) for r in ROLES):
+            queries = 0  # nothing reads them: a compact cache holds no query record
         layers: list[CodecLayer] = []
         for i, window in enumerate(kinds):
             codecs = {role: self.assignment.codec(i, role) for role in ROLES}
@@ -624,7 +638,7 @@ class CodecCache(Cache):
                 for codec in codecs.values():
                     codec.streaming_form()  # raises, naming the selectors that can stream
             cls = CodecLayer if window is None else CodecSlidingLayer
-            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window))
+            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window, compact))
         super().__init__(layers=layers)
         rope = _single_rope(model)
         for layer in layers:
@@ -636,13 +650,13 @@ class CodecCache(Cache):
 
     @classmethod
     def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
-                   queries: Mapping[int, QueryRecord] | None = None) -> CodecCache:
+                   queries: Mapping[int, QueryRecord] | None = None, compact: bool = False) -> CodecCache:
         """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
 
         ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
         ``queries``: per layer, the prompt's recorded queries for the codecs' context.
         """
-        cache = cls(model, assignment, mode="prefill", queries=0)
+        cache = cls(model, assignment, mode="prefill", queries=0, compact=compact)
         for i, (layer, src) in enumerate(zip(cache.layers, source.layers, strict=True)):
             keys, values = src.keys, src.values
             if keys is None or keys.numel() == 0:
@@ -686,6 +700,8 @@ class CodecCache(Cache):
                     layer._code(track, track.precise)
         for layer in live:
             layer._sync()
+            if self.compact and self.mode == "prefill":  # the prompt is coded: its queries are not needed again
+                layer.query_record, layer.max_queries = None, 0
 
     def _partner(self, layer: CodecLayer, role: str) -> CodecLayer | None:
         """The next layer, when ``layer``'s ``role`` codec is a cross-layer codec pairing it with that layer
