@@ -60,10 +60,13 @@ from kvtool.codecs.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
 from kvtool.rope import RopeParams
 from kvtool.runtime.backends import device_codec
+from kvtool.runtime.code_attention import attend_layer
 from kvtool.runtime.compact import CompactTrack, Segment
 from kvtool.runtime.device import DeviceCodec
 
 MODES = ("prefill", "streaming")
+#: How a compact cache's attention reads the coded blocks: decoded per layer, or from the codes.
+ATTENTION = ("decode", "codes")
 ATTN_PREFIX = "kvtool_cache_"
 #: Attention implementations whose mask kvtool can extend with a per-head key mask.
 MASKABLE = ("sdpa", "eager")
@@ -110,6 +113,8 @@ def _wrap(base_name: str) -> Callable[..., Any]:
                                       f"{base_name!r}; load it with attn_implementation='sdpa'")
                 attention_mask = _extend_mask(attention_mask, keep.to(query.device), query)
                 layer.mask_applied = True
+            if layer.awaiting_codes:  # a compact layer with attention="codes": it reads its own codes
+                return layer.attend(query, attention_mask, scaling, kwargs), None
         return base(module, query, key, value, attention_mask, **kwargs)
 
     return kvtool_attention
@@ -373,9 +378,12 @@ class CodecLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None, compact: bool = False) -> None:
+                 sliding_window: int | None = None, compact: bool = False, codes: bool = False) -> None:
         CacheLayerMixin.__init__(self)  # not super(): in CodecSlidingLayer that is the sliding layer's init
-        self._init_args = (index, keys, values, mode, queries, sliding_window, compact)
+        self._init_args = (index, keys, values, mode, queries, sliding_window, compact, codes)
+        self.codes = codes  # compact only: attention computed from the codes (kvtool.runtime.code_attention)
+        self.awaiting_codes = False
+        self._reading: tuple[CompactTrack, CompactTrack] | None = None  # what the pending attention call reads
         self.index = index
         self.rope: RopeParams | None = None  # the model's rotary embedding, when one serves every layer
         self.mode = mode
@@ -405,6 +413,9 @@ class CodecLayer(DynamicLayer):
         or for a sliding-window layer the window plus the new tokens)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.awaiting_codes:
+            raise KvtoolError("the model's attention did not go through kvtool's: attention from codes needs "
+                              "kvtool.cache.install_attention(model) (CodecCache(model, ...) does it)")
         if not self.mask_applied:
             raise KvtoolError("the model's attention did not apply kvtool's eviction mask: token selectors need "
                               "kvtool.cache.install_attention(model) (CodecCache(model, ...) does it) and a model "
@@ -420,7 +431,12 @@ class CodecLayer(DynamicLayer):
                 while track.block and track.precise >= track.block:
                     self._code(track, track.block)
                 track.round_window(t)
-        keys, values = self.tracks["keys"].view(), self.tracks["values"].view()
+        self.awaiting_codes = self.codes and any(t.segments for t in self.tracks.values())
+        if self.awaiting_codes:  # attention reads the codes itself (attend): hand it the precise windows only
+            self._reading = (self.tracks["keys"].snapshot(), self.tracks["values"].snapshot())
+            keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        else:
+            keys, values = self.tracks["keys"].view(), self.tracks["values"].view()
         self.returned_keep = self._joint_mask()
         self.mask_applied = self.returned_keep is None
         if self.window is not None:  # like DynamicSlidingWindowLayer: return all, hold window - 1
@@ -432,6 +448,19 @@ class CodecLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+               kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Attention output ``(B, Tq, Hq, D)`` from this compact layer's codes (kvtool's attention calls it
+        instead of the model's function when :attr:`awaiting_codes`)."""
+        self.awaiting_codes = False
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            raise KvtoolError("attention from codes supports plain softmax attention (no softcap, no learned "
+                              "sinks); use CodecCache(..., attention='decode')")
+        scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        keys, values = self._reading
+        self._reading = None
+        return attend_layer(keys, values, query, mask, scaling)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.window is None:
@@ -540,8 +569,8 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
     is_sliding = True
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None, compact: bool = False) -> None:
-        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window, compact)
+                 sliding_window: int | None = None, compact: bool = False, codes: bool = False) -> None:
+        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window, compact, codes)
         self.sliding_window = sliding_window
         self.record_past = False
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
@@ -611,14 +640,21 @@ class CodecCache(Cache):
     and the precise window, decoded for each attention call and freed after it
     (:mod:`kvtool.runtime.compact`); it records queries only for codecs that read them, and in prefill
     mode drops them once the prompt is coded. The model sees the same keys and values in both modes.
+    ``attention="codes"`` (compact only) computes attention from the codes where the codec allows it
+    (TurboQuant mse, uniform, KIVI: :mod:`kvtool.runtime.code_attention`), equal to the decoded path up
+    to float summation order; it installs kvtool's attention on the model.
     """
 
     def __init__(self, model: Any, assignment: Any, *, mode: str = "prefill",
-                 queries: int = DEFAULT_QUERIES, compact: bool = False) -> None:
+                 queries: int = DEFAULT_QUERIES, compact: bool = False, attention: str = "decode") -> None:
         from kvtool.capture import model_shape
 
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if attention not in ATTENTION:
+            raise InputError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention == "codes" and not compact:
+            raise InputError("attention='codes' reads a compact cache's codes: use compact=True with it")
         config = getattr(model, "config", model)
         shape = model_shape(config)
         self.assignment = _as_assignment(assignment, shape)
@@ -638,14 +674,15 @@ class CodecCache(Cache):
                 for codec in codecs.values():
                     codec.streaming_form()  # raises, naming the selectors that can stream
             cls = CodecLayer if window is None else CodecSlidingLayer
-            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window, compact))
+            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window, compact,
+                              attention == "codes"))
         super().__init__(layers=layers)
         rope = _single_rope(model)
         for layer in layers:
             layer.rope = rope
         self._prompt_pending = mode == "prefill"  # the first forward's tokens are coded once it is over
         self.evicts = any(can_evict(t.codec) for layer in layers for t in layer.tracks.values())
-        if self.evicts and hasattr(model, "set_attn_implementation"):
+        if (self.evicts or attention == "codes") and hasattr(model, "set_attn_implementation"):
             install_attention(model)
 
     @classmethod

@@ -114,3 +114,35 @@ def test_bundled_model_generates_the_same_tokens_in_both_modes(smollm, spec):
     assert stored == caches[0].stored_bytes()
     assert held_bytes(caches[1]) <= 1.15 * stored
     restore_attention(model)
+
+
+@pytest.mark.parametrize("kind,attn", [("llama-gqa", "sdpa"), ("llama-mqa", "eager"), ("mistral-sliding", "sdpa")])
+@pytest.mark.parametrize("spec", ["turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true",
+                                  "kivi:bits=2,group=4,residual=4", "h2o:keep=0.5+turboquant:bits=3", "fp8"])
+def test_attention_from_codes_in_the_model_equals_decoded_attention(kind, attn, spec):
+    model = tiny(kind, attn)
+    x = ids(40, seed=7)
+    cuts = (20, 21, 22, 30)  # decoding steps and a teacher-forced piece after the coded prompt
+    decoded, _ = _pieces(model, x, spec, compact=False, cuts=cuts)
+    restore_attention(model)
+    cache = CodecCache(model, spec, compact=True, attention="codes")
+    out, start = [], 0
+    with torch.inference_mode():
+        for stop in (*cuts, x.shape[1]):
+            out.append(forward(model, x[:, start:stop], cache))
+            start = stop
+    torch.testing.assert_close(torch.cat(out, 1), decoded, rtol=1e-4, atol=1e-4)
+    restore_attention(model)
+
+
+def test_attention_from_codes_generates_with_beams():
+    model = tiny()
+    x = ids(12)
+    with torch.inference_mode():
+        a = model.generate(x, max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False,
+                           **{generate_cache_kwarg(): CodecCache(model, "turboquant:bits=4", compact=True)})
+        b = model.generate(x, max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False,
+                           **{generate_cache_kwarg(): CodecCache(model, "turboquant:bits=4", compact=True,
+                                                                 attention="codes")})
+    assert torch.equal(a, b)
+    restore_attention(model)

@@ -196,3 +196,36 @@ def attend(query: torch.Tensor, keys: Sequence[tuple[Block, int]], key_window: t
         at += n
     out = out + probs[:, :, at:] @ value_window.float()
     return out.view(hq, tq, dim).to(query.dtype)
+
+
+#: Query positions per pass of :func:`attend_layer`: bounds the ``(Hkv, M, T)`` score tensor of a long
+#: teacher-forced piece.
+QUERY_CHUNK = 256
+
+
+def attend_layer(keys_track, values_track, query: torch.Tensor, mask: torch.Tensor | None,
+                 scaling: float) -> torch.Tensor:
+    """Attention of a compact layer (:class:`kvtool.runtime.compact.CompactTrack` keys and values) read
+    from codes: ``query`` ``(B, Hq, Tq, D)``, ``mask`` ``(B, 1|Hq, Tq, T)`` or None → ``(B, Tq, Hq, D)``,
+    the layout transformers' attention functions return."""
+    outs = []
+    for b in range(query.shape[0]):
+        keys = [(block_for(keys_track.coder, s.rows[b]), max(keys_track.start - s.start, 0))
+                for s in keys_track.segments]
+        values = [(block_for(values_track.coder, s.rows[b]), max(values_track.start - s.start, 0))
+                  for s in values_track.segments]
+        row_mask = None if mask is None else mask[b]
+        tq = query.shape[2]
+        pieces = []
+        for a in range(0, tq, QUERY_CHUNK):
+            e = min(a + QUERY_CHUNK, tq)
+            if row_mask is None and tq > 1:  # causal over the last tq positions: make it explicit per piece
+                total = keys_track.held
+                qpos = torch.arange(total - tq + a, total - tq + e, device=query.device)[:, None]
+                piece_mask = (torch.arange(total, device=query.device)[None, :] <= qpos)[None]
+            else:
+                piece_mask = None if row_mask is None else row_mask[:, a:e]
+            pieces.append(attend(query[b, :, a:e], keys, keys_track.buffer[b], values, values_track.buffer[b],
+                                 piece_mask, scaling))
+        outs.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(outs).transpose(1, 2).contiguous()

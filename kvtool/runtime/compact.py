@@ -171,6 +171,12 @@ class CompactTrack:
             return self.buffer[row, :, first - self.window_start:first - self.window_start + n]
         return self.view()[row, :, first - self.start:first - self.start + n]
 
+    def snapshot(self) -> CompactTrack:
+        """A shallow copy of what the track holds now (segments list, window, start): what an attention call
+        reads from codes after the layer has already cut a sliding window for the next step."""
+        return CompactTrack(self.codec, self.block, self.buffer, self.start, self.window_start, self.window_dtype,
+                            list(self.segments), self.dtype, self.coder)
+
     # -- housekeeping -------------------------------------------------------------------------------
     def keep_last(self, n: int) -> None:
         """Sliding window: hold only the newest ``n`` tokens; drop segments that are entirely older."""
