@@ -79,3 +79,37 @@ def unpackbits_rows(packed: torch.Tensor, count: int) -> torch.Tensor:
     shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.int64)
     bits = (packed.to(torch.int64)[:, :, None] >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :count].bool()
+
+
+def _unit_table(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
+    """``(2**unit_bits, codes_per_unit)`` table of ``values[code]`` for every packed unit: a byte for 1, 2
+    and 4 bits, 12 bits (4 codes) for 3 bits; with the unit's width and code count."""
+    unit_bits = 12 if bits == 3 else 8
+    per_unit = unit_bits // bits
+    units = torch.arange(1 << unit_bits, device=values.device)
+    codes = (units[:, None] >> (torch.arange(per_unit, device=values.device) * bits)) & ((1 << bits) - 1)
+    return values[codes], unit_bits, per_unit
+
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def unpack_lookup(packed: torch.Tensor, bits: int, count: int, values: torch.Tensor) -> torch.Tensor:
+    """``values[code]`` for the first ``count`` packed codes, ``(count,)`` in ``values``' dtype: one gather per
+    packed unit (a byte, or 12 bits at 3 bits) from a table of every unit's decoded codes, instead of
+    unpacking codes one by one (the reference's 3-bit trick, :func:`kvtool.codecs.turboquant.lookup`)."""
+    if bits not in (1, 2, 3, 4) or count % 8:
+        return values[unpack(packed, bits, count).long()]
+    key = (bits, values.data_ptr(), values.numel(), str(values.device), values.dtype)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        table = _TABLES[key] = _unit_table(values, bits)[0]
+    data = packed.reshape(-1)[: packed_size(count, bits)]
+    if bits == 3:
+        b = data.view(-1, 3).to(torch.int32)
+        units = torch.stack([b[:, 0] | ((b[:, 1] & 0xF) << 8), (b[:, 1] >> 4) | (b[:, 2] << 4)], dim=1).view(-1)
+    else:
+        units = data.to(torch.int32)
+    return torch.index_select(table, 0, units).view(-1)[:count]

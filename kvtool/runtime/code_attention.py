@@ -23,6 +23,7 @@ captured layers). :func:`attend` is what :class:`kvtool.CodecCache` calls with `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 
@@ -104,8 +105,9 @@ class GroupBlock(Block):
             return
         per_head, g, inner, pad = codec._layout((heads, self.quantized, dim))
         self.g, self.pad = g, pad
-        codes = bitpack.unpack(enc.arrays["codes"], codec.bits, heads * self.quantized * dim)
-        codes = codes.view(heads, self.quantized, dim).float()
+        levels = _levels(codec.bits, enc.arrays["codes"].device)
+        codes = bitpack.unpack_lookup(enc.arrays["codes"], codec.bits, heads * self.quantized * dim, levels)
+        codes = codes.view(heads, self.quantized, dim)
         if self.axis == "channel":  # (H, G, g, D) token groups; stats (H, G, D)
             if pad:
                 codes = torch.cat([codes, codes.new_zeros(heads, pad, dim)], dim=1)
@@ -150,6 +152,12 @@ class GroupBlock(Block):
         if self.residual is not None:
             out = out + p[:, :, self.quantized:] @ self.residual.float()
         return out
+
+
+@lru_cache(maxsize=32)
+def _levels(bits: int, device: torch.device) -> torch.Tensor:
+    """The integer codes ``0 .. 2**bits - 1`` as float32 (what a code lookup returns for group codes)."""
+    return torch.arange(1 << bits, dtype=torch.float32, device=device)
 
 
 def block_for(coder: DeviceCodec, enc: Encoded) -> Block:

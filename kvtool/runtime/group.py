@@ -1,13 +1,8 @@
 """Group-wise min/max quantizers (``uniform``, ``kivi``) in torch, code for code the numpy reference
 (:mod:`kvtool.codecs.group`): same groups, same fp16 statistics, same packed codes, same fp16 window.
-
-:func:`group_parts` exposes an Encoded's codes and per-group ``scale``/``zero`` as ``(heads, tokens, d)``-
-aligned tensors for attention from codes (:mod:`kvtool.runtime.code_attention`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -53,43 +48,24 @@ class GroupDevice(DeviceCodec):
         return {"codes": bitpack.pack(codes, c.bits), "scale": scale.reshape(-1), "zero": zero.reshape(-1)}
 
     def decode(self, enc: Encoded) -> torch.Tensor:
-        p = group_parts(self.codec, enc)
+        c = self.codec
+        heads, _, dim = enc.shape
+        quantized, _ = c._split(enc.shape)
         out = []
-        if p.tokens:
-            out.append(p.dequantize())
-        if p.residual is not None:
-            out.append(p.residual.float())
+        if quantized:
+            per_head, g, inner, pad = c._layout((heads, quantized, dim))
+            levels = torch.arange(1 << c.bits, dtype=torch.float32, device=enc.arrays["codes"].device)
+            codes = bitpack.unpack_lookup(enc.arrays["codes"], c.bits, heads * quantized * dim, levels)
+            scale, zero = (enc.arrays[k].float().view(heads, per_head, 1, inner) for k in ("scale", "zero"))
+            if c.quant_axis() == "token":  # (H, n, J, g) · stats (H, n, J, 1)
+                x = codes.view(heads, quantized, dim // g, g) * scale.view(heads, quantized, -1, 1)
+                out.append((x + zero.view(heads, quantized, -1, 1)).view(heads, quantized, dim))
+            else:  # (H, G, g, D) · stats (H, G, 1, D)
+                codes = codes.view(heads, quantized, dim)
+                if pad:
+                    codes = torch.cat([codes, codes.new_zeros(heads, pad, dim)], dim=1)
+                x = codes.view(heads, per_head, g, dim) * scale + zero
+                out.append(x.view(heads, -1, dim)[:, :quantized])
+        if "residual" in enc.arrays:
+            out.append(enc.arrays["residual"].float())
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
-
-
-@dataclass
-class GroupParts:
-    """A group-quantized Encoded: ``codes`` ``(heads, tokens, d)`` uint8, ``scale``/``zero`` float32
-    broadcast per element as ``(heads, tokens, d)`` views (expanded, not copied, where the groups allow),
-    and the fp16 ``residual`` window ``(heads, r, d)`` or None."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    residual: torch.Tensor | None
-    tokens: int
-
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale + self.zero
-
-
-def group_parts(codec: GroupQuantizer, enc: Encoded) -> GroupParts:
-    heads, total, dim = enc.shape
-    quantized, _ = codec._split(enc.shape)
-    residual = enc.arrays.get("residual")
-    if not quantized:
-        empty = torch.zeros(heads, 0, dim, device=residual.device)
-        return GroupParts(empty.to(torch.uint8), empty, empty, residual, 0)
-    per_head, g, inner, pad = codec._layout((heads, quantized, dim))
-    codes = bitpack.unpack(enc.arrays["codes"], codec.bits, heads * quantized * dim).view(heads, quantized, dim)
-    stats = [enc.arrays[k].float().view(heads, per_head, inner) for k in ("scale", "zero")]
-    if codec.quant_axis() == "token":  # groups of g channels: (heads, tokens, d // g) → each channel
-        stats = [s.view(heads, quantized, dim // g).repeat_interleave(g, dim=2) for s in stats]
-    else:  # groups of g tokens per channel: (heads, groups, d) → each token
-        stats = [s.repeat_interleave(g, dim=1)[:, :quantized] for s in stats]
-    return GroupParts(codes, stats[0], stats[1], residual, quantized)

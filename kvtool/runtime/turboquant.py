@@ -160,7 +160,9 @@ class Parts:
 
     def unit(self, centroids: torch.Tensor) -> torch.Tensor:
         """``(heads, tokens, d)`` float32: the coded unit directions in the rotated frame."""
-        return centroids[self.code_indices().long()]
+        heads = self.norms.shape[0]
+        count = heads * self.tokens * self.dim
+        return bitpack.unpack_lookup(self.codes, self.bits, count, centroids).view(heads, self.tokens, self.dim)
 
 
 def parts(codec: TurboQuant, enc: Encoded) -> Parts:
