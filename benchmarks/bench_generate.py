@@ -112,7 +112,7 @@ def mib(n: float | None) -> str:
     return "–" if n is None else f"{n / 2**20:.2f}"
 
 
-def render(results: list[dict], new_by_length: dict[int, int]) -> str:
+def render(results: list[dict]) -> str:
     lines = ["# Generating with a codec in the cache: held memory and decode speed", "",
              "`benchmarks/bench_generate.py`: the bundled SmolLM2-135M (float32, CPU, 2 threads on a shared "
              "2-core machine), prompt from the bundled sample texts, greedy decoding one token per forward "
@@ -123,7 +123,7 @@ def render(results: list[dict], new_by_length: dict[int, int]) -> str:
         rows = [r for r in results if r["length"] == length]
         dyn = next((r for r in rows if r["kind"] == "dynamic"), None)
         q4 = next((r for r in rows if r["kind"] == "quanto" and "int4" in r["row"]), None)
-        lines += [f"## prompt {length} tokens, {new_by_length[length]} generated", "",
+        lines += [f"## prompt {length} tokens, {rows[0]['new']} generated", "",
                   "| row | held after prompt MiB | held at end MiB | stored at end MiB | held ÷ stored | "
                   "held at end ÷ DynamicCache | decode tok/s | tok/s ÷ quanto int4 | prompt s | "
                   "peak RSS MiB (model loaded) |",
@@ -175,8 +175,8 @@ def main() -> None:
             print(f"{length:>5} {result['row']:<55} held {mib(result['held_end'])} MiB  "
                   f"{result['decode_tok_s']:.2f} tok/s", flush=True)
             raw.write_text(json.dumps(results, indent=1))
-            args.output.write_text(render(results, new_by_length))
-    args.output.write_text(render(results, new_by_length))
+            args.output.write_text(render(results))
+    args.output.write_text(render(results))
 
 
 if __name__ == "__main__":

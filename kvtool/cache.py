@@ -670,6 +670,9 @@ class CodecCache(Cache):
             for codec in codecs.values():
                 if isinstance(codec, PairCodec):
                     codec.check_layers(len(kinds))
+                    if compact:
+                        raise InputError(f"compact=True cannot hold the cross-layer codec {codec.name!r} (a "
+                                         "layer's blocks would decode from another layer's); use compact=False")
             if mode == "streaming":
                 for codec in codecs.values():
                     codec.streaming_form()  # raises, naming the selectors that can stream

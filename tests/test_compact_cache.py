@@ -3,6 +3,8 @@ the cache holds what its codecs store, counted from the outside (kvtool.runtime.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_cache import dynamic, forward, ids, tiny  # tests/ is on sys.path
@@ -31,8 +33,11 @@ def _pieces(model, x, spec, compact, mode="prefill", cuts=(13, 20, 21, 22)):
     return torch.cat(out, dim=1), cache
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "llama-mqa", "mistral-sliding"])
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+CASES = [("llama-gqa", s) for s in SPECS] + [(k, s) for k in ("llama-mqa", "mistral-sliding") for s in SPECS[1:3]] \
+    + [("mistral-sliding", SPECS[6])]
+
+
+@pytest.mark.parametrize("kind,spec", CASES, ids=str)
 def test_compact_gives_the_decoded_caches_logits(kind, spec):
     model = tiny(kind)
     x = ids(30, seed=2)
@@ -48,8 +53,7 @@ def test_compact_gives_the_decoded_caches_logits(kind, spec):
     restore_attention(model)
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "mistral-sliding"])
-@pytest.mark.parametrize("spec", STREAMING)
+@pytest.mark.parametrize("kind,spec", [("llama-gqa", s) for s in STREAMING] + [("mistral-sliding", STREAMING[2])])
 def test_compact_streaming_gives_the_decoded_caches_logits(kind, spec):
     model = tiny(kind)
     x = ids(26, seed=3)
@@ -96,17 +100,16 @@ def test_compact_holds_the_stored_bytes_and_little_else():
 
 @pytest.mark.model
 @pytest.mark.parametrize("spec", ["turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true",
-                                  "kivi:bits=2", "uniform:bits=4,group=32", "fp8",
-                                  "h2o:keep=0.5+turboquant:bits=3", "turboquant:bits=3,variant=prod"])
+                                  "kivi:bits=2", "fp8", "h2o:keep=0.5+turboquant:bits=3"])
 def test_bundled_model_generates_the_same_tokens_in_both_modes(smollm, spec):
     model, tok = smollm.model, smollm.tokenizer
-    text = open("samples/apache-2.0.txt").read()[:2000]
-    x = tok(text, return_tensors="pt").input_ids[:, :300]
+    text = (Path(__file__).resolve().parents[1] / "samples" / "apache-2.0.txt").read_text()[:2000]
+    x = tok(text, return_tensors="pt").input_ids[:, :200]
     out, caches = [], []
     with torch.inference_mode():
         for compact in (False, True):
             cache = CodecCache(model, spec, compact=compact)
-            out.append(model.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+            out.append(model.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                       **{generate_cache_kwarg(): cache}))
             caches.append(cache)
     assert torch.equal(out[0], out[1])
@@ -116,9 +119,12 @@ def test_bundled_model_generates_the_same_tokens_in_both_modes(smollm, spec):
     restore_attention(model)
 
 
-@pytest.mark.parametrize("kind,attn", [("llama-gqa", "sdpa"), ("llama-mqa", "eager"), ("mistral-sliding", "sdpa")])
-@pytest.mark.parametrize("spec", ["turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true",
-                                  "kivi:bits=2,group=4,residual=4", "h2o:keep=0.5+turboquant:bits=3", "fp8"])
+@pytest.mark.parametrize("kind,attn,spec", [
+    ("llama-gqa", "sdpa", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"),
+    ("llama-gqa", "sdpa", "kivi:bits=2,group=4,residual=4"), ("llama-gqa", "sdpa", "fp8"),
+    ("llama-mqa", "eager", "h2o:keep=0.5+turboquant:bits=3"), ("llama-mqa", "eager", "kivi:bits=2,group=4,residual=4"),
+    ("mistral-sliding", "sdpa", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"),
+    ("mistral-sliding", "sdpa", "kivi:bits=2,group=4,residual=4")])
 def test_attention_from_codes_in_the_model_equals_decoded_attention(kind, attn, spec):
     model = tiny(kind, attn)
     x = ids(40, seed=7)
@@ -146,3 +152,15 @@ def test_attention_from_codes_generates_with_beams():
                                                                  attention="codes")})
     assert torch.equal(a, b)
     restore_attention(model)
+
+
+def test_compact_refuses_cross_layer_codecs_and_codes_without_compact():
+    from kvtool.errors import InputError
+
+    model = tiny()
+    with pytest.raises(InputError, match="cross-layer codec 'minicache'"):
+        CodecCache(model, "minicache", compact=True)
+    with pytest.raises(InputError, match="use compact=True with it"):
+        CodecCache(model, "turboquant:bits=3", attention="codes")
+    with pytest.raises(InputError, match="attention must be one of decode, codes"):
+        CodecCache(model, "turboquant:bits=3", compact=True, attention="fused")
