@@ -31,9 +31,9 @@ TABLE: dict[type[Codec], tuple[type[DeviceCodec], Callable[[Codec], bool]]] = {
 def device_codec(codec: Codec) -> DeviceCodec:
     """The torch form of ``codec`` when it has one (TurboQuant mse, uniform, KIVI, fp8, token selectors and
     ``selector+`` any of these), else its numpy reference behind :class:`HostCodec`."""
-    if isinstance(codec, Selector):
+    if _plain_selector(codec):
         return SelectorDevice(codec)
-    if isinstance(codec, Composed) and isinstance(codec.head, Selector):
+    if isinstance(codec, Composed) and _plain_selector(codec.head):
         tail = device_codec(codec.tail)
         if tail.on_device:
             return ComposedDevice(codec, SelectorDevice(codec.head), tail)
@@ -42,6 +42,14 @@ def device_codec(codec: Codec) -> DeviceCodec:
     if entry is not None and entry[1](codec):
         return entry[0](codec)
     return HostCodec(codec)
+
+
+def _plain_selector(codec: Codec) -> bool:
+    """A selector that stores what the base :class:`Selector` stores (its own ``split``/``merge`` would add
+    arrays or meta the device form does not know, as ``expected``'s rope flag)."""
+    cls = type(codec)
+    return isinstance(codec, Selector) and all(getattr(cls, m) is getattr(Selector, m) for m in
+                                               ("split", "merge", "payload_shape", "payload_mask", "token_mask"))
 
 
 def has_device_form(codec: Codec) -> bool:
