@@ -118,7 +118,9 @@ def render(results: list[dict]) -> str:
              "2-core machine), prompt from the bundled sample texts, greedy decoding one token per forward "
              "pass. Held = every tensor/array reachable from the cache object, deduplicated by storage, "
              "counted from the outside (`kvtool.runtime.memory.held_bytes`). Stored = `stored_bytes()`. "
-             "Ratios are against rows of the same run at the same length. Each row ran in its own process.", ""]
+             "Ratios are against rows of the same run at the same length. Each row ran in its own process. "
+             "The machine's load (other jobs) changed during the run, so speeds measured minutes apart "
+             "carry that noise; peak RSS includes the model (its RSS after loading in brackets).", ""]
     for length in sorted({r["length"] for r in results}):
         rows = [r for r in results if r["length"] == length]
         dyn = next((r for r in rows if r["kind"] == "dynamic"), None)
