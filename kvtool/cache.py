@@ -60,8 +60,14 @@ from kvtool.errors import InputError, KvtoolError
 from kvtool.hooks import install_attention, link_layer
 from kvtool.models import model_shape
 from kvtool.rope import RopeParams, rope_candidates
+from kvtool.runtime.backends import device_codec
+from kvtool.runtime.code_attention import attend_layer
+from kvtool.runtime.compact import CompactTrack, Segment
+from kvtool.runtime.device import DeviceCodec
 
 MODES = ("prefill", "streaming")
+#: How a compact cache's attention reads the coded blocks: decoded per layer, or from the codes.
+ATTENTION = ("decode", "codes")
 #: Default number of last query positions recorded per layer for the codecs' LayerContext.
 DEFAULT_QUERIES = DEFAULT_OBSERVED
 #: Blocks with fewer elements than this are coded on one torch thread (see _threads_for).
@@ -81,22 +87,7 @@ class QueryRecord:
     scaling: float | None = None
 
 
-@dataclass
-class _Segment:
-    """One coded block: ``rows[b]`` is batch row b's Encoded; tokens ``start .. start + length``."""
-
-    start: int
-    length: int
-    rows: list[Encoded]
-    shared_bytes: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.rows) + self.shared_bytes
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
+_Segment = Segment  # one coded block (kvtool.runtime.compact.Segment)
 
 
 @dataclass
@@ -116,6 +107,22 @@ class _Track:
     precise: int = 0
     window_dtype: torch.dtype | None = None  # streaming: the 16-bit dtype precise tokens are held in
     segments: list[_Segment] = field(default_factory=list)
+    _coder: DeviceCodec | None = None
+
+    @property
+    def coder(self) -> DeviceCodec:
+        """The codec's device form (kvtool.runtime.backends): coding stays on the model's device."""
+        if self._coder is None or self._coder.codec is not self.codec:
+            self._coder = device_codec(self.codec)
+        return self._coder
+
+    def view(self) -> torch.Tensor:
+        """What attention reads: the working tensor ``(B, H, held, D)``."""
+        return self.buffer
+
+    def tokens(self, row: int, first: int, n: int) -> torch.Tensor:
+        """Batch row ``row``'s tokens at absolute positions ``first .. first + n``: ``(H, n, D)``."""
+        return self.buffer[row, :, first - self.start:first - self.start + n, :]
 
     @property
     def held(self) -> int:
@@ -158,20 +165,21 @@ class _Track:
     def code(self, n: int, context: Callable[[int, np.ndarray], LayerContext]) -> None:
         """Code the oldest ``n`` precise tokens as one segment and put their decoding in the buffer."""
         a, b, positions = self.span(n)
-        coded = []
-        for r, x in enumerate(self.rows(a, b)):
-            with _threads_for(x.size):
-                self.codec.fit(x, context(r, positions))
-                enc = self.codec.encode(x)
-                coded.append((enc, self.codec.decode(enc), _shared_bytes(self.codec)))
+        coder, coded = self.coder, []
+        for r in range(self.buffer.shape[0]):
+            x = self.buffer[r, :, a:b, :].float()
+            with _threads_for(x.numel()):
+                coder.fit(x, positions, (lambda r=r: context(r, positions)) if coder.needs_context else None)
+                enc = coder.encode(x)
+                coded.append((enc, coder.decode(enc), coder.shared_bytes()))
         self.store(a, b, coded)
 
-    def store(self, a: int, b: int, coded: list[tuple[Encoded, np.ndarray, int]]) -> None:
+    def store(self, a: int, b: int, coded: list[tuple[Encoded, np.ndarray | torch.Tensor, int]]) -> None:
         """Keep the ``(Encoded, decoding, shared-state bytes)`` of each batch row for buffer tokens ``a..b``."""
         masks = []
         for r, (enc, decoded, _) in enumerate(coded):
-            masks.append(self.codec.token_mask(enc))
-            _write(self.buffer[r, :, a:b, :], torch.from_numpy(decoded))
+            masks.append(self.coder.token_mask(enc))  # (H, b - a) bool tensor or None
+            _write(self.buffer[r, :, a:b, :], torch.as_tensor(decoded))
         self.segments.append(_Segment(self.start + a, b - a, [c[0] for c in coded], sum(c[2] for c in coded)))
         self.precise -= b - a
         if any(m is not None for m in masks):
@@ -179,7 +187,7 @@ class _Track:
                 self.mask = torch.ones(self.buffer.shape[:3], dtype=torch.bool, device=self.buffer.device)
             for r, m in enumerate(masks):
                 if m is not None:
-                    _write(self.mask[r, :, a:b], torch.from_numpy(np.asarray(m, dtype=bool)))
+                    _write(self.mask[r, :, a:b], m)
 
     def keep_last(self, n: int) -> None:
         """Sliding window: hold only the newest ``n`` tokens; drop segments that are entirely older."""
@@ -282,15 +290,20 @@ class CodecLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, compact: bool = False, codes: bool = False) -> None:
         CacheLayerMixin.__init__(self)  # not super(): in CodecSlidingLayer that is the sliding layer's init
-        self._init_args = (index, keys, values, mode, queries, sliding_window)
+        self._init_args = (index, keys, values, mode, queries, sliding_window, compact, codes)
+        self.codes = codes  # compact only: attention computed from the codes (kvtool.runtime.code_attention)
+        self.awaiting_codes = False
+        self._reading: tuple[CompactTrack, CompactTrack] | None = None  # what the pending attention call reads
         self.index = index
         self.rope: RopeParams | None = None  # the model's rotary embedding, when one serves every layer
         self.mode = mode
+        self.compact = compact
         self.cumulative_length = 0
         self.window = sliding_window
-        self.tracks = {role: _Track(codec, codec.streaming_form()[0] if mode == "streaming" else 0)
+        track = CompactTrack if compact else _Track  # coded blocks + window only, or a decoded working copy
+        self.tracks = {role: track(codec, codec.streaming_form()[0] if mode == "streaming" else 0)
                        for role, codec in (("keys", keys), ("values", values))}
         if mode == "streaming":
             for track in self.tracks.values():
@@ -312,6 +325,9 @@ class CodecLayer(DynamicLayer):
         or for a sliding-window layer the window plus the new tokens)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.awaiting_codes:
+            raise KvtoolError("the model's attention did not go through kvtool's: attention from codes needs "
+                              "kvtool.hooks.install_attention(model) (CodecCache(model, ...) does it)")
         if not self.mask_applied:
             raise KvtoolError("the model's attention did not apply kvtool's eviction mask: token selectors need "
                               "kvtool.hooks.install_attention(model) (CodecCache(model, ...) does it) and a model "
@@ -327,7 +343,12 @@ class CodecLayer(DynamicLayer):
                 while track.block and track.precise >= track.block:
                     self._code(track, track.block)
                 track.round_window(t)
-        keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        self.awaiting_codes = self.codes and any(t.segments for t in self.tracks.values())
+        if self.awaiting_codes:  # attention reads the codes itself (attend): hand it the precise windows only
+            self._reading = (self.tracks["keys"].snapshot(), self.tracks["values"].snapshot())
+            keys, values = self.tracks["keys"].buffer, self.tracks["values"].buffer
+        else:
+            keys, values = self.tracks["keys"].view(), self.tracks["values"].view()
         self.returned_keep = self._joint_mask()
         self.mask_applied = self.returned_keep is None
         if self.window is not None:  # like DynamicSlidingWindowLayer: return all, hold window - 1
@@ -339,6 +360,19 @@ class CodecLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+               kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Attention output ``(B, Tq, Hq, D)`` from this compact layer's codes (kvtool's attention calls it
+        instead of the model's function when :attr:`awaiting_codes`)."""
+        self.awaiting_codes = False
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            raise KvtoolError("attention from codes supports plain softmax attention (no softcap, no learned "
+                              "sinks); use CodecCache(..., attention='decode')")
+        scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        keys, values = self._reading
+        self._reading = None
+        return attend_layer(keys, values, query, mask, scaling)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.window is None:
@@ -389,10 +423,9 @@ class CodecLayer(DynamicLayer):
 
         def context(row: int, positions: np.ndarray) -> LayerContext:
             rec = self.query_record
-            a = int(positions[0]) - keys_track.start
-            keys = keys_track.buffer[row, :, a:a + len(positions), :].float().cpu().numpy()
-            v = int(positions[0]) - values_track.start
-            values = values_track.buffer[row, :, v:v + len(positions), :].float().cpu().numpy()
+            first, n = int(positions[0]), len(positions)
+            keys = keys_track.tokens(row, first, n).float().cpu().numpy()
+            values = values_track.tokens(row, first, n).float().cpu().numpy()
             return LayerContext(
                 layer=self.index, role=role, key_positions=positions, keys=keys, values=values, rope=self.rope,
                 queries=rec.queries[row].numpy() if rec is not None else None,
@@ -448,8 +481,8 @@ class CodecSlidingLayer(CodecLayer, DynamicSlidingWindowLayer):
     is_sliding = True
 
     def __init__(self, index: int, keys: Codec, values: Codec, mode: str, queries: int = DEFAULT_QUERIES,
-                 sliding_window: int | None = None) -> None:
-        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window)
+                 sliding_window: int | None = None, compact: bool = False, codes: bool = False) -> None:
+        CodecLayer.__init__(self, index, keys, values, mode, queries, sliding_window, compact, codes)
         self.sliding_window = sliding_window
         self.record_past = False
         self._sliding_window_tensor = torch.tensor(sliding_window, dtype=torch.long)
@@ -512,42 +545,61 @@ class CodecCache(Cache):
     ``"streaming"`` (module docstring); ``queries``: how many of the last query positions kvtool's
     attention records per layer for the codecs' context. Given a model whose assignment can evict tokens,
     it installs kvtool's attention on that model (:func:`kvtool.hooks.install_attention`).
+
+    ``compact=True`` holds only what the codecs store: per layer the coded blocks (on the model's device)
+    and the precise window, decoded for each attention call and freed after it
+    (:mod:`kvtool.runtime.compact`); it records queries only for codecs that read them, and in prefill
+    mode drops them once the prompt is coded. The model sees the same keys and values in both modes.
+    ``attention="codes"`` (compact only) computes attention from the codes where the codec allows it
+    (TurboQuant mse, uniform, KIVI: :mod:`kvtool.runtime.code_attention`), equal to the decoded path up
+    to float summation order; it installs kvtool's attention on the model.
     """
 
     def __init__(self, model: Any, assignment: Any, *, mode: str = "prefill",
-                 queries: int = DEFAULT_QUERIES) -> None:
+                 queries: int = DEFAULT_QUERIES, compact: bool = False, attention: str = "decode") -> None:
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if attention not in ATTENTION:
+            raise InputError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention == "codes" and not compact:
+            raise InputError("attention='codes' reads a compact cache's codes: use compact=True with it")
         config = getattr(model, "config", model)
         shape = model_shape(config)
         self.assignment = _as_assignment(assignment, shape)
         self.mode = mode
+        self.compact = compact
         self.assignment.validate(shape.head_dim, shape.num_layers)
         kinds = _layer_kinds(config)
+        if compact and not any(self.assignment.codec(i, r).uses_queries() for i in range(len(kinds)) for r in ROLES):
+            queries = 0  # nothing reads them: a compact cache holds no query record
         layers: list[CodecLayer] = []
         for i, window in enumerate(kinds):
             codecs = {role: self.assignment.codec(i, role) for role in ROLES}
             for codec in codecs.values():
                 if isinstance(codec, PairCodec):
                     codec.check_layers(len(kinds))
+                    if compact:
+                        raise InputError(f"compact=True cannot hold the cross-layer codec {codec.name!r} (a "
+                                         "layer's blocks would decode from another layer's); use compact=False")
             if mode == "streaming":
                 for codec in codecs.values():
                     codec.streaming_form()  # raises, naming the selectors that can stream
             cls = CodecLayer if window is None else CodecSlidingLayer
-            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window))
+            layers.append(cls(i, codecs["keys"], codecs["values"], mode, queries, window, compact,
+                              attention == "codes"))
         super().__init__(layers=layers)
         rope = _single_rope(model)
         for layer in layers:
             layer.rope = rope
         self._prompt_pending = mode == "prefill"  # the first forward's tokens are coded once it is over
         self.evicts = any(can_evict(t.codec) for layer in layers for t in layer.tracks.values())
-        if self.evicts and hasattr(model, "set_attn_implementation"):
+        if (self.evicts or attention == "codes") and hasattr(model, "set_attn_implementation"):
             install_attention(model)
 
     @classmethod
     def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
                    queries: Mapping[int, QueryRecord] | None = None,
-                   ropes: Mapping[int, RopeParams] | None = None) -> CodecCache:
+                   ropes: Mapping[int, RopeParams] | None = None, compact: bool = False) -> CodecCache:
         """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
 
         ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
@@ -555,7 +607,7 @@ class CodecCache(Cache):
         the RoPE the prefill really used (``kvtool.capture.run_and_record`` records it), which replaces the
         model-wide one where a model has several (Gemma 3's local and global bases).
         """
-        cache = cls(model, assignment, mode="prefill", queries=0)
+        cache = cls(model, assignment, mode="prefill", queries=0, compact=compact)
         for i, rope in (ropes or {}).items():
             cache.layers[i].rope = rope
         for i, (layer, src) in enumerate(zip(cache.layers, source.layers, strict=True)):
@@ -601,6 +653,8 @@ class CodecCache(Cache):
                     layer._code(track, track.precise)
         for layer in live:
             layer._sync()
+            if self.compact and self.mode == "prefill":  # the prompt is coded: its queries are not needed again
+                layer.query_record, layer.max_queries = None, 0
 
     def _partner(self, layer: CodecLayer, role: str) -> CodecLayer | None:
         """The next layer, when ``layer``'s ``role`` codec is a cross-layer codec pairing it with that layer

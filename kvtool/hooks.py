@@ -200,6 +200,8 @@ def _codec_wrapper(base_name: str) -> Callable[..., Any]:
                                       f"{base_name!r}; load it with attn_implementation='sdpa'")
                 attention_mask = extend_mask(attention_mask, keep.to(query.device), query)
                 layer.mask_applied = True
+            if getattr(layer, "awaiting_codes", False):  # a compact layer with attention="codes" reads its codes
+                return layer.attend(query, attention_mask, scaling, kwargs), None
         return base(module, query, key, value, attention_mask, **kwargs)
 
     return kvtool_attention
