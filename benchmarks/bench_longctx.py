@@ -48,14 +48,15 @@ def text_file(folder: Path) -> Path:
     return path
 
 
-def run_eval(args: list[str], pythonpath: Path | None = None) -> dict:
+def run_eval(args: list[str], pythonpath: Path | None = None, command: str = "eval") -> dict:
     """Run ``python -m kvtool eval ARGS``; its report plus wall seconds and the child's peak RSS (bytes)."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "r.json"
-        cmd = [sys.executable, "-m", "kvtool", "eval", *args, "--json", str(out)]
+        cmd = [sys.executable, "-m", "kvtool", command, *args,
+               *(["--json", str(out)] if command == "eval" else [])]
         log = Path(d) / "stderr.txt"
         t0 = time.perf_counter()
         with open(log, "wb") as err_file:  # a file, not a pipe: a full pipe would block the child
@@ -65,7 +66,7 @@ def run_eval(args: list[str], pythonpath: Path | None = None) -> dict:
         err = log.read_text(errors="replace")
         if status != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({status}): {err[-2000:]}")
-        report = json.loads(out.read_text())
+        report = json.loads(out.read_text()) if command == "eval" else {}
     return {"report": report, "wall_s": seconds, "peak_rss": usage.ru_maxrss * 1024}
 
 
@@ -143,6 +144,19 @@ def part_table(text: Path, contexts: list[int]) -> None:
         print("table", context, row["wall_s"], flush=True)
 
 
+def part_capture(text: Path, tmp: Path, lengths: list[int]) -> None:
+    for length in lengths:
+        out = tmp / f"capture{length}.h5"
+        row = run_eval(["--text", str(text), "--max-tokens", str(length), "--queries", "last:128", "--output",
+                        str(out), "--force"], command="capture")
+        data = load()
+        data.setdefault("capture", {})[str(length)] = {"wall_s": row["wall_s"], "peak_rss": row["peak_rss"],
+                                                       "file_bytes": out.stat().st_size}
+        save(data)
+        out.unlink()
+        print("capture", length, row["wall_s"], row["peak_rss"], flush=True)
+
+
 def _mb(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB"
 
@@ -186,6 +200,19 @@ def render(data: dict) -> str:
     tables = data.get("table", {})
     if tables:
         lines += render_table(tables)
+    captured = data.get("capture", {})
+    if captured:
+        lines += ["## capture: peak RSS against tokens", "",
+                  "`kvtool capture --max-tokens L --queries last:128` (float16 storage), a fresh process each.", "",
+                  "| L | peak RSS | per 1k tokens above the smallest L | wall | file |", "|---:|---:|---:|---:|---:|"]
+        first = min(captured, key=int)
+        for length in sorted(captured, key=int):
+            c = captured[length]
+            slope = ((c["peak_rss"] - captured[first]["peak_rss"]) / ((int(length) - int(first)) / 1024)
+                     if length != first else None)
+            lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
+                         f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +262,7 @@ def render_table(tables: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("before", "after", "table", "render", "all"), default="all")
+    parser.add_argument("--part", choices=("before", "after", "table", "capture", "render", "all"), default="all")
     parser.add_argument("--before", default=BEFORE, help="the commit whose eval is 'before'")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="contexts of before/after")
     parser.add_argument("--with-base", default="8192", help="contexts at which after is rerun with --base")
@@ -251,6 +278,8 @@ def main() -> None:
             part_after(text, tmp, lengths, [int(x) for x in args.with_base.split(",") if x])
         if args.part in ("table", "all"):
             part_table(text, [int(x) for x in args.contexts.split(",")])
+        if args.part in ("capture", "all"):
+            part_capture(text, tmp, lengths)
     (RESULTS / "longctx.md").write_text(render(load()))
 
 

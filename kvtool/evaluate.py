@@ -319,7 +319,7 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     needs_prefill = exact is None or (mode == "prefill" and any(isinstance(r, Assignment) for r in runs))
     prefill, records = _exact_prefill(loaded, ids[:, :first], queries) if needs_prefill else (None, {})
     if exact is None:
-        exact = forward_hidden(model, ids[:, first:-1], copy.deepcopy(prefill), head)  # (scored, d)
+        exact = forward_hidden(model, ids[:, first:-1], copy.deepcopy(prefill), head, pieces=True)  # (scored, d)
     seconds_exact = time.perf_counter() - t0
     if progress is not None:
         progress(1, 0)
@@ -418,7 +418,7 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
         if mode == "prefill":
             cache = CodecCache.from_cache(model, assignment, prefill, queries=records)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
-            return forward_hidden(model, ids[:, first:-1], cache, head), footprint
+            return forward_hidden(model, ids[:, first:-1], cache, head, pieces=True), footprint
         cache = CodecCache(model, assignment, mode="streaming", queries=queries)
         pieces: list[Any] = []
         pos, end = 0, int(ids.shape[1]) - 1

@@ -155,9 +155,26 @@ class _Hooked:
         self.handle.remove()
 
 
-def forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead) -> torch.Tensor:
+#: Positions per forward call when a pass may be split (:func:`forward_hidden` with ``pieces``): the
+#: activations of one call (MLP intermediates, the attention mask) then stop growing with the pass.
+PIECE = 1024
+
+
+def forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead, *, pieces: bool = False
+                   ) -> torch.Tensor:
     """Feed ``ids`` ``(1, t)`` to ``model`` with ``cache``; return what ``head`` reads at each position,
-    ``(t, hidden)`` (in ``"logits"`` form: the logits ``(t, vocab)``)."""
+    ``(t, hidden)`` (in ``"logits"`` form: the logits ``(t, vocab)``).
+
+    ``pieces``: feed at most :data:`PIECE` positions per forward call. Teacher-forced decoding with a cache
+    gives the same states whatever the split (up to float rounding); only pass it for a cache that appends
+    what it is given (an exact ``DynamicCache``, a prefill-mode ``CodecCache`` after its prompt).
+    """
+    step = PIECE if pieces else int(ids.shape[1])
+    parts = [_forward_hidden(model, ids[:, s:s + step], cache, head) for s in range(0, int(ids.shape[1]), step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead) -> torch.Tensor:
     kwargs: dict[str, Any] = {forward_cache_kwarg(model): cache, "use_cache": True}
     if head.form == LOGITS:
         return model(input_ids=ids, **kwargs).logits[0]
