@@ -165,8 +165,9 @@ def render(data: dict) -> str:
     lines = ["# Long contexts: eval memory and time, and the codec table at 8k", "",
              "Written by `benchmarks/bench_longctx.py` on the bundled SmolLM2-135M (float32, CPU, 49,152-token "
              "vocabulary). Text: samples/gpl-3.0.txt followed by samples/apache-2.0.txt (9,882 tokens; gpl-3.0 "
-             "alone is 7,658, under 8k). Wall times are on a CPU shared with other jobs: compare them within a "
-             "row, not across runs.", ""]
+             "alone is 7,658, under 8k). Wall times are on 2 CPU cores shared with other jobs (load average 15-26 "
+             "during these runs): *before* and *after* ran at different times under different load, so their times "
+             "are not comparable; *after* and *--base* ran back to back. Peak RSS does not depend on the load.", ""]
     before, after, based = data.get("before", {}), data.get("after", {}), data.get("after_base", {})
     if before or after:
         lines += ["## eval: peak RSS and wall time against context", "",
@@ -200,6 +201,10 @@ def render(data: dict) -> str:
     tables = data.get("table", {})
     if tables:
         lines += render_table(tables)
+    else:
+        lines += ["## Codec table: 8k beside 2k", "",
+                  "Not measured yet: on the shared CPU one 8k pass took 5-15 min, so the nine specs at 8k and at 2k "
+                  "(about 20 passes each) did not fit. Run `benchmarks/bench_longctx.py --part table`.", ""]
     captured = data.get("capture", {})
     if captured:
         lines += ["## capture: peak RSS against tokens", "",
