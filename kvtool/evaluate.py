@@ -36,6 +36,7 @@ The library entry point is :func:`evaluate` (stable signature; ``sweep --eval-te
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,10 +54,12 @@ from kvtool.codecs.base import ROLES, most_queries
 from kvtool.codecs.planfile import Plan
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
+from kvtool.evalstate import ChunkResult, EvalState
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel, model_shape
 from kvtool.report import header, json_safe
-from kvtool.store import CacheReader
+from kvtool.scoring import SLICED, LogitHead, bounded_heap, forward_hidden
+from kvtool.store import BaseReader, BaseWriter, CacheReader
 
 
 @dataclass(frozen=True)
@@ -130,66 +133,260 @@ def check_context(loaded: LoadedModel, tokens: np.ndarray, context: int) -> None
 def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assignment | Plan], *,
              mode: str = "prefill", context: int = DEFAULT_CONTEXT, queries: int | None = None,
              labels: Sequence[str] | None = None, progress: Progress | None = None,
-             source: str = "", baselines: Sequence[Baseline] = ()) -> dict[str, Any]:
+             source: str = "", baselines: Sequence[Baseline] = (), base: str | Path | None = None,
+             save_base: str | Path | None = None, resume: str | Path | None = None) -> dict[str, Any]:
     """Score ``tokens`` ``(T,)`` with an exact cache and with each assignment's :class:`CodecCache`.
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
-    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's identity
-    and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C − 1 − C/2
-    tokens of each chunk are scored); ``labels``: a name per method (default: its specs); ``baselines``: other
-    caches scored in the same run, reported after the methods (:class:`Baseline`). Returns the JSON
-    report: header fields, the protocol, ``methods`` (one dict per assignment, in order, with the
-    statistics of :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``,
-    ``seconds``, and ``warnings``: what a codec reported it could not do as asked, with the number of
-    layers) and, at top level, the fields of the first method. ``queries``: how many of the prompt's last
-    query positions each method's codecs get in their context; by default what each asks for
-    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors, the whole
-    prompt for ``expected``).
+    pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's
+    identity and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last
+    C − 1 − C/2 tokens of each chunk are scored); ``labels``: a name per method (default: its specs);
+    ``baselines``: other caches scored in the same run, reported after the methods (:class:`Baseline`). ``save_base``: write the
+    exact pass's result to this exact base file (:class:`kvtool.store.BaseWriter`); ``base``: read it from
+    one instead of running the exact pass over the scored tokens (refused unless model, tokens, context and
+    mode match); ``resume``: a folder keeping each finished chunk (:mod:`kvtool.evalstate`), so the same
+    call continues an interrupted run. Returns the JSON report: header fields, the protocol, ``methods``
+    (one dict per assignment, in order, with the statistics of :func:`kvtool.metrics.summarize_next_token`,
+    ``bits_per_element``, ``cache_bytes_*``, ``seconds``, ``warnings``: what a codec reported it could not do
+    as asked, and ``in_sample`` for a plan whose capture held the scored tokens) and, at top level, the fields
+    of the first method. ``queries``: how many of the prompt's last query positions each method's codecs get;
+    by default what each asks for (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most
+    query-based selectors, the whole prompt for ``expected``).
+
+    Memory follows the cache, not tokens × vocabulary: each pass keeps only the final hidden states of the
+    scored positions, and the statistics apply the model's head to slices of them (:mod:`kvtool.scoring`).
     """
     # 1. everything that can be wrong with the input fails before any forward pass
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not assignments:
         raise InputError("give at least one method (--method, or --keys and --values)")
+    if base is not None and save_base is not None:
+        raise InputError("give --base or --save-base, not both")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     check_context(loaded, tokens, context)
     in_sample = [plan_overlap(a, tokens, context) for a in assignments]
-    methods = [_plan_assignment(loaded, a) for a in assignments]
-    for a in methods:  # bad specs and non-streaming selectors
-        CodecCache(loaded.model.config, a, mode=mode)
-    runs: list[Assignment | Baseline] = [*methods, *baselines]
-    names = list(labels) if labels is not None else [_label(a) for a in methods]
-    names += [b.label for b in baselines]
-    first = context // 2
-    wants = [_queries_wanted(loaded.model.config, a, first) if queries is None else queries for a in methods]
+    assignments = [plan_assignment(loaded, a) for a in assignments]
+    model = loaded.model
+    for a in assignments:  # bad specs and non-streaming selectors
+        CodecCache(model.config, a, mode=mode)
+    labels = list(labels) if labels is not None else [method_label(a) for a in assignments]
+    labels += [b.label for b in baselines]
+    runs: list[Any] = [*assignments, *baselines]
+    wants = [_queries_wanted(model.config, a, context // 2) if queries is None else queries for a in assignments]
     wants += [0] * len(baselines)
-    # 2. per chunk: the exact pass, then every run on the same prompt, compared token by token
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
-    tally = _Tally.empty(len(runs), progress, total=len(chunks) * (1 + len(runs)))
+    # 2. per chunk: the exact pass (or the base), then every run on the same prompt
     started = time.perf_counter()
+    bounded_heap()  # memory that follows the cache needs a heap that gives large blocks back
+    head = LogitHead.for_model(model, torch.as_tensor(chunks[0][:MIN_CONTEXT], device=loaded.device)[None])
+    identity = base_identity(loaded, chunks, context, mode, head)
     with torch.inference_mode():
-        for chunk in chunks:
-            _score_chunk(loaded, chunk, runs, mode, wants, tally)
+        results = _score_chunks(loaded, head, runs, chunks, mode=mode, wants=wants, progress=progress,
+                                base=_open_base(base, identity) if base is not None else None,
+                                save_base=BaseWriter(save_base, identity) if save_base is not None else None,
+                                state=_open_state(resume, identity, runs, labels, wants, save_base)
+                                if resume is not None else None)
+    report = header("eval", model=loaded.spec, model_source=loaded.source,
+                    model_architecture=loaded.architecture)
     # 3. the report: one row per run, the first run's figures also at top level
-    layers = model_shape(loaded.model.config).num_layers
-    rows = [_method_row(names[m], run, tally, m, len(chunks), layers) for m, run in enumerate(runs)]
-    for m, row in enumerate(rows):
+    methods = _method_reports(runs, labels, results, model.dtype, model_shape(model.config).num_layers)
+    for m, row in enumerate(methods):
         row["queries_observed"] = wants[m]
         overlap = in_sample[m] if m < len(in_sample) else None
         row["warnings"] += [overlap["warning"]] if overlap else []
         row["in_sample"] = overlap
-    model = loaded.model
-    report = header("eval", model=loaded.spec, model_source=loaded.source,
-                    model_architecture=loaded.architecture)
     report.update({
         "text": source, "mode": mode, "context": context, "chunks": len(chunks),
-        "tokens_in_text": int(len(tokens)), "scored_per_chunk": context - 1 - first,
+        "tokens_in_text": int(len(tokens)), "scored_per_chunk": context - 1 - context // 2,
         "model_dtype": str(model.dtype).replace("torch.", ""), "device": str(loaded.device),
-        "device_map": getattr(loaded, "device_map", None),
-        **{k: v for k, v in rows[0].items() if k not in ("label", "assignment")},
-        "methods": rows, "seconds_exact": tally.seconds_exact, "seconds": time.perf_counter() - started,
+        "device_map": getattr(loaded, "device_map", None), "scoring": head.form,
+        "base": str(base) if base is not None else None,
+        **{k: v for k, v in methods[0].items() if k not in ("label", "assignment")},
+        "methods": methods, "seconds_exact": float(sum(r.seconds_exact for r in results)),
+        "seconds": time.perf_counter() - started,
     })
     return json_safe(report)
+
+
+def base_identity(loaded: LoadedModel, chunks: np.ndarray, context: int, mode: str, head: LogitHead
+                  ) -> dict[str, Any]:
+    """What an exact base is tied to (:data:`kvtool.store.BASE_IDENTITY`): model, tokens, context, mode."""
+    return {"model": loaded.spec, "model_architecture": loaded.architecture or "",
+            "model_source": loaded.source or "", "mode": mode, "context": int(context),
+            "prompt_tokens": int(context // 2), "num_chunks": int(len(chunks)),
+            "tokens_sha256": hashlib.sha256(np.ascontiguousarray(chunks, dtype=np.int64).tobytes()).hexdigest(),
+            "stored": "hidden" if head.form == SLICED else "logits",
+            "width": _head_width(loaded.model, head)}
+
+
+def _head_width(model: Any, head: LogitHead) -> int:
+    if head.form != SLICED:
+        return head.vocab
+    weight = getattr(head.module, "weight", None)
+    return int(weight.shape[1]) if weight is not None else int(model.config.hidden_size)
+
+
+def _open_base(path: str | Path, identity: dict[str, Any]) -> BaseReader:
+    """The exact base at ``path``, refused in one line (InputError) unless it was made for this run."""
+    reader = BaseReader(path)
+    try:
+        check_base_identity(reader.identity, identity, str(path))
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+#: What differs, in the words of the refusal, for each identity attribute (model fields compared as one).
+_IDENTITY_WORDS = {"mode": "mode", "context": "context", "prompt_tokens": "context", "num_chunks": "tokens",
+                   "tokens_sha256": "tokens", "stored": "model", "width": "model"}
+
+
+def check_base_identity(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """InputError naming the first of model, tokens, context, mode that differs between two identities."""
+    model = ("model_architecture", "model_source") if current["model_source"] else (
+        "model", "model_architecture")
+    if any(stored[k] != current[k] for k in model):
+        raise InputError(f"{where}: the base was computed with model {stored['model']!r} "
+                         f"({stored['model_architecture']}, {stored['model_source'] or 'no digest'}), not "
+                         f"{current['model']!r}; compute a base for this model with --save-base")
+    for key in ("context", "mode", "num_chunks", "tokens_sha256", "stored", "width"):
+        if stored[key] != current[key]:
+            word = _IDENTITY_WORDS[key]
+            shown = "" if word in ("tokens", "model") else f" ({stored[key]}, this run {current[key]})"
+            raise InputError(f"{where}: the base was computed for other {word}{shown}; use the --text, "
+                             "--max-tokens, --context and --mode it was made with, or --save-base a new one")
+
+
+def _open_state(folder: str | Path, identity: dict[str, Any], runs: Sequence[Any], labels: Sequence[str],
+                wants: Sequence[int], save_base: Any) -> EvalState:
+    methods = [r.describe() if isinstance(r, Assignment) else {"baseline": r.label} for r in runs]
+    return EvalState(folder, {**identity, "queries": [int(w) for w in wants], "labels": list(labels),
+                              "methods": methods,
+                              "save_base": save_base is not None})
+
+
+def _score_chunks(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunks: np.ndarray, *, mode: str,
+                  wants: Sequence[int], progress: Progress | None, base: BaseReader | None,
+                  save_base: BaseWriter | None,
+                  state: EvalState | None) -> list[ChunkResult]:
+    """Every chunk's :class:`ChunkResult`: from ``state`` when an earlier run finished it, else scored (its
+    exact side from ``base`` when given); each exact result also goes to ``save_base``."""
+    total_passes = len(chunks) * (1 + len(runs))
+    results: list[ChunkResult] = []
+    try:
+        for c, chunk in enumerate(chunks):
+            done = state.load(c) if state is not None else None
+            if done is not None:
+                result, exact = done
+            else:
+                given = _as_tensor(base.chunk(c)[1], loaded.device) if base is not None else None
+                result, exact = score_chunk(loaded, head, runs, chunk, mode=mode, wants=wants, exact=given,
+                                            progress=None if progress is None else
+                                            _offset(progress, c * (1 + len(runs)), total_passes))
+                if state is not None:
+                    state.save(c, result, _host(exact) if save_base is not None else None)
+            if save_base is not None:
+                save_base.add_chunk(chunk, _host(exact))
+            results.append(result)
+            if progress is not None:
+                progress((c + 1) * (1 + len(runs)), total_passes)
+        if save_base is not None:
+            save_base.commit()
+    except BaseException:
+        if save_base is not None:
+            save_base.abort()
+        raise
+    finally:
+        if base is not None:
+            base.close()
+    return results
+
+
+def _offset(progress: Progress, before: int, total: int) -> Progress:
+    return lambda done, _total: progress(before + done, total)
+
+
+def _as_tensor(x: np.ndarray, device: Any) -> Any:
+    return torch.as_tensor(x, device=device)
+
+
+def _host(x: Any) -> np.ndarray | None:
+    if x is None:
+        return None
+    return x.detach().to("cpu").float().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+
+
+def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk: np.ndarray, *, mode: str,
+                wants: Sequence[int], exact: Any = None, progress: Progress | None = None
+                ) -> tuple[ChunkResult, Any]:
+    """One chunk ``(C,)``: the exact pass (skipped when ``exact``, what the head reads at the scored
+    positions, is given) and each run's pass; returns the chunk's figures and the exact side ``(scored, d)``.
+    ``wants``: per run, how many of the prompt's last queries its codecs get.
+
+    The prompt's exact pass still runs with ``exact`` in prefill mode: the codecs code its cache.
+    """
+    model = loaded.model
+    first = len(chunk) // 2
+    ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
+    targets = chunk[first + 1:]
+    t0 = time.perf_counter()
+    needs_prefill = exact is None or (mode == "prefill" and any(isinstance(r, Assignment) for r in runs))
+    prefill, records = (exact_prefill(loaded, ids[:, :first], max(wants, default=0)) if needs_prefill
+                        else (None, {}))
+    if exact is None:
+        exact = forward_hidden(model, ids[:, first:-1], copy.deepcopy(prefill), head, pieces=True)  # (scored, d)
+    seconds_exact = time.perf_counter() - t0
+    if progress is not None:
+        progress(1, 0)
+    n = len(runs)
+    result = ChunkResult([], np.zeros((n, 2, 2)), np.zeros(n), np.zeros(n), seconds_exact)
+    for m, run in enumerate(runs):
+        t0 = time.perf_counter()
+        if isinstance(run, Baseline):
+            hidden, fp = _baseline_pass(model, run, ids, first, head)
+            result.warnings.append({})
+        else:
+            hidden, fp, notes = _method_pass(model, run, mode, ids, first, prefill,
+                                             _last_queries(records, wants[m]), wants[m], head)
+            result.warnings.append(notes)
+        result.stats.append(metrics.sliced_next_token_stats(exact, hidden, targets, head, head.rows))
+        result.seconds[m] = time.perf_counter() - t0
+        for r, role in enumerate(("keys", "values")):
+            result.sizes[m, r] = (fp[role]["stored_bytes"], fp[role]["elements"])
+        result.exact_bytes[m] = _exact_bytes(fp, model.dtype)
+        del hidden
+        if progress is not None:
+            progress(2 + m, 0)
+    return result, exact
+
+
+def _method_reports(runs: Sequence[Any], labels: Sequence[str], results: Sequence[ChunkResult], dtype: Any,
+                    layers: int) -> list[dict[str, Any]]:
+    """One report dict per run: the statistics over all chunks' tokens, bits, bytes and seconds, and the
+    codecs' warnings (with the most of the model's ``layers`` one concerned in a chunk scored in this run)."""
+    n_chunks = len(results)
+    methods = []
+    for m, run in enumerate(runs):
+        summary = metrics.summarize_next_token(metrics.concat_stats([r.stats[m] for r in results]))
+        summary.update(metrics.chunk_stderrs([r.stats[m] for r in results]))
+        sizes = sum(r.sizes[m] for r in results)  # (2 roles, [stored bytes, elements])
+        stored = {role: float(sizes[i][0]) for i, role in enumerate(("keys", "values"))}
+        elements = {role: float(sizes[i][1]) for i, role in enumerate(("keys", "values"))}
+        bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
+        bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
+        methods.append({
+            "label": labels[m], "assignment": run.describe() if isinstance(run, Assignment) else None,
+            **summary,
+            "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
+            "bits_per_element_values": bits["values"],
+            "cache_bytes_exact": float(sum(r.exact_bytes[m] for r in results)) / n_chunks,
+            "cache_bytes_compressed": sum(stored.values()) / n_chunks,
+            "seconds": float(sum(r.seconds[m] for r in results)),
+            "warnings": _merged_warnings([r.warnings[m] for r in results if len(r.warnings) > m], layers),
+        })
+    return methods
 
 
 #: Scored tokens count as seen in a capture when the window of this many tokens ending at them occurs in it.
@@ -229,94 +426,7 @@ def plan_overlap(plan: Any, tokens: np.ndarray, context: int) -> dict[str, Any] 
                        f"({plan.source}): its figures are in-sample; score held-out text"}
 
 
-@dataclass
-class _Tally:
-    """What the chunks add up to, per run: next-token statistics, stored bytes and elements per role, the
-    exact cache's bytes, seconds, the codecs' warnings (each with its layer count summed over chunks); and
-    the progress over forward passes."""
-
-    stats: list[list[dict[str, np.ndarray]]]
-    sizes: list[dict[str, np.ndarray]]  # per run, per role: [stored bytes, elements]
-    exact_bytes: np.ndarray
-    seconds: np.ndarray
-    warnings: list[dict[str, int]]
-    progress: Progress | None
-    total: int
-    done: int = 0
-    seconds_exact: float = 0.0
-
-    @classmethod
-    def empty(cls, runs: int, progress: Progress | None, total: int) -> _Tally:
-        return cls([[] for _ in range(runs)], [{"keys": np.zeros(2), "values": np.zeros(2)} for _ in range(runs)],
-                   np.zeros(runs), np.zeros(runs), [{} for _ in range(runs)], progress, total)
-
-    def tick(self) -> None:
-        """One forward pass done (the exact one or a run's)."""
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-    def add(self, m: int, stats: dict[str, np.ndarray], footprint: dict[str, dict[str, int]], dtype: Any,
-            seconds: float) -> None:
-        self.seconds[m] += seconds
-        self.stats[m].append(stats)
-        for role in ("keys", "values"):
-            self.sizes[m][role] += (footprint[role]["stored_bytes"], footprint[role]["elements"])
-        self.exact_bytes[m] += _exact_bytes(footprint, dtype)
-
-
-def _score_chunk(loaded: LoadedModel, chunk: np.ndarray, runs: Sequence[Assignment | Baseline], mode: str,
-                 wants: Sequence[int], tally: _Tally) -> None:
-    """One chunk ``(C,)``: the exact prompt pass and its continuation's logits, then each run's continuation
-    on the same prompt, compared with the exact logits on the scored tokens. ``wants``: per run, how many of
-    the prompt's last queries its codecs get."""
-    model = loaded.model
-    ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
-    first = len(chunk) // 2
-    targets = chunk[first + 1:]
-    t0 = time.perf_counter()
-    prefill, records = _exact_prefill(loaded, ids[:, :first], max(wants, default=0))
-    exact_logits = _forward(model, ids[:, first:-1], copy.deepcopy(prefill))
-    tally.seconds_exact += time.perf_counter() - t0
-    tally.tick()
-    for m, run in enumerate(runs):
-        t0 = time.perf_counter()
-        if isinstance(run, Baseline):
-            logits, footprint = _baseline_pass(model, run, ids, first)
-        else:
-            logits, footprint, notes = _method_pass(model, run, mode, ids, first, prefill,
-                                                    _last_queries(records, wants[m]), wants[m])
-            for note, count in notes.items():
-                tally.warnings[m][note] = tally.warnings[m].get(note, 0) + count
-        stats = metrics.next_token_stats(exact_logits, logits, targets)
-        tally.add(m, stats, footprint, model.dtype, time.perf_counter() - t0)
-        del logits
-        tally.tick()
-
-
-def _method_row(label: str, run: Assignment | Baseline, tally: _Tally, m: int, chunks: int,
-                layers: int) -> dict[str, Any]:
-    """One run's row of the report: the next-token statistics over all chunks, stored bits, bytes, seconds,
-    and the codecs' warnings (with how many of the model's ``layers`` each concerned)."""
-    summary = metrics.summarize_next_token(metrics.concat_stats(tally.stats[m]))
-    sizes = tally.sizes[m]
-    stored = {role: float(sizes[role][0]) for role in ("keys", "values")}
-    elements = {role: float(sizes[role][1]) for role in ("keys", "values")}
-    bits = {role: 8.0 * stored[role] / elements[role] if elements[role] else 0.0 for role in stored}
-    bits["total"] = 8.0 * sum(stored.values()) / max(sum(elements.values()), 1.0)
-    return {
-        "label": label, "assignment": run.describe() if isinstance(run, Assignment) else None,
-        **summary,
-        "bits_per_element": bits["total"], "bits_per_element_keys": bits["keys"],
-        "bits_per_element_values": bits["values"],
-        "cache_bytes_exact": tally.exact_bytes[m] / chunks,
-        "cache_bytes_compressed": sum(stored.values()) / chunks,
-        "seconds": float(tally.seconds[m]),
-        "warnings": [f"{note} ({count // chunks} of {layers} layers)" for note, count in tally.warnings[m].items()],
-    }
-
-
-def _plan_assignment(loaded: LoadedModel, a: Assignment | Plan) -> Assignment:
+def plan_assignment(loaded: LoadedModel, a: Assignment | Plan) -> Assignment:
     """``a`` itself, or a plan's assignment once the plan is checked against the loaded model."""
     if not isinstance(a, Plan):
         return a
@@ -326,7 +436,7 @@ def _plan_assignment(loaded: LoadedModel, a: Assignment | Plan) -> Assignment:
     return a.assignment()
 
 
-def _label(a: Assignment) -> str:
+def method_label(a: Assignment) -> str:
     base = a.keys if a.keys == a.values else f"keys={a.keys} values={a.values}"
     return base if a.uniform else f"{base} (+{len(a.layers)} layer overrides)"
 
@@ -363,8 +473,18 @@ def _warnings(cache: CodecCache) -> dict[str, int]:
     return {note: len(layers) for note, layers in found.items()}
 
 
-def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
-    """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer)."""
+def _merged_warnings(chunks: Sequence[dict[str, int]], layers: int) -> list[str]:
+    """Each distinct warning of the chunks' codecs with the most layers it concerned in one chunk."""
+    most: dict[str, int] = {}
+    for notes in chunks:
+        for note, count in notes.items():
+            most[note] = max(most.get(note, 0), count)
+    return [f"{note} ({count} of {layers} layers)" for note, count in most.items()]
+
+
+def exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
+    """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer); the
+    RoPE each layer used is kept on the cache as ``kvtool_ropes`` for the codecs' context."""
     cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
     n = int(prompt.shape[1])
     records = {}
@@ -375,7 +495,7 @@ def _exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any,
     return cache, records
 
 
-def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
+def forward_logits(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
     """Feed ``ids`` ``(1, t)`` to ``model`` with ``cache``; return the logits ``(t, vocab)`` (or the last)."""
     kwargs: dict[str, Any] = {forward_cache_kwarg(model): cache, "use_cache": True}
     if not logits:
@@ -384,35 +504,38 @@ def _forward(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
 
 
 def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prefill: Any,
-                 records: dict[int, QueryRecord],
-                 queries: int) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
-    """The continuation's logits ``(context − 1 − first, vocab)`` with the method's cache, the cache's
-    :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming: the whole chunk) and
-    its codecs' warnings (:func:`_warnings`)."""
+                 records: dict[int, QueryRecord], queries: int, head: LogitHead
+                 ) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
+    """What the head reads at the continuation's positions ``(context − 1 − first, d)`` with the method's
+    cache, the cache's :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming:
+    the whole chunk) and its codecs' warnings (:func:`_warnings`)."""
     with codec_attention(model):
         if mode == "prefill":
             cache = CodecCache.from_cache(model, assignment, prefill, queries=records,
                                           ropes=getattr(prefill, "kvtool_ropes", None))
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
-            return _forward(model, ids[:, first:-1], cache), footprint, _warnings(cache)
+            return (forward_hidden(model, ids[:, first:-1], cache, head, pieces=True), footprint,
+                    _warnings(cache))
         cache = CodecCache(model, assignment, mode="streaming", queries=queries)
         pieces: list[Any] = []
         pos, end = 0, int(ids.shape[1]) - 1
         while pos < end:
             room = cache.safe_piece()
             stop = min(end, first if pos < first else end, pos + room if room else end)
-            out = _forward(model, ids[:, pos:stop], cache, logits=stop > first)
             if stop > first:
-                pieces.append(out[max(first - pos, 0):])
+                pieces.append(forward_hidden(model, ids[:, pos:stop], cache, head)[max(first - pos, 0):])
+            else:
+                forward_logits(model, ids[:, pos:stop], cache, logits=False)
             pos = stop
         return torch.cat(pieces, dim=0), cache.footprint(), _warnings(cache)
 
 
-def _baseline_pass(model: Any, baseline: Baseline, ids: Any, first: int) -> tuple[Any, dict[str, dict[str, int]]]:
+def _baseline_pass(model: Any, baseline: Baseline, ids: Any, first: int, head: LogitHead
+                   ) -> tuple[Any, dict[str, dict[str, int]]]:
     cache = baseline.make(model)
-    _forward(model, ids[:, :first], cache, logits=False)
+    forward_logits(model, ids[:, :first], cache, logits=False)
     footprint = baseline.footprint(cache)
-    return _forward(model, ids[:, first:-1], cache), footprint
+    return forward_hidden(model, ids[:, first:-1], cache, head), footprint
 
 
 def _exact_bytes(footprint: dict[str, dict[str, int]], dtype: Any) -> float:

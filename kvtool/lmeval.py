@@ -111,9 +111,9 @@ class KvtoolLM(TemplateLM):
         self.loaded = load_model(str(pretrained or model), dtype=dtype, device=device,
                                  trust_remote_code=bool(trust_remote_code))
         if hasattr(self.assignment, "assignment"):  # a plan: checked against the model it was made for
-            from kvtool.evaluate import _plan_assignment
+            from kvtool.evaluate import plan_assignment
 
-            self.assignment = _plan_assignment(self.loaded, self.assignment)
+            self.assignment = plan_assignment(self.loaded, self.assignment)
         self.model = self.loaded.model.eval()
         self.tokenizer = self.loaded.tokenizer
         CodecCache(self.model.config, self.assignment, mode="prefill")  # bad specs for this model fail now
@@ -172,12 +172,12 @@ class KvtoolLM(TemplateLM):
     # -- the protocol ------------------------------------------------------------------------------------
     def _coded(self, context: list[int]) -> tuple[Any, list[int]]:
         """(a cache holding ``context[:-1]`` prefilled exactly and coded, the tokens still to feed)."""
-        from kvtool.evaluate import _exact_prefill
+        from kvtool.evaluate import exact_prefill
 
         if len(context) < 2:  # nothing to code before the one context token
             return None, list(context)
         ids = torch.as_tensor(context[:-1], device=self.device)[None]
-        prefill, records = _exact_prefill(self.loaded, ids, self.queries)
+        prefill, records = exact_prefill(self.loaded, ids, self.queries)
         cache = CodecCache.from_cache(self.model, self.assignment, prefill, queries=records)
         return cache, [context[-1]]
 

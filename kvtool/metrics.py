@@ -30,7 +30,7 @@ compute the reference once per layer and compare every codec with it; the figure
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -364,6 +364,35 @@ def attention(
 
 NEXT_TOKEN_FIELDS = ("nll_exact", "nll", "kld", "same_top", "p_exact", "p")
 LOGIT_BLOCK = 64  # rows of (vocab) logits per float64 block
+#: A (rows, vocab) float64 block of the sliced statistics holds about this many elements (32 MiB), so
+#: their memory does not grow with the vocabulary: 85 rows of SmolLM2's 49,152, 16 of a 262,144 one.
+SLICE_ELEMENTS = 1 << 22
+
+#: The model's output head on a slice of positions: final hidden states ``(rows, hidden)`` → logits
+#: ``(rows, vocab)``, exactly as the model turns them into its logits (:mod:`kvtool.scoring`).
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _block_stats(lp: torch.Tensor, lq: torch.Tensor, t: torch.Tensor) -> dict[str, np.ndarray]:
+    """The per-token fields of one block: ``lp``, ``lq`` float64 log-probabilities ``(b, V)``, targets
+    ``t`` ``(b, 1)``."""
+    nll_p = -lp.gather(1, t)[:, 0]
+    nll_q = -lq.gather(1, t)[:, 0]
+    return {"nll_exact": nll_p.numpy(), "nll": nll_q.numpy(), "kld": (lp.exp() * (lp - lq)).sum(-1).numpy(),
+            "same_top": (lp.argmax(-1) == lq.argmax(-1)).double().numpy(),
+            "p_exact": torch.exp(-nll_p).numpy(), "p": torch.exp(-nll_q).numpy()}
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.detach().cpu().double(), dim=-1)
+
+
+def _join(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in blocks]) if blocks else np.zeros(0) for k in NEXT_TOKEN_FIELDS}
+
+
+def _targets(targets: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(targets), dtype=torch.int64)
 
 
 def next_token_stats(exact_logits: torch.Tensor, logits: torch.Tensor, targets: np.ndarray | torch.Tensor
@@ -373,30 +402,62 @@ def next_token_stats(exact_logits: torch.Tensor, logits: torch.Tensor, targets: 
     Returns float64 arrays ``(T,)``: ``nll_exact``, ``nll`` (−ln of the target's probability), ``kld``
     (KL(exact ‖ compressed) in nats), ``same_top`` (1.0 where the argmaxes agree), ``p_exact``, ``p``.
     """
-    y = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+    y = _targets(targets)
     if exact_logits.shape != logits.shape or exact_logits.shape[0] != y.shape[0]:
         raise ValueError(f"logits {tuple(exact_logits.shape)} / {tuple(logits.shape)} and targets "
                          f"{tuple(y.shape)} disagree")
-    out: dict[str, list[np.ndarray]] = {k: [] for k in NEXT_TOKEN_FIELDS}
-    for s in range(0, y.shape[0], LOGIT_BLOCK):
-        e = min(s + LOGIT_BLOCK, y.shape[0])
-        lp = torch.log_softmax(exact_logits[s:e].detach().cpu().double(), dim=-1)  # (b, V)
-        lq = torch.log_softmax(logits[s:e].detach().cpu().double(), dim=-1)
-        t = y[s:e, None]
-        nll_p = -lp.gather(1, t)[:, 0]
-        nll_q = -lq.gather(1, t)[:, 0]
-        out["nll_exact"].append(nll_p.numpy())
-        out["nll"].append(nll_q.numpy())
-        out["kld"].append((lp.exp() * (lp - lq)).sum(-1).numpy())
-        out["same_top"].append((lp.argmax(-1) == lq.argmax(-1)).double().numpy())
-        out["p_exact"].append(torch.exp(-nll_p).numpy())
-        out["p"].append(torch.exp(-nll_q).numpy())
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    return _join([_block_stats(_log_probs(exact_logits[s:s + LOGIT_BLOCK]), _log_probs(logits[s:s + LOGIT_BLOCK]),
+                               y[s:s + LOGIT_BLOCK, None]) for s in range(0, y.shape[0], LOGIT_BLOCK)])
+
+
+def slice_rows(vocab: int) -> int:
+    """Positions per slice of :func:`sliced_next_token_stats` for a vocabulary of ``vocab`` (>= 1)."""
+    return max(1, SLICE_ELEMENTS // max(int(vocab), 1))
+
+
+def sliced_next_token_stats(exact_hidden: torch.Tensor, hidden: torch.Tensor, targets: np.ndarray | torch.Tensor,
+                            head: Head, rows: int) -> dict[str, np.ndarray]:
+    """:func:`next_token_stats` of ``head(exact_hidden)`` against ``head(hidden)``, ``rows`` positions at a
+    time: no ``(T, vocab)`` matrix is ever held, only ``(rows, vocab)`` blocks.
+
+    ``exact_hidden``, ``hidden``: ``(T, d)`` what the head reads at each scored position (the final hidden
+    states; with a head that is the identity, the logits themselves); ``targets`` ``(T,)``.
+    """
+    y = _targets(targets)
+    if exact_hidden.shape != hidden.shape or exact_hidden.shape[0] != y.shape[0]:
+        raise ValueError(f"hidden states {tuple(exact_hidden.shape)} / {tuple(hidden.shape)} and targets "
+                         f"{tuple(y.shape)} disagree")
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    blocks = []
+    for s in range(0, y.shape[0], rows):
+        lp = _log_probs(head(exact_hidden[s:s + rows]))  # (rows, V)
+        lq = _log_probs(head(hidden[s:s + rows]))
+        blocks.append(_block_stats(lp, lq, y[s:s + rows, None]))
+        del lp, lq
+    return _join(blocks)
 
 
 def concat_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Join per-token stats of several chunks."""
-    return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in NEXT_TOKEN_FIELDS}
+    return _join(parts)
+
+
+def chunk_stderrs(parts: list[dict[str, np.ndarray]]) -> dict[str, float | None]:
+    """Standard errors of the mean KLD and of ln(ppl ratio) from the spread of per-chunk means.
+
+    Tokens of one chunk share their context, so their statistics are correlated and the per-token stderr
+    (llama.cpp's, above) understates the uncertainty of a mean over few chunks; chunks are independent
+    texts. With equal-sized chunks the mean of chunk means is the overall mean. None for fewer than 2
+    chunks.
+    """
+    if len(parts) < 2:
+        return {"kld_stderr_chunks": None, "ln_ppl_ratio_stderr_chunks": None}
+    kld = np.array([np.mean(p["kld"]) for p in parts])
+    ratio = np.array([np.mean(p["nll"] - p["nll_exact"]) for p in parts])
+    n = math.sqrt(len(parts))
+    return {"kld_stderr_chunks": float(np.std(kld, ddof=1) / n),
+            "ln_ppl_ratio_stderr_chunks": float(np.std(ratio, ddof=1) / n)}
 
 
 def mean_stderr(x: np.ndarray) -> tuple[float, float]:

@@ -78,6 +78,28 @@ sequence, the layer and the dataset; a layer holding NaN or infinity with a NonF
 sequence and the layer. Writers go to a temporary file beside the target (space reserved ahead of
 each write, so a full disk fails cleanly) and rename it on success, so an interrupted or failed write
 never leaves a file posing as complete, nor a temporary file.
+
+Exact bases (kind "base", written by ``kvtool eval --save-base``, read by ``--base``)
+-----------------------------------------------------------------------------------
+
+What an eval's exact pass yields for its scored positions, so later runs on the same model, text, context
+and mode skip that pass. Root attributes: ``kvtool_schema`` (1), ``kind`` ("base"), ``base_version``
+(:data:`BASE_VERSION`), ``model``, ``model_architecture``, ``model_source`` (as above), ``mode``,
+``context``, ``prompt_tokens`` (the first ``context // 2`` tokens of a chunk, not scored), ``num_chunks``,
+``tokens_sha256`` (sha256 of the chunks' int64 token ids, in order), ``stored`` ("hidden" or "logits"),
+``width`` (the last axis of ``exact``), ``created``, ``kvtool_version``. Groups and datasets::
+
+    /chunks/<c>/tokens   int32 (context,)           the chunk's token ids as fed to the model
+    /chunks/<c>/exact    float32 (scored, width)    scored = context − 1 − prompt_tokens: per scored
+                                                    position, what the model's head reads in the exact pass
+                                                    (stored "hidden": the final hidden states, from which
+                                                    the head recomputes the exact logits; stored "logits":
+                                                    the logits, for a model whose head kvtool cannot apply
+                                                    slice by slice, see kvtool/scoring.py)
+
+The hidden states are the model's own float32 (or its bfloat16/float16, widened losslessly), so nothing is
+lost: the exact log-distribution is recomputed from them, bit for bit what the exact pass gives. Every
+dataset is chunked with Fletcher-32; the file is written to a temporary file and renamed when complete.
 """
 
 from __future__ import annotations
@@ -104,6 +126,15 @@ SCHEMA_VERSION = 1
 KIND_CACHE = "cache"
 KIND_COMPRESSED = "compressed"
 KINDS = (KIND_CACHE, KIND_COMPRESSED)
+KIND_BASE = "base"  # an eval's exact base: its own layout (module docstring), not a cache
+BASE_VERSION = 1
+BASE_CHUNKS = "chunks"
+BASE_EXACT = "exact"
+BASE_STORED = ("hidden", "logits")
+BASE_IDENTITY: dict[str, type] = {  # what a run must match to reuse a base, and each attribute's type
+    "model": str, "model_architecture": str, "model_source": str, "mode": str, "context": int,
+    "prompt_tokens": int, "num_chunks": int, "tokens_sha256": str, "stored": str, "width": int,
+}
 
 SEQUENCES = "sequences"
 LAYERS = "layers"
@@ -981,3 +1012,123 @@ def copy_sequence(writer: CacheWriter, reader: CacheReader, sequence: int) -> in
     """Start a sequence in ``writer`` with the tokens, source and text hash of ``reader``'s ``sequence``."""
     seq = reader.info.sequences[sequence]
     return writer.add_sequence(reader.tokens(sequence), source=seq.source, text_sha256=seq.text_sha256)
+
+
+# ------------------------------------------------------------------------------------------ exact bases
+
+
+class BaseWriter:
+    """Atomic writer of an exact base (layout in the module docstring): chunks are added as they are
+    computed, into a temporary file beside ``path`` that :meth:`commit` renames into place; any exception
+    (an interruption included) removes it. ``identity`` holds every :data:`BASE_IDENTITY` attribute."""
+
+    def __init__(self, path: Path | str, identity: Mapping[str, Any], *, force: bool = True) -> None:
+        import h5py
+
+        missing = [k for k in BASE_IDENTITY if k not in identity]
+        if missing:
+            raise StoreError(f"an exact base needs {', '.join(missing)}")
+        self.path = check_output_path(path, force)
+        try:
+            self._tmp = temp_beside(self.path)
+            self._h5 = h5py.File(self._tmp, "w", libver=LIBVER)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot write ({os_error_reason(exc)})") from None
+        a = self._h5.attrs
+        a["kvtool_schema"] = SCHEMA_VERSION
+        a["kind"] = KIND_BASE
+        a["base_version"] = BASE_VERSION
+        for k, kind in BASE_IDENTITY.items():
+            a[k] = kind(identity[k])
+        a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        a["kvtool_version"] = _version()
+        self._chunks = self._h5.create_group(BASE_CHUNKS)
+        self._n = 0
+
+    def add_chunk(self, tokens: np.ndarray, exact: np.ndarray) -> None:
+        """Chunk ``self._n``: its ``tokens`` ``(context,)`` and ``exact`` ``(scored, width)``."""
+        g = self._chunks.create_group(str(self._n))
+        try:
+            for name, x in ((TOKENS, np.asarray(tokens, dtype=np.int32)),
+                            (BASE_EXACT, np.asarray(exact, dtype=np.float32))):
+                g.create_dataset(name, data=x, chunks=_chunking(x.shape, x.itemsize), fletcher32=True)
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"{self.path}: cannot write ({os_error_reason(exc)}); no file was left") from None
+        self._n += 1
+
+    def commit(self) -> Path:
+        expected = int(self._h5.attrs["num_chunks"])
+        if self._n != expected:
+            self.abort()
+            raise StoreError(f"{self.path}: {self._n} chunks written, {expected} expected; no file was left")
+        try:
+            self._h5.close()
+            publish(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise StoreError(f"{self.path}: cannot write ({os_error_reason(exc)}); no file was left") from None
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._h5.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> BaseWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class BaseReader:
+    """Reader of an exact base: validates kind, version and identity attributes on open; chunk by chunk."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._h5 = _open_h5(self.path)
+        try:
+            with reading(self.path, "root"):
+                kind = _attr(self._h5, "kind", str, self.path)
+                if kind != KIND_BASE:
+                    raise _fail(self.path, f"is a kvtool file of kind {kind!r}, not an exact base "
+                                "(make one with kvtool eval --save-base)")
+                version = _attr(self._h5, "base_version", int, self.path)
+                if version != BASE_VERSION:
+                    raise _fail(self.path, f"exact base version {version}; this kvtool reads version "
+                                f"{BASE_VERSION} (compute it again with --save-base)")
+                self.identity = {k: _attr(self._h5, k, kind, self.path) for k, kind in BASE_IDENTITY.items()}
+                chunks = self._h5[BASE_CHUNKS]
+                if len(chunks) != self.identity["num_chunks"]:
+                    raise _fail(self.path, f"holds {len(chunks)} chunks, its header says "
+                                f"{self.identity['num_chunks']}")
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk ``c``: (tokens ``(context,)`` int64, exact ``(scored, width)`` float32)."""
+        with reading(self.path, f"chunk {c}"):
+            g = self._h5[BASE_CHUNKS][str(c)]
+            tokens = np.asarray(g[TOKENS][...], dtype=np.int64)
+            exact = np.asarray(g[BASE_EXACT][...])
+        scored = self.identity["context"] - 1 - self.identity["prompt_tokens"]
+        if tokens.shape != (self.identity["context"],) or exact.shape != (scored, self.identity["width"]):
+            raise _fail(self.path, f"chunk {c} holds tokens {tokens.shape} and exact {exact.shape}; expected "
+                        f"({self.identity['context']},) and ({scored}, {self.identity['width']})")
+        check_finite(exact, f"{self.path}: chunk {c}", "the file is damaged")
+        return tokens, exact
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> BaseReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

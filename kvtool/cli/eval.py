@@ -78,6 +78,16 @@ def eval_command(
                                                        "tokens + 4).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="With --task: write the depth x length accuracy "
                                               "heatmap (one panel per method) to this PNG/SVG/PDF.")] = None,
+    save_base: Annotated[Path | None, typer.Option("--save-base", help="Also write the exact pass's result "
+                                                   "(the final hidden states at the scored positions, "
+                                                   "lossless) to this file, for later runs' --base.")] = None,
+    base: Annotated[Path | None, typer.Option("--base", help="Reuse an exact base from --save-base instead of "
+                                              "running the exact pass over the scored tokens; refused unless "
+                                              "model, text tokens, --context and --mode match.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="A folder that keeps every finished chunk; "
+                                                "run the same command again with it to continue an "
+                                                "interrupted run (same report as an uninterrupted one).")]
+    = None,
 ) -> None:
     """Score a text with the exact cache and with each codec inside the model's cache.
 
@@ -127,6 +137,12 @@ def eval_command(
                 for layer in {0, *a.layers}:
                     for role in ("keys", "values"):
                         a.codec(layer, role).streaming_form()
+        if base is not None and save_base is not None:
+            raise InputError("give --base or --save-base, not both")
+        if base is not None:
+            from kvtool.store import BaseReader
+
+            BaseReader(base).close()  # a missing or foreign base fails before the model loads
         source = read_text(text)  # bad text fails before the slow model load
         quiet = json_path is not None and str(json_path) == "-"
         report = _run(assignments, labels, source, check_context, tokenize_text, quiet)
@@ -136,23 +152,38 @@ def eval_command(
 
     def _run(assignments: list[Any], labels: list[str], source: Any, check_context: Any, tokenize_text: Any,
              quiet: bool) -> Any:
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from kvtool.evaluate import evaluate
         from kvtool.models import load_model
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                      TextColumn("{task.completed}/{task.total} passes"), TimeElapsedColumn(),
+                      TextColumn("ETA"), TimeRemainingColumn(),
                       console=err_console, transient=True, disable=quiet) as bar:
             task = bar.add_task(f"loading model {model}", total=None)
             loaded = load_model(model, dtype=model_dtype, device=device, trust_remote_code=trust_remote_code,
                                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
             tokens = tokenize_text(loaded, text, max_tokens)
             check_context(loaded, tokens, context)
+            per_chunk = 1 + len(assignments)
             bar.update(task, description="scoring (exact + one pass per method per chunk)", completed=0)
+
+            def progress(done: int, total: int) -> None:
+                chunks = total // per_chunk
+                bar.update(task, completed=done, total=total,
+                           description=f"chunk {min(done // per_chunk + 1, chunks)}/{chunks} (exact + one pass "
+                                       "per method)")
+
             return evaluate(loaded, tokens, assignments, mode=mode, context=context, source=source.source,
-                            labels=labels,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+                            labels=labels, progress=progress, base=base, save_base=save_base, resume=resume)
 
     run_guarded(work)
 

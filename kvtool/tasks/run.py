@@ -28,7 +28,7 @@ import numpy as np
 from kvtool.cache import DEFAULT_QUERIES, CodecCache
 from kvtool.codecs.assignment import Assignment
 from kvtool.errors import InputError
-from kvtool.evaluate import _exact_prefill, _forward, _label, _plan_assignment
+from kvtool.evaluate import exact_prefill, forward_logits, method_label, plan_assignment
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel
 from kvtool.report import header, json_safe
@@ -60,7 +60,7 @@ def load_haystack(tokenizer: Any, text: str | Path | Haystack) -> Haystack:
 def _assignment(loaded: LoadedModel, method: Any) -> Assignment:
     if isinstance(method, str):
         return Assignment.of(method, method)
-    return _plan_assignment(loaded, method)
+    return plan_assignment(loaded, method)
 
 
 def check_lengths(loaded: LoadedModel, lengths: Sequence[int], max_new_tokens: int) -> None:
@@ -84,7 +84,7 @@ def greedy(model: Any, tokenizer: Any, cache: Any, first: Any, max_new_tokens: i
     out: list[int] = []
     ids = first
     for _ in range(max_new_tokens):
-        logits = _forward(model, ids, cache, logits=False)  # (1, vocab): the last position's
+        logits = forward_logits(model, ids, cache, logits=False)  # (1, vocab): the last position's
         token = int(logits[-1].argmax())
         if token in stops:
             break
@@ -117,7 +117,7 @@ def run_tasks(loaded: LoadedModel, task: str | Task, haystack: str | Path | Hays
     model, tokenizer = loaded.model, loaded.tokenizer
     for a in assignments:  # bad specs fail before any forward pass
         CodecCache(model.config, a, mode="prefill")
-    labels = list(labels) if labels is not None else [_label(a) for a in assignments]
+    labels = list(labels) if labels is not None else [method_label(a) for a in assignments]
     if len(labels) != len(assignments):
         raise InputError(f"{len(labels)} labels for {len(assignments)} methods")
     check_lengths(loaded, lengths, max_new_tokens or 1)
@@ -148,7 +148,7 @@ def run_tasks(loaded: LoadedModel, task: str | Task, haystack: str | Path | Hays
         for p in prompts:
             ids = torch.as_tensor(p.ids, device=loaded.device)[None]  # (1, length)
             t0 = time.perf_counter()
-            prefill, records = _exact_prefill(loaded, ids[:, :-1], queries)
+            prefill, records = exact_prefill(loaded, ids[:, :-1], queries)
             seconds_exact += time.perf_counter() - t0
             tick()
             for m, a in enumerate(assignments):
