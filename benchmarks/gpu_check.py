@@ -25,9 +25,10 @@ SPECS = ["turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true", "turb
 def main() -> int:
     from pathlib import Path
 
-    from kvtool.cache import CodecCache, restore_attention
+    from kvtool.cache import CodecCache
     from kvtool.codecs import LayerContext, parse_spec
     from kvtool.compat import generate_cache_kwarg
+    from kvtool.hooks import restore_attention
     from kvtool.models import load_model
     from kvtool.runtime.backends import device_codec
     from kvtool.runtime.device import to_numpy

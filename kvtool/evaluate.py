@@ -139,19 +139,20 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
 
     ``loaded``: a :class:`kvtool.models.LoadedModel`; ``assignments``: one per method (all share the exact
     pass), each an :class:`Assignment` or a :class:`kvtool.codecs.planfile.Plan` (checked against the model's
-    identity and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last
-    C − 1 − C/2 tokens of each chunk are scored); ``labels``: a name per method (default: its specs);
-    ``baselines``: other caches scored in the same run, reported after the methods (:class:`Baseline`). ``save_base``: write the
-    exact pass's result to this exact base file (:class:`kvtool.store.BaseWriter`); ``base``: read it from
-    one instead of running the exact pass over the scored tokens (refused unless model, tokens, context and
-    mode match); ``resume``: a folder keeping each finished chunk (:mod:`kvtool.evalstate`), so the same
-    call continues an interrupted run. Returns the JSON report: header fields, the protocol, ``methods``
-    (one dict per assignment, in order, with the statistics of :func:`kvtool.metrics.summarize_next_token`,
-    ``bits_per_element``, ``cache_bytes_*``, ``seconds``, ``warnings``: what a codec reported it could not do
-    as asked, and ``in_sample`` for a plan whose capture held the scored tokens) and, at top level, the fields
-    of the first method. ``queries``: how many of the prompt's last query positions each method's codecs get;
-    by default what each asks for (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most
-    query-based selectors, the whole prompt for ``expected``).
+    identity and geometry); ``mode``: ``"prefill"`` or ``"streaming"``; ``context``: chunk length C (the last C
+    − 1 − C/2 tokens of each chunk are scored); ``labels``: a name per method (default: its specs);
+    ``baselines``: other caches scored in the same run, reported after the methods (:class:`Baseline`).
+    ``save_base``: write the exact pass's result to this exact base file (:class:`kvtool.store.BaseWriter`);
+    ``base``: read it from one instead of running the exact pass over the scored tokens (refused unless model,
+    tokens, context and mode match); ``resume``: a folder keeping each finished chunk (:mod:`kvtool.evalstate`),
+    so the same call continues an interrupted run. Returns the JSON report: header fields, the protocol,
+    ``methods`` (one dict per assignment, in order, with the statistics of
+    :func:`kvtool.metrics.summarize_next_token`, ``bits_per_element``, ``cache_bytes_*``, ``seconds``,
+    ``warnings``: what a codec reported it could not do as asked, and ``in_sample`` for a plan whose capture
+    held the scored tokens) and, at top level, the fields of the first method. ``queries``: how many of the
+    prompt's last query positions each method's codecs get; by default what each asks for
+    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors, the whole prompt for
+    ``expected``).
 
     Memory follows the cache, not tokens × vocabulary: each pass keeps only the final hidden states of the
     scored positions, and the statistics apply the model's head to slices of them (:mod:`kvtool.scoring`).

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_cache import dynamic, forward, ids, tiny  # tests/ is on sys.path
 
-from kvtool.cache import CodecCache, restore_attention
+from kvtool.cache import CodecCache
 from kvtool.codecs.assignment import Assignment
 from kvtool.compat import generate_cache_kwarg
+from kvtool.hooks import restore_attention
 from kvtool.runtime.compact import CompactTrack
 from kvtool.runtime.memory import held_bytes
 

@@ -16,11 +16,12 @@ from _cli import assert_one_line_error
 from _cli import run as cli_run
 
 from kvtool import metrics
-from kvtool.cache import CodecCache, kvtool_attention
+from kvtool.cache import CodecCache
 from kvtool.codecs.assignment import Assignment
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError, StoreError
 from kvtool.evaluate import chunk_tokens, evaluate, exact_prefill
+from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel
 from kvtool.scoring import LOGITS, SLICED, LogitHead
 from kvtool.store import BaseReader
@@ -122,7 +123,7 @@ def reference_eval(loaded: LoadedModel, tokens: np.ndarray, specs: list[str], co
             exact = model(input_ids=ids[:, first:-1], **{kw: copy.deepcopy(prefill)},
                           use_cache=True).logits[0]
             for m, spec in enumerate(specs):
-                with kvtool_attention(model):
+                with codec_attention(model):
                     cache = CodecCache.from_cache(model, Assignment.of(spec, spec), prefill, queries=records)
                     logits = model(input_ids=ids[:, first:-1], **{kw: cache}, use_cache=True).logits[0]
                 per[m].append(metrics.next_token_stats(exact, logits, chunk[first + 1:]))
