@@ -153,6 +153,12 @@ bench: install
 	$(BIN)/python benchmarks/bench_lowrank.py
 	$(BIN)/python benchmarks/bench_evict_eval.py
 	$(BIN)/python benchmarks/bench_plan.py
+	$(BIN)/python benchmarks/bench_longctx.py
+	$(BIN)/python benchmarks/bench_tasks.py --samples 2
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_expected.py
+	$(BIN)/python benchmarks/bench_8x.py
+	$(BIN)/python benchmarks/bench_grid.py --context 256 --rounds 2 --screenshot docs/report.png
 	$(BIN)/python benchmarks/collect.py
 
 sample-cache: install

@@ -39,6 +39,18 @@ SECTIONS = [
      "benchmarks/bench_plan.py --parts frontier speed"),
     ("plan.md", "`kvtool plan` against the best uniform spec (attention error, KLD, Δppl)",
      "benchmarks/bench_plan.py --parts plans"),
+    ("longctx.md", "Long contexts: eval memory against context, exact bases, the codec table at 8k vs 2k",
+     "benchmarks/bench_longctx.py"),
+    ("tasks.md", "Retrieval tasks with the codec in the cache (passkey heatmap) beside KLD",
+     "benchmarks/bench_tasks.py --samples 2"),
+    ("generate.md", "Generating with a codec in the cache: held memory and decode speed (compact CodecCache, "
+     "HF QuantizedCache)", "benchmarks/bench_generate.py --lengths 1024 --new 16; --lengths 4096 --new 8 "
+     "--rows 0,1,4,8; --lengths 8192 --new 4 --rows 0,1,4,8,9"),
+    ("expected.md", "Expected Attention: kvpress's form, paired", "benchmarks/bench_expected.py"),
+    ("models.md", "One codec table per real model (SmolLM2, Gemma 3)", "benchmarks/bench_models.py"),
+    ("8x.md", "8× fp16 at KLD ≤ 0.01: compositions on held-out text", "benchmarks/bench_8x.py"),
+    ("grid.md", "`kvtool grid`: one worker, two local processes and local Ray on a 24-cell grid",
+     "benchmarks/bench_grid.py --context 256 --rounds 2 --screenshot docs/report.png"),
 ]
 
 
