@@ -45,6 +45,8 @@ def test_the_lock_satisfies_the_ranges_pyproject_admits():
     pins = locked()
     wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
     for req in wanted:
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # e.g. tomli, only below Python 3.11 (the lock is compiled for 3.11)
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is in pyproject.toml but not in the lock: run `make lock`"
         version = pins[name][0]
