@@ -202,7 +202,9 @@ def test_peak_memory_of_a_large_vocabulary_stays_below_what_full_logits_need():
     form, sliced = _peak_growth("sliced")
     assert form == SLICED and sliced < bound, sliced
     form, unsliced = _peak_growth("unsliced")
-    assert form == LOGITS and unsliced > bound, unsliced
+    # alone it grows ~1.3 GB; once, inside the full suite on a loaded machine, only 262 MB: compare with the
+    # sliced run rather than with a fixed figure
+    assert form == LOGITS and unsliced > 10 * max(sliced, 1 << 20), (sliced, unsliced)
 
 
 # -- the exact base --------------------------------------------------------------------------------------
