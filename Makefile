@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml $(LOCK) requirements/model.lock
 lock: $(LOCKTOOL)
 	$(LOCKTOOL) pip compile pyproject.toml $(foreach e,$(EXTRAS),--extra $(e)) --generate-hashes \
 		--python-version 3.11 $(TORCH_SOURCE) -c requirements/cpu.txt \
-		--custom-compile-command "make lock" -o $(LOCK)
+		--no-strip-extras --custom-compile-command "make lock" -o $(LOCK)
 
 $(LOCKTOOL):
 	$(PYTHON) -m venv .venv-lock

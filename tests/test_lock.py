@@ -28,7 +28,7 @@ def locked() -> dict[str, tuple[str, list[str]]]:
         assert version, f"not pinned with ==: {line}"
         hashes = [o.strip().removeprefix("hash=") for o in options if o.startswith("hash=sha256:")]
         assert hashes, f"no --hash for {name}"
-        pins[canonicalize_name(name)] = (version.strip(), hashes)
+        pins[canonicalize_name(name.split("[")[0])] = (version.strip(), hashes)
     return pins
 
 
