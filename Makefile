@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(LOCK) requirements/model.lock
 # (then run `make test`, and commit the lock with the change). uv runs from its own small venv.
 lock: $(LOCKTOOL)
 	$(LOCKTOOL) pip compile pyproject.toml $(foreach e,$(EXTRAS),--extra $(e)) --generate-hashes \
-		--python-version 3.11 $(TORCH_SOURCE) -c requirements/cpu.txt \
+		--python-version 3.11 $(TORCH_SOURCE) -c requirements/constraints.txt \
 		--no-strip-extras --custom-compile-command "make lock" -o $(LOCK)
 
 $(LOCKTOOL):
