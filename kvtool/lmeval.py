@@ -47,10 +47,14 @@ from lm_eval.models.utils import (
 )
 
 from kvtool.cache import DEFAULT_QUERIES, CodecCache
+from kvtool.codecs import parse_pair
 from kvtool.codecs.assignment import Assignment
+from kvtool.codecs.planfile import load_plan
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
+from kvtool.evaluate import exact_prefill, plan_assignment
 from kvtool.hooks import codec_attention
+from kvtool.models import load_model
 
 NAME = "kvtool"
 _OWN = ("model", "method", "keys", "values", "plan", "dtype", "device", "max_length", "queries", "batch_size",
@@ -82,14 +86,10 @@ def join_split_specs(args: dict[str, Any]) -> dict[str, Any]:
 def assignment_from_args(method: Any = None, keys: Any = None, values: Any = None, plan: Any = None) -> Any:
     """The Assignment (or plan) the backend codes the cache with; ``none`` everywhere by default."""
     if plan is not None:
-        from kvtool.codecs.planfile import load_plan
-
         if method is not None or keys is not None or values is not None:
             raise InputError("give plan= or method=/keys=/values=, not both")
         return load_plan(str(plan))
     base = _text(method) if method is not None else "none"
-    from kvtool.codecs import parse_pair
-
     k, v = _text(keys) if keys is not None else base, _text(values) if values is not None else base
     parse_pair(k, k, v)  # a bad spec fails here, in one line
     return Assignment.of(k, v)
@@ -105,14 +105,10 @@ class KvtoolLM(TemplateLM):
                  trust_remote_code: bool = False, add_bos_token: bool | None = None,
                  pretrained: str | None = None) -> None:
         super().__init__()
-        from kvtool.models import load_model
-
         self.assignment = assignment_from_args(method, keys, values, plan)
         self.loaded = load_model(str(pretrained or model), dtype=dtype, device=device,
                                  trust_remote_code=bool(trust_remote_code))
         if hasattr(self.assignment, "assignment"):  # a plan: checked against the model it was made for
-            from kvtool.evaluate import plan_assignment
-
             self.assignment = plan_assignment(self.loaded, self.assignment)
         self.model = self.loaded.model.eval()
         self.tokenizer = self.loaded.tokenizer
@@ -172,8 +168,6 @@ class KvtoolLM(TemplateLM):
     # -- the protocol ------------------------------------------------------------------------------------
     def _coded(self, context: list[int]) -> tuple[Any, list[int]]:
         """(a cache holding ``context[:-1]`` prefilled exactly and coded, the tokens still to feed)."""
-        from kvtool.evaluate import exact_prefill
-
         if len(context) < 2:  # nothing to code before the one context token
             return None, list(context)
         ids = torch.as_tensor(context[:-1], device=self.device)[None]

@@ -22,6 +22,7 @@ from typing import Any
 from kvtool.errors import InputError
 from kvtool.grid.cells import EVAL_METHOD_FIELDS
 from kvtool.grid.results import read_results
+from kvtool.util import write_text_atomic
 
 #: Columns of the per-model tables: (row field, header, format).
 TABLE_COLUMNS = (("text", "text", "{}"), ("context", "context", "{}"), ("mode", "mode", "{}"),
@@ -272,8 +273,6 @@ def build_html(inputs: ReportInputs, title: str = "kvtool report") -> str:
 
 def write_report(paths: Sequence[Path | str], output: Path | str, title: str = "kvtool report") -> dict[str, Any]:
     """Read ``paths``, write the page to ``output`` atomically; return a summary of what it shows."""
-    from kvtool.util import write_text_atomic
-
     inputs = load_inputs(paths)
     if not inputs.rows and not inputs.compress and not inputs.tasks:
         raise InputError(f"nothing to report: {', '.join(inputs.sources)} hold(s) no rows")

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvtool.grid.cells import Cell, require_kind, versions
+from kvtool.errors import KvtoolError
+from kvtool.grid.cells import JOBS, Cell, require_kind, versions
 from kvtool.grid.config import Experiment
 from kvtool.grid.results import RESULTS_VERSION, ResultsStore
 
@@ -112,9 +113,6 @@ def run_grid(experiment: Experiment, store: ResultsStore, executor: Executor, *,
 def dry_run(experiment: Experiment, store: ResultsStore | None = None) -> list[dict[str, Any]]:
     """The cells, each with its state: ``finished ok`` / ``finished failed`` (in ``store``) or ``to run``,
     and ``problem`` when its input already fails the checks made before a model loads."""
-    from kvtool.errors import KvtoolError
-    from kvtool.grid.cells import JOBS
-
     done = store.finished() if store is not None else {}
     out = []
     for c in experiment.cells():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kvtool.cache import DEFAULT_QUERIES, CodecCache
+from kvtool.capture import read_text
 from kvtool.codecs.assignment import Assignment
 from kvtool.errors import InputError
 from kvtool.evaluate import exact_prefill, forward_logits, method_label, plan_assignment
@@ -49,8 +50,6 @@ def load_haystack(tokenizer: Any, text: str | Path | Haystack) -> Haystack:
     """A :class:`Haystack` from a text file (or text containing a newline, or one already built)."""
     if isinstance(text, Haystack):
         return text
-    from kvtool.capture import read_text
-
     source = read_text(Path(text)) if isinstance(text, Path) or "\n" not in str(text) else None
     if source is None:
         return Haystack.from_text(tokenizer, str(text), "text")
