@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtool.compat import output_cache
+from kvtool.compat import forward_cache_kwarg, output_cache
 from kvtool.errors import InputError, KvtoolError, NonFiniteError
 from kvtool.hooks import AttentionHook, ProgressFn, Recorder, recording
 from kvtool.models import LoadedModel, ModelShape, model_shape
@@ -168,32 +168,55 @@ def _prerope_hooks(model: Any, rec: Recorder, num_kv_heads: int) -> list[Any]:
     return handles
 
 
+#: Positions per forward call of a capture longer than this (without ``--pre-rope-keys``): the eager
+#: attention scores of one call, (q_heads, PIECE, T) floats, then grow with T only, not with T².
+PIECE = 4096
+
+
 def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
                    progress: ProgressFn | None = None, hook: AttentionHook | None = None,
-                   pre_rope_keys: bool = False) -> tuple[Any, Recorder]:
-    """One forward pass with recording attention; returns (the model's cache, the recorder).
+                   pre_rope_keys: bool = False, piece: int | None = None) -> tuple[Any, Recorder]:
+    """A forward pass with recording attention; returns (the model's cache, the recorder).
 
-    ``input_ids``: (1, T) long tensor on the model's device.
+    ``input_ids``: (1, T) long tensor on the model's device. ``piece``: feed at most that many positions per
+    forward call, each on top of the cache the previous calls filled (a chunked prefill): the attention
+    scores and the MLP's intermediates of one call then stop growing with T, and the cache ends the same up
+    to float rounding. The recorder keeps the last ``keep_last`` queries across the calls; ``hook`` sees
+    each call's attention.
     """
     import torch
 
     model = loaded.model
     shape = model_shape(model.config)
+    total = int(input_ids.shape[1])
+    step = total if not piece or piece >= total else int(piece)
+    if pre_rope_keys and step < total:
+        raise InputError("--pre-rope-keys needs the whole sequence in one forward pass")
     recorder = Recorder(shape.num_layers, keep_last, progress, hook)
+    recorder.calls_total = shape.num_layers * -(-total // step)
     handles = _prerope_hooks(model, recorder, shape.num_kv_heads) if pre_rope_keys else []
     rope = RopeRecorder(model)
+    cache = None
     try:
         with recording(model, recorder):
             with torch.inference_mode():
-                # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
-                out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+                for start in range(0, total, step):
+                    kwargs: dict[str, Any] = {"use_cache": True}
+                    if cache is not None:
+                        kwargs[forward_cache_kwarg(model)] = cache
+                    # logits for the last position only: capture needs the cache, not a (T, vocab) matrix.
+                    out = model(input_ids=input_ids[:, start:start + step], logits_to_keep=1, **kwargs)
+                    cache = output_cache(out)
+                    del out
+                    recorder.calls_before += shape.num_layers
+                    if cache is None:
+                        break
             # read after the pass: dynamic RoPE variants update their frequencies during it
             recorder.rope = rope.params(model)
     finally:
         rope.remove()
         for h in handles:
             h.remove()
-    cache = output_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         raise KvtoolError(f"{loaded.architecture} returned no layered cache; kvtool needs a decoder whose "
                           "cache is a transformers Cache")
@@ -276,7 +299,7 @@ def capture(loaded: LoadedModel, texts: Sequence[TextInput], output: Path | str,
             keep = policy.window(len(ids))
             input_ids = torch.as_tensor(ids, device=loaded.device).unsqueeze(0)
             cache, rec = run_and_record(loaded, input_ids, keep_last=keep, progress=progress,
-                                        pre_rope_keys=pre_rope_keys)
+                                        pre_rope_keys=pre_rope_keys, piece=None if pre_rope_keys else PIECE)
             if writer is None:  # the header needs the geometry the first pass really produced
                 shape = observed_shape(loaded.config, cache, rec)
                 writer = stack.enter_context(CacheWriter(output, _header(loaded, shape, rec, dtype), force=force))

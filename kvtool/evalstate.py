@@ -36,7 +36,7 @@ class ChunkResult:
     exact_bytes: np.ndarray
     seconds: np.ndarray
     seconds_exact: float
-    #: per run, the codecs' warnings with their layer counts (kept for the chunks scored in this process only)
+    #: per run, the codecs' warnings with their layer counts (saved with the chunk, restored on resume)
     warnings: list[dict[str, int]] = field(default_factory=list)
 
 
@@ -80,8 +80,11 @@ class EvalState:
                 runs = int(z["sizes"].shape[0])
                 stats = [{f: z[f"stats.{m}.{f}"] for f in NEXT_TOKEN_FIELDS} for m in range(runs)]
                 result = ChunkResult(stats, z["sizes"], z["exact_bytes"], z["seconds"], float(z["seconds_exact"]))
+                if "warnings" in z.files:
+                    result.warnings = [{str(k): int(v) for k, v in w.items()}
+                                       for w in json.loads(str(z["warnings"]))]
                 exact = z["exact"] if "exact" in z.files else None
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"--resume {self.folder}: {path.name} is unreadable ({exc}); delete it to "
                              "score that chunk again") from None
         return result, exact
@@ -89,7 +92,7 @@ class EvalState:
     def save(self, c: int, result: ChunkResult, exact: np.ndarray | None) -> None:
         arrays = {f"stats.{m}.{f}": s[f] for m, s in enumerate(result.stats) for f in NEXT_TOKEN_FIELDS}
         arrays.update(sizes=result.sizes, exact_bytes=result.exact_bytes, seconds=result.seconds,
-                      seconds_exact=np.float64(result.seconds_exact))
+                      seconds_exact=np.float64(result.seconds_exact), warnings=np.str_(json.dumps(result.warnings)))
         if exact is not None:
             arrays["exact"] = exact
 

@@ -11,7 +11,8 @@ The protocol is llama.cpp's perplexity / KL-divergence one (``tools/perplexity``
    scored per chunk.
 3. ``prefill`` mode: one exact forward pass over the first ``first`` tokens (the prompt), shared by every
    method; its cache — an ordinary ``DynamicCache`` — scores the continuation exactly, and for each method
-   :meth:`kvtool.cache.CodecCache.from_cache` codes a copy, which scores the same continuation. The prompt's
+   :meth:`kvtool.cache.CodecCache.from_cache` codes a fresh copy read back from :class:`PromptCache` (never
+   two in memory), which scores the same continuation. The prompt's
    last ``queries`` post-RoPE queries (recorded as ``kvtool capture`` does) go to the codecs' context.
    ``streaming`` mode: the exact pass is the same; each method's :class:`~kvtool.cache.CodecCache` in
    streaming mode takes the whole chunk as it arrives, in pieces that give what token-by-token decoding
@@ -35,8 +36,8 @@ The library entry point is :func:`evaluate` (stable signature; ``sweep --eval-te
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtool import metrics
+from kvtool import metrics, scoring
 from kvtool.cache import MODES, CodecCache, QueryRecord
 from kvtool.capture import TextInput, read_text, run_and_record
 from kvtool.codecs.assignment import Assignment
@@ -333,11 +334,14 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     ids = torch.as_tensor(chunk, device=loaded.device)[None]  # (1, C)
     targets = chunk[first + 1:]
     t0 = time.perf_counter()
-    needs_prefill = exact is None or (mode == "prefill" and any(isinstance(r, Assignment) for r in runs))
-    prefill, records = (exact_prefill(loaded, ids[:, :first], max(wants, default=0)) if needs_prefill
-                        else (None, {}))
+    coded = sum(isinstance(r, Assignment) for r in runs) if mode == "prefill" else 0
+    uses = (exact is None) + coded  # how many passes start from the prompt's exact cache
+    prompt, records = PromptCache(None, 0), {}
+    if uses:
+        cache, records = exact_prefill(loaded, ids[:, :first], max(wants, default=0))
+        prompt = PromptCache(cache, uses)
     if exact is None:
-        exact = forward_hidden(model, ids[:, first:-1], copy.deepcopy(prefill), head, pieces=True)  # (scored, d)
+        exact = forward_hidden(model, ids[:, first:-1], prompt.take(), head, pieces=True)  # (scored, d)
     seconds_exact = time.perf_counter() - t0
     if progress is not None:
         progress(1, 0)
@@ -349,7 +353,7 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
             hidden, fp = _baseline_pass(model, run, ids, first, head)
             result.warnings.append({})
         else:
-            hidden, fp, notes = _method_pass(model, run, mode, ids, first, prefill,
+            hidden, fp, notes = _method_pass(model, run, mode, ids, first, prompt,
                                              _last_queries(records, wants[m]), wants[m], head)
             result.warnings.append(notes)
         result.stats.append(metrics.sliced_next_token_stats(exact, hidden, targets, head, head.rows))
@@ -486,7 +490,8 @@ def _merged_warnings(chunks: Sequence[dict[str, int]], layers: int) -> list[str]
 def exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
     """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer); the
     RoPE each layer used is kept on the cache as ``kvtool_ropes`` for the codecs' context."""
-    cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])))
+    cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])),
+                                piece=scoring.PIECE)
     n = int(prompt.shape[1])
     records = {}
     for layer, q in rec.queries.items():
@@ -494,6 +499,47 @@ def exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, 
         records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer))
     cache.kvtool_ropes = dict(rec.rope)
     return cache, records
+
+
+class PromptCache:
+    """The prompt's exact cache, handed in turn to each pass that starts from it (the exact pass over the
+    scored tokens, each prefill-mode method), so that only one copy of it is ever in memory.
+
+    A pass extends or codes the cache it is given, so each needs its own. Rather than keep the original
+    beside the copy a pass works on (and the copy's growth), a cache with several users is written once
+    to a temporary file and dropped; each :meth:`take` reads a fresh copy back. A single user gets the
+    cache itself. The file (the cache's size: 180 MiB for SmolLM2's 4,096-token prompt) is removed after
+    the last user, or when the chunk ends.
+    """
+
+    def __init__(self, cache: Any, uses: int) -> None:
+        self.ropes = getattr(cache, "kvtool_ropes", None)
+        self._left = uses
+        self._cache: Any = cache
+        self._spill: Any = None
+        if uses > 1:
+            self._spill = tempfile.TemporaryFile(prefix="kvtool-prompt-")
+            torch.save(cache, self._spill)
+            self._cache = None
+
+    def take(self) -> Any:
+        """A cache holding the prompt, the caller's to extend or code."""
+        if self._left <= 0:
+            raise RuntimeError("the prompt cache was taken more times than announced")
+        self._left -= 1
+        if self._spill is None:
+            cache, self._cache = self._cache, None
+            return cache
+        self._spill.seek(0)
+        cache = torch.load(self._spill, weights_only=False)
+        if not self._left:
+            self._spill.close()
+            self._spill = None
+        return cache
+
+    def __del__(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
 
 
 def forward_logits(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> Any:
@@ -504,7 +550,7 @@ def forward_logits(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> 
     return model(input_ids=ids, **kwargs).logits[0]
 
 
-def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prefill: Any,
+def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prompt: PromptCache,
                  records: dict[int, QueryRecord], queries: int, head: LogitHead
                  ) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
     """What the head reads at the continuation's positions ``(context − 1 − first, d)`` with the method's
@@ -512,8 +558,7 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
     the whole chunk) and its codecs' warnings (:func:`_warnings`)."""
     with codec_attention(model):
         if mode == "prefill":
-            cache = CodecCache.from_cache(model, assignment, prefill, queries=records,
-                                          ropes=getattr(prefill, "kvtool_ropes", None))
+            cache = CodecCache.from_cache(model, assignment, prompt.take(), queries=records, ropes=prompt.ropes)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
             return (forward_hidden(model, ids[:, first:-1], cache, head, pieces=True), footprint,
                     _warnings(cache))

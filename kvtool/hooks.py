@@ -93,7 +93,7 @@ def _register(name: str, function: Callable[..., Any], base: str) -> None:
 class Recorder:
     """Collects queries (and calls an optional hook) while one forward pass runs.
 
-    After the pass: ``queries[layer]`` ``(q_heads, keep_last, head_dim)`` post-RoPE on the host,
+    After the pass (or the calls of a pass fed in pieces): ``queries[layer]`` ``(q_heads, keep_last, head_dim)`` post-RoPE on the host,
     ``scaling[layer]`` (the scaling the model passed; ``head_dim ** -0.5`` when it passed none),
     ``q_heads``. ``prerope`` and ``rope`` are filled by ``kvtool capture`` (forward hooks, the rotary module).
     """
@@ -110,6 +110,9 @@ class Recorder:
         self.prerope: dict[int, Any] = {}
         self.rope: dict[int, Any] = {}  # layer -> kvtool.rope.RopeParams, where the model's RoPE is reproducible
         self.q_heads = 0
+        #: a pass fed in pieces: the attention calls made by earlier pieces, and the calls of the whole pass
+        self.calls_before = 0
+        self.calls_total = num_layers
 
     def __call__(self, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                  **kwargs: Any) -> Any:
@@ -118,13 +121,15 @@ class Recorder:
         self.q_heads = int(query.shape[1])
         if self.keep_last:
             # query: (batch=1, q_heads, T, head_dim), post-RoPE
-            self.queries[layer] = query[0, :, -self.keep_last:, :].detach().to("cpu", copy=True)
+            q = query[0, :, -self.keep_last:, :].detach().to("cpu", copy=True)
+            before = self.queries.get(layer)  # a pass fed in pieces: the last keep_last over all of them
+            self.queries[layer] = q if before is None else torch.cat([before, q], dim=1)[:, -self.keep_last:]
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         self.scaling[layer] = float(scaling) if scaling is not None else float(query.shape[-1]) ** -0.5
         if self.hook is not None:
             self.hook(layer, query, key, value, out[0])
         if self.progress is not None:
-            self.progress("forward", layer + 1, self.num_layers)
+            self.progress("forward", self.calls_before + layer + 1, self.calls_total)
         return out
 
 

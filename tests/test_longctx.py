@@ -17,9 +17,11 @@ from _cli import run as cli_run
 
 from kvtool import metrics
 from kvtool.cache import CodecCache
+from kvtool.capture import cache_layer, run_and_record
 from kvtool.codecs.assignment import Assignment
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError, StoreError
+from kvtool.evalstate import ChunkResult, EvalState
 from kvtool.evaluate import chunk_tokens, evaluate, exact_prefill
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel
@@ -300,3 +302,28 @@ def test_resume_after_an_interruption_gives_the_same_report(tiny, tmp_path):
             np.testing.assert_array_equal(a.chunk(c)[1], b.chunk(c)[1])
     with pytest.raises(InputError, match="other context"):
         evaluate(tiny, tokens, _assignments(), context=16, resume=state)
+
+
+def test_a_pass_fed_in_pieces_records_what_one_pass_does(tiny):
+    ids = torch.as_tensor(np.random.default_rng(5).integers(0, 128, 45)[None])
+    whole, rec = run_and_record(tiny, ids, keep_last=20)
+    parts, rec_parts = run_and_record(tiny, ids, keep_last=20, piece=8)  # the last piece is 5 long
+    for layer in range(2):
+        for a, b in zip(cache_layer(whole, layer), cache_layer(parts, layer)):
+            assert a.shape == b.shape == (2, 45, 16)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert rec_parts.queries[layer].shape == (4, 20, 16)
+        torch.testing.assert_close(rec.queries[layer], rec_parts.queries[layer], rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="one forward pass"):
+        run_and_record(tiny, ids, pre_rope_keys=True, piece=8)
+
+
+def test_resume_keeps_each_chunks_warnings(tmp_path):
+    state = EvalState(tmp_path / "s", {"model": "m"})
+    stats = [{f: np.arange(3, dtype=np.float64) for f in metrics.NEXT_TOKEN_FIELDS}]
+    result = ChunkResult(stats, np.array([[10, 20]]), np.array([40]), np.array([1.5]), 2.0,
+                         warnings=[{"expected: no single RoPE, unrotated statistics": 3}])
+    state.save(0, result, None)
+    loaded, exact = EvalState(tmp_path / "s", {"model": "m"}).load(0)
+    assert exact is None
+    assert loaded.warnings == result.warnings
