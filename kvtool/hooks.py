@@ -93,7 +93,8 @@ def _register(name: str, function: Callable[..., Any], base: str) -> None:
 class Recorder:
     """Collects queries (and calls an optional hook) while one forward pass runs.
 
-    After the pass (or the calls of a pass fed in pieces): ``queries[layer]`` ``(q_heads, keep_last, head_dim)`` post-RoPE on the host,
+    After the pass (or the calls of a pass fed in pieces): ``queries[layer]``
+    ``(q_heads, keep_last, head_dim)`` post-RoPE on the host,
     ``scaling[layer]`` (the scaling the model passed; ``head_dim ** -0.5`` when it passed none),
     ``q_heads``. ``prerope`` and ``rope`` are filled by ``kvtool capture`` (forward hooks, the rotary module).
     """

@@ -309,7 +309,7 @@ def test_a_pass_fed_in_pieces_records_what_one_pass_does(tiny):
     whole, rec = run_and_record(tiny, ids, keep_last=20)
     parts, rec_parts = run_and_record(tiny, ids, keep_last=20, piece=8)  # the last piece is 5 long
     for layer in range(2):
-        for a, b in zip(cache_layer(whole, layer), cache_layer(parts, layer)):
+        for a, b in zip(cache_layer(whole, layer), cache_layer(parts, layer), strict=True):
             assert a.shape == b.shape == (2, 45, 16)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert rec_parts.queries[layer].shape == (4, 20, 16)
