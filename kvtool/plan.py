@@ -12,9 +12,12 @@ discretised budget): one group per (layer, role) or per (layer, head, role), one
 
 * ``attention``: ``Σ_layers e_l²`` with ``e_l² = Σ_{h, role} ‖ô − o‖² / ‖o_l‖²`` — the squared
   relative attention-output error of each layer, modelled as the sum of its keys' and values' errors;
-* ``kld``: ``Σ_layers s_l · e_l²``, where ``s_l`` (the layer's sensitivity) is the next-token KL divergence
-  the model showed with only layer ``l`` compressed, divided by that layer's ``e_l²`` under the same
-  codec — measured by ``kvtool eval`` on a short text (:func:`kvtool.plan.sensitivities`).
+* ``kld``: ``Σ_{layer, role} s_{l,r} · e_{l,r}²``, where ``s_{l,r}`` (the sensitivity of the layer's keys
+  or values) is the next-token KL divergence the model showed with only that tensor compressed, divided by
+  its ``e_{l,r}²`` under the same codec — measured by ``kvtool eval`` on a short text
+  (:func:`kvtool.plan.sensitivities`). Keys and values get their own sensitivities because the attention
+  error does not rank them alike in every model: on Gemma 3 keys' attention-output errors cost about five
+  times more KLD per unit than values' (docs/FIDELITY.md).
 
 The plan file (:class:`Plan`, JSON, ``kvtool_plan`` = :data:`PLAN_VERSION`) carries the model identity,
 the geometry, the candidates and the choice of every layer and role as a codec spec; :meth:`Plan.assignment`
@@ -227,13 +230,19 @@ def _restrict(m: Measurements, keep: list[int]) -> Measurements:
 # ------------------------------------------------------------------------------------------- solving
 
 
-def _weights(m: Measurements, sensitivity: Mapping[int, float] | None) -> dict[int, float]:
-    """Objective weight of a squared output error at each layer: ``s_l / ‖o_l‖²``."""
+Sensitivity = Mapping[Any, float]  # by (layer, role), or by layer for both roles
+
+
+def _weights(m: Measurements, sensitivity: Sensitivity | None) -> dict[tuple[int, str], float]:
+    """Objective weight of a squared output error of each layer's keys and values: ``s_{l,r} / ‖o_l‖²``
+    (``sensitivity`` keyed by ``(layer, role)``, or by layer for both roles)."""
     out = {}
     for i in m.layers:
         energy = sum(m.energy[i])
-        s = 1.0 if sensitivity is None else float(sensitivity[i])
-        out[i] = s / energy if energy > 0 else 0.0
+        for r in ROLES:
+            s = 1.0 if sensitivity is None else float(sensitivity[(i, r)] if (i, r) in sensitivity
+                                                      else sensitivity[i])
+            out[(i, r)] = s / energy if energy > 0 else 0.0
     return out
 
 
@@ -281,30 +290,31 @@ def _choice_specs(m: Measurements, picked: dict[tuple[int, str, int | None], int
 
 
 def _predict(m: Measurements, picked: dict[tuple[int, str, int | None], int],
-             weights: Mapping[int, float]) -> dict[str, Any]:
+             weights: Mapping[tuple[int, str], float]) -> dict[str, Any]:
     """Bytes, bits and errors the chosen options promise, per layer and in total."""
     rows, total_cost = [], 0
     for i in m.layers:
         cost = {r: 0 for r in ROLES}
-        err2 = 0.0
+        err2 = objective = 0.0
         for g, n in picked.items():
             if g[0] == i:
                 c, e = _option(m, g, n)
                 cost[g[1]] += c
                 err2 += e
+                objective += weights[(i, g[1])] * e
         energy = sum(m.energy[i])
         rel2 = err2 / energy if energy > 0 else 0.0
         total_cost += cost["keys"] + cost["values"]
         per_tensor = m.info.num_kv_heads * _layer_tokens(m, i) * m.info.head_dim
         rows.append({"layer": i, "keys_bits": 8 * cost["keys"] / per_tensor,
                      "values_bits": 8 * cost["values"] / per_tensor, "stored_bytes": cost["keys"] + cost["values"],
-                     "attention_output_rel_error": math.sqrt(rel2), "objective": weights[i] * err2})
+                     "attention_output_rel_error": math.sqrt(rel2), "objective": objective})
     return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m),
             "attention_output_rel_error": float(np.mean([r["attention_output_rel_error"] for r in rows])),
             "objective": float(sum(r["objective"] for r in rows)), "layers": rows}
 
 
-def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[str, Any]]:
+def uniform_options(m: Measurements, weights: Mapping[tuple[int, str], float]) -> list[dict[str, Any]]:
     """Every candidate applied to every layer and both roles (the whole tensor at once), predicted from
     the same measurements; sorted by stored bytes."""
     out = []
@@ -317,9 +327,10 @@ def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[
 
 
 def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attention",
-              sensitivity: Mapping[int, float] | None = None) -> tuple[Plan, dict[str, Any]]:
+              sensitivity: Sensitivity | None = None) -> tuple[Plan, dict[str, Any]]:
     """Solve the knapsack at ``budget_bits`` average stored bits; return the plan and the solver's
-    account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate)."""
+    account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate).
+    ``sensitivity`` (objective ``kld``): per ``(layer, role)``, or per layer for both roles."""
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective == "kld" and sensitivity is None:
@@ -338,7 +349,7 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
         raise InputError(f"--budget-bits {budget_bits:g} is below the cheapest candidates ({low:.3f} stored "
                          f"bits per element); allowed: {low:.3f}..{MAX_BITS:g}")
     costs = [[c for c, _ in o] for o in opts]
-    values = [[weights[g[0]] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
+    values = [[weights[(g[0], g[1])] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
     sol = knapsack.solve(costs, values, budget)
     picked = dict(zip(groups, sol.choice, strict=True))
     predicted = _predict(m, picked, weights)
@@ -406,10 +417,10 @@ def plan(
     if eval_text is not None:
         loaded, tokens = load_eval(m.info, eval_text)
     if objective == "kld":
-        sens = sensitivities(m, loaded, tokens, eval_text, reference_spec(m, budget_bits),  # type: ignore[arg-type]
+        sens = sensitivities(m, loaded, tokens, eval_text, reference_choices(m, budget_bits),  # type: ignore[arg-type]
                              progress=progress)
     the_plan, account = make_plan(m, budget_bits, objective=objective,
-                                  sensitivity=None if sens is None else sens["sensitivity"])
+                                  sensitivity=None if sens is None else sensitivity_table(sens["sensitivity"]))
     if output is not None:
         save_plan(the_plan, output, force=force)
     report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
@@ -441,35 +452,55 @@ def plan(
     return json_safe(report)
 
 
-def reference_spec(m: Measurements, budget_bits: float) -> str:
-    """The codec the sensitivities are measured with: the best uniform candidate (attention objective) that
-    fits the budget, else the cheapest — errors of the size the plan will make."""
-    weights = _weights(m, None)
-    uniform = uniform_options(m, weights)
-    budget = budget_bits * elements(m) / 8
-    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
-    return min(fitting, key=lambda u: u["objective"])["spec"] if fitting else uniform[0]["spec"]
+def reference_choices(m: Measurements, budget_bits: float) -> dict[int, dict[str, str]]:
+    """The codecs the sensitivities are measured with: the attention objective's plan at the same budget,
+    per layer and role — errors of the size the kld plan will make (a codec far coarser than the one chosen
+    would measure the KL divergence where it no longer grows in proportion to the error)."""
+    attention_plan, _ = make_plan(m, budget_bits)
+    return {i: {r: _whole_tensor(m, attention_plan.choices[i][r]) for r in ROLES} for i in m.layers}
 
 
-def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText, reference: str,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Per layer ``s_l = KLD_l / e_l²``: the next-token KL divergence of the model (``kvtool eval``, prefill,
-    one exact pass shared by all layers) with only layer ``l`` coded by ``reference`` (keys and values; the
-    ``none`` codec elsewhere), over that layer's squared relative attention-output error under the same
-    codec on the cache (``e_l²``, from the measurements). ``Σ_l s_l · e_l²`` is then a first-order estimate
-    of the KLD of any plan. One coded pass per layer, instead of one per (layer, role, head, candidate)."""
-    n = m.candidates.index(reference)
-    methods = [Assignment("none", "none", {i: {"keys": reference, "values": reference}}) for i in m.layers]
-    scored = evaluate(loaded, tokens, methods, context=setup.context, labels=[f"layer {i}" for i in m.layers],
-                      source=str(setup.text), progress=progress)
-    kld, e2, sens = {}, {}, {}
-    for i, row in zip(m.layers, scored["methods"], strict=True):
+def _whole_tensor(m: Measurements, spec: str) -> str:
+    """``spec`` if it is a candidate, else (a per-head ``heads[...]`` choice) the candidate most of the heads
+    took."""
+    if spec in m.candidates or not spec.startswith(OPEN):
+        return spec
+    parts = spec[len(OPEN):-len(CLOSE)].split(SEP)
+    return max(set(parts), key=parts.count)
+
+
+def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText,
+                  references: Mapping[int, Mapping[str, str]], progress: Progress | None = None) -> dict[str, Any]:
+    """Per layer and role ``s_{l,r} = KLD_{l,r} / e_{l,r}²``: the next-token KL divergence of the model
+    (``kvtool eval``, prefill, one exact pass shared by every tensor) with only the keys, or only the values,
+    of layer ``l`` coded by ``references[l][r]`` (the ``none`` codec elsewhere), over that tensor's squared
+    relative attention-output error under the same codec on the cache (``e_{l,r}²``, from the
+    measurements). ``Σ s_{l,r} · e_{l,r}²`` is then a first-order estimate of the KLD of any plan. Two coded
+    passes per layer, instead of one per (layer, role, head, candidate). A tensor whose reference codes it
+    without error (``fp16`` on an fp16 cache) gets the median sensitivity of its role."""
+    tensors = [(i, r) for i in m.layers for r in ROLES]
+    methods = [Assignment("none", "none", {i: {"keys": "none", "values": "none", r: references[i][r]}})
+               for i, r in tensors]
+    scored = evaluate(loaded, tokens, methods, context=setup.context,
+                      labels=[f"layer {i} {r}" for i, r in tensors], source=str(setup.text), progress=progress)
+    kld, e2 = {r: {} for r in ROLES}, {r: {} for r in ROLES}
+    for (i, r), row in zip(tensors, scored["methods"], strict=True):
         energy = sum(m.energy[i])
-        e2[i] = sum(sum(m.full[(i, r, n)].errors) for r in ROLES) / energy if energy > 0 else 0.0
-        kld[i] = float(row["kld_mean"])
-        sens[i] = kld[i] / e2[i] if e2[i] > 0 else 0.0
-    return {"reference": reference, "sensitivity": sens, "kld": kld, "e2": e2,
+        n = m.candidates.index(references[i][r])
+        e2[r][i] = sum(m.full[(i, r, n)].errors) / energy if energy > 0 else 0.0
+        kld[r][i] = float(row["kld_mean"])
+    sens: dict[str, dict[int, float]] = {}
+    for r in ROLES:
+        measured = [kld[r][i] / e2[r][i] for i in m.layers if e2[r][i] > 0]
+        fallback = float(np.median(measured)) if measured else 1.0
+        sens[r] = {i: kld[r][i] / e2[r][i] if e2[r][i] > 0 else fallback for i in m.layers}
+    return {"reference": {i: dict(references[i]) for i in m.layers}, "sensitivity": sens, "kld": kld, "e2": e2,
             "eval": {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored", "seconds")}}
+
+
+def sensitivity_table(sens: Mapping[str, Mapping[int, float]]) -> dict[tuple[int, str], float]:
+    """The ``(layer, role) → s`` mapping :func:`make_plan` takes, from :func:`sensitivities`' ``sensitivity``."""
+    return {(int(i), r): float(s) for r, per_layer in sens.items() for i, s in per_layer.items()}  # JSON: str keys
 
 
 def _measured(report: dict[str, Any]) -> dict[str, Any]:

@@ -189,6 +189,18 @@ def test_sensitivity_weights_move_bits_to_the_weighted_layer(measured) -> None:
         make_plan(m, 4.5, objective="kld")
 
 
+def test_role_sensitivities_move_bits_between_keys_and_values(measured) -> None:
+    m = measured["layer"]
+
+    def role_bits(weights: dict) -> tuple[float, float]:
+        rows = make_plan(m, 4.5, objective="kld", sensitivity=weights)[1]["predicted"]["layers"]
+        return sum(r["keys_bits"] for r in rows), sum(r["values_bits"] for r in rows)
+
+    keys_heavy = role_bits({(i, r): 50.0 if r == "keys" else 1.0 for i in m.layers for r in ("keys", "values")})
+    values_heavy = role_bits({(i, r): 50.0 if r == "values" else 1.0 for i in m.layers for r in ("keys", "values")})
+    assert keys_heavy[0] > values_heavy[0] and keys_heavy[1] < values_heavy[1]
+
+
 def test_sliding_window_layers_count_only_their_window(tmp_path: Path) -> None:
     from _synth_cache import header
 
