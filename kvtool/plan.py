@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,10 @@ class Measurements:
     full: dict[tuple[int, str, int], Option] = field(default_factory=dict)
     heads: dict[tuple[int, str, int], list[tuple[int, float]]] = field(default_factory=dict)
     separable: dict[tuple[int, str, int], bool] = field(default_factory=dict)
+    #: the prompt length the budget holds at (0: the capture's own); ``short[(layer, role, candidate)]`` =
+    #: stored bytes of the tensor's first ``min(held, budget_tokens)`` rows coded alone
+    budget_tokens: int = 0
+    short: dict[tuple[int, str, int], int] = field(default_factory=dict)
     screened: list[int] = field(default_factory=list)  # the sample layers of the prescreen
     dropped: list[str] = field(default_factory=list)  # candidates the prescreen dropped
     seconds: float = 0.0
@@ -112,6 +116,12 @@ def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionRefe
     mask = codec.token_mask(enc)
     errors = _role_errors(ref, role, x_hat, mask)
     m.full[(data.layer, role, n)] = Option(_stored(codec, enc), errors)
+    rows = _short_rows(m, data.layer)
+    if rows < x.shape[1]:  # what the tensor stores at the shorter prompt the budget holds at
+        short = parse_spec(spec).for_role(role)
+        m.short[(data.layer, role, n)] = _stored(short, encode_tensor(short, x[:, :rows], _cut(ctx, rows))[0])
+    else:
+        m.short[(data.layer, role, n)] = m.full[(data.layer, role, n)].cost
     if m.granularity != "head":
         return
     parts, costs, masks = [], [], []
@@ -133,6 +143,22 @@ def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionRefe
     m.heads[(data.layer, role, n)] = list(zip(costs, head_errors, strict=True))
 
 
+def _cut(ctx: Any, rows: int) -> Any:
+    """The layer context of a tensor's first ``rows`` rows (keys, values, positions; the same queries)."""
+    def cut(a: np.ndarray | None, axis: int) -> np.ndarray | None:
+        return None if a is None else np.take(a, np.arange(rows), axis=axis)
+
+    return replace(ctx, keys=cut(ctx.keys, 1), values=cut(ctx.values, 1), keys_prerope=cut(ctx.keys_prerope, 1),
+                   key_positions=cut(ctx.key_positions, 0))
+
+
+def _short_rows(m: Measurements, layer: int) -> int:
+    """Rows the layer holds at the budget's prompt length (a sliding-window layer holds at most its window,
+    which its captured rows already are when the capture is longer)."""
+    held = _layer_tokens(m, layer)
+    return held if not m.budget_tokens else min(held, m.budget_tokens)
+
+
 def measure(
     path: Path | str,
     candidates: Sequence[str],
@@ -140,6 +166,7 @@ def measure(
     granularity: str = "layer",
     sequence: int = 0,
     prescreen: int = 0,
+    budget_tokens: int | None = None,
     progress: Progress | None = None,
 ) -> Measurements:
     """Cost and error of every candidate for every layer's keys and values (see the module docstring).
@@ -149,6 +176,12 @@ def measure(
     there (stored bytes against error, summed over those layers) are measured on the other layers.
     ``progress(done, total)`` counts (layer, candidate) pairs. Raises InputError for a cache without
     queries, CodecError for a bad candidate.
+
+    ``budget_tokens``: the prompt length the plan's budget must hold at (default: half the capture, the
+    prompt ``kvtool eval --context T`` codes in a ``T``-token chunk). A shorter cache amortises fixed costs
+    (fp16 sinks, per-channel scales, means, codebooks) over fewer tokens, so each candidate is also coded on
+    the first ``budget_tokens`` rows alone, for its bytes; in head mode each head's share of those bytes is
+    its share at full length.
     """
     started = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -170,7 +203,12 @@ def measure(
                                  "chooses one layer at a time; leave it out")
         layers = list(range(info.num_layers))
         observe = query_split(info, assignments, layers, sequence, None)["observe"]  # compress's default
-        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe, sequence)
+        tokens = info.sequences[sequence].num_tokens
+        short = tokens // 2 if budget_tokens is None else budget_tokens
+        if short < 1:
+            raise InputError(f"--budget-tokens must be at least 1, got {short}")
+        m = Measurements(info, names, layers, granularity, tokens, observe, sequence,
+                         budget_tokens=short if short < tokens else 0)
         sample = sample_layers(len(layers), prescreen) if len(names) > 1 else []
         order = sample + [i for i in layers if i not in sample]
         done, steps = 0, len(layers) * len(names)
@@ -224,7 +262,8 @@ def _restrict(m: Measurements, keep: list[int]) -> Measurements:
 
     return Measurements(m.info, [m.candidates[n] for n in keep], m.layers, m.granularity, m.tokens, m.observe,
                         m.sequence,
-                        energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable))
+                        energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable),
+                        budget_tokens=m.budget_tokens, short=remap(m.short))
 
 
 # ------------------------------------------------------------------------------------------- solving
@@ -265,6 +304,23 @@ def _option(m: Measurements, group: tuple[int, str, int | None], n: int) -> tupl
 def elements(m: Measurements) -> int:
     """Elements of keys and values over the planned layers."""
     return 2 * m.info.num_kv_heads * m.info.head_dim * sum(_layer_tokens(m, i) for i in m.layers)
+
+
+def short_elements(m: Measurements) -> int:
+    """Elements of keys and values over the planned layers at the budget's prompt length."""
+    return 2 * m.info.num_kv_heads * m.info.head_dim * sum(_short_rows(m, i) for i in m.layers)
+
+
+def _budget_cost(m: Measurements, group: tuple[int, str, int | None], n: int) -> int:
+    """What an option counts against the budget: its bytes at the budget's prompt length, scaled by
+    ``elements / short_elements`` so that a budget of ``b`` bits per element over the capture's elements
+    means ``b`` bits per element at that length."""
+    cost = _option(m, group, n)[0]
+    i, r, _ = group
+    full, short = m.full[(i, r, n)].cost, m.short.get((i, r, n))
+    if not m.budget_tokens or short is None:
+        return cost
+    return math.ceil(cost * (short / full if full else 1.0) * elements(m) / short_elements(m))
 
 
 def _layer_tokens(m: Measurements, layer: int) -> int:
@@ -309,7 +365,10 @@ def _predict(m: Measurements, picked: dict[tuple[int, str, int | None], int],
         rows.append({"layer": i, "keys_bits": 8 * cost["keys"] / per_tensor,
                      "values_bits": 8 * cost["values"] / per_tensor, "stored_bytes": cost["keys"] + cost["values"],
                      "attention_output_rel_error": math.sqrt(rel2), "objective": objective})
-    return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m),
+    short = sum(m.short.get((g[0], g[1], n), 0) for g, n in picked.items() if g[2] is None)
+    at_budget = ({"budget_tokens": m.budget_tokens, "stored_bits_at_budget_tokens": 8 * short / short_elements(m)}
+                 if m.budget_tokens and m.granularity == "layer" else {})
+    return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m), **at_budget,
             "attention_output_rel_error": float(np.mean([r["attention_output_rel_error"] for r in rows])),
             "objective": float(sum(r["objective"] for r in rows)), "layers": rows}
 
@@ -321,8 +380,9 @@ def uniform_options(m: Measurements, weights: Mapping[tuple[int, str], float]) -
     for n, spec in enumerate(m.candidates):
         picked = {(i, r, None): n for i in m.layers for r in ROLES}
         flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.observe, m.sequence, energy=m.energy,
-                            full=m.full)
-        out.append({"spec": spec, **_predict(flat, picked, weights)})
+                            full=m.full, budget_tokens=m.budget_tokens, short=m.short)
+        out.append({"spec": spec, **_predict(flat, picked, weights),
+                    "budget_cost": sum(_budget_cost(flat, g, n) for g in picked)})
     return sorted(out, key=lambda u: u["stored_bytes"])
 
 
@@ -338,8 +398,9 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
     weights = _weights(m, sensitivity if objective == "kld" else None)
     groups = _groups(m)
     opts = [[_option(m, g, n) for n in range(len(m.candidates))] for g in groups]
+    costs = [[_budget_cost(m, g, n) for n in range(len(m.candidates))] for g in groups]
     n_el = elements(m)
-    cheapest = sum(min(c for c, _ in o) for o in opts)
+    cheapest = sum(min(c) for c in costs)
     low = 8 * cheapest / n_el
     if not (0 < budget_bits <= MAX_BITS):
         raise InputError(f"--budget-bits must be in {low:.3f}..{MAX_BITS:g} (stored bits per element), "
@@ -348,7 +409,6 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
     if cheapest > budget:
         raise InputError(f"--budget-bits {budget_bits:g} is below the cheapest candidates ({low:.3f} stored "
                          f"bits per element); allowed: {low:.3f}..{MAX_BITS:g}")
-    costs = [[c for c, _ in o] for o in opts]
     values = [[weights[(g[0], g[1])] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
     sol = knapsack.solve(costs, values, budget)
     picked = dict(zip(groups, sol.choice, strict=True))
@@ -360,14 +420,15 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
                 budget_bits, objective, m.granularity, str(info.path), m.tokens,
                 {k: v for k, v in predicted.items() if k != "layers"}, m.observe)
     uniform = uniform_options(m, weights)
-    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
+    fitting = [u for u in uniform if u["budget_cost"] <= budget]
     best = min(fitting, key=lambda u: u["objective"]) if fitting else None
     at_uniform = None
-    if best is not None and best["stored_bytes"] >= cheapest:  # the plan held to the uniform's own bytes
-        same = knapsack.solve(costs, values, best["stored_bytes"])
+    if best is not None and best["budget_cost"] >= cheapest:  # the plan held to the uniform's own bytes
+        same = knapsack.solve(costs, values, best["budget_cost"])
         at_uniform = _predict(m, dict(zip(groups, same.choice, strict=True)), weights)
         at_uniform.pop("layers")
-    account = {"budget_bytes": budget, "elements": n_el, "solver": "exact DP over a discretised budget",
+    account = {"budget_bytes": budget, "elements": n_el, "budget_tokens": m.budget_tokens or m.tokens,
+               "solver": "exact DP over a discretised budget",
                "dp_unit_bytes": sol.unit, "dp_exact": sol.exact, "groups": len(groups), "predicted": predicted,
                "best_uniform": best, "plan_at_uniform_bits": at_uniform,
                "uniform": [{k: v for k, v in u.items() if k != "layers"} for u in uniform]}
@@ -390,10 +451,12 @@ def plan(
     force: bool = False,
     verify: bool = True,
     prescreen: int = 0,
+    budget_tokens: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
 
+    ``budget_tokens``: the prompt length the budget holds at (default: half the capture; :func:`measure`).
     ``objective="kld"`` needs ``eval_text``: the layers' sensitivities are measured in the model on it
     (:func:`sensitivities`). With ``eval_text`` and ``verify`` the plan and the best uniform spec are also
     scored in the model (``kvtool eval``), whatever the objective.
@@ -412,7 +475,7 @@ def plan(
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     m = measure(path, candidates, granularity=granularity, sequence=sequence, prescreen=prescreen,
-                progress=progress)
+                budget_tokens=budget_tokens, progress=progress)
     loaded = tokens = sens = None
     if eval_text is not None:
         loaded, tokens = load_eval(m.info, eval_text)
