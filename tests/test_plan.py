@@ -146,6 +146,7 @@ def test_plan_cli_prints_and_writes(cache: Path, tmp_path: Path) -> None:
             report_path)
     assert r.exit_code == 0, r.output
     assert "best uniform" in r.stdout and "within the budget" in r.stdout and "measured" in r.stdout
+    assert f"holds at a {TOKENS // 2}-token prompt" in " ".join(r.stdout.split())
     report = json.loads(report_path.read_text())
     assert report["kvtool_report"] == "plan" and report["plan"] == json.loads(out.read_text())
     assert report["best_uniform"]["spec"] == "uniform:bits=3"
@@ -247,3 +248,4 @@ def test_the_budget_holds_at_the_shorter_prompt(cache: Path) -> None:
     assert acc_half["budget_tokens"] == TOKENS // 2 and acc_full["budget_tokens"] == TOKENS
     with pytest.raises(InputError, match="at least 1"):
         measure(cache, sinks, budget_tokens=0)
+    assert_one_line_error(run("plan", cache, "-c", "uniform:bits=4", "--budget-tokens", "0"), "at least 1")

@@ -158,6 +158,10 @@ def render_plan(r: dict[str, Any]) -> None:
     if at is not None:
         line("plan at the uniform's bits", at, None)
     console.print(summary)
+    if "stored_bits_at_budget_tokens" in pred:
+        console.print(f"the budget holds at a {pred['budget_tokens']:,}-token prompt (--budget-tokens): the plan "
+                      f"stores {pred['stored_bits_at_budget_tokens']:.4f} bits/element there, "
+                      f"{pred['stored_bits']:.4f} at the capture's {r['plan']['tokens']:,} tokens")
     if "eval" in verify:
         e = verify["eval"]
         kld = p["objective"] == "kld"
