@@ -77,3 +77,28 @@ def test_spec_round_trips() -> None:
     codec = parse_spec("salient:select=[expected:keep=0.4],hi=[turboquant:bits=3],lo=[turboquant:bits=1]")
     again = parse_spec(codec.spec())
     assert again.spec() == codec.spec() and again.uses_queries() and again.observed_queries() is None
+
+
+def test_in_the_cache_mask_eviction_equals_the_selector_with_indices() -> None:
+    """``salient`` with ``lo=[drop]`` inside the model's cache keeps the rows the selector keeps: the same
+    logits as the plain selector (fp16 kept rows both), with a cheaper stored selection."""
+    import torch
+    from test_evict_cache import tiny
+
+    from kvtool.cache import CodecCache
+    from kvtool.compat import forward_cache_kwarg
+    from kvtool.hooks import restore_attention
+
+    model = tiny()
+    x = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for spec in ("expected:keep=0.5", "salient:select=[expected:keep=0.5],hi=[fp16],lo=[drop]"):
+        with torch.inference_mode():
+            cache = CodecCache(model, spec)
+            model(input_ids=x[:, :20], use_cache=True, **{forward_cache_kwarg(model): cache})
+            logits[spec] = model(input_ids=x[:, 20:], use_cache=True, **{forward_cache_kwarg(model): cache}).logits
+        for layer in cache.layers:
+            assert (layer.tracks["keys"].mask[0, :, :20].sum(dim=1) == 10).all()
+        restore_attention(model)
+    plain, masked = logits.values()
+    assert torch.allclose(plain, masked, atol=1e-5)

@@ -112,6 +112,10 @@ class Salient(Codec):
         copy._canonical()
         return copy
 
+    def inner_codecs(self) -> list[Codec]:
+        """The selector and both parts (kvtool.cache.can_evict looks inside wrappers through this)."""
+        return [self._selector, *self._parts.values()]
+
     def uses_queries(self) -> bool:
         return self._selector.uses_queries() or any(c.uses_queries() for c in self._parts.values())
 

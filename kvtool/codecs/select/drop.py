@@ -11,6 +11,7 @@ eviction whose selection is stored as one bit per token and head instead of one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -23,6 +24,8 @@ class Drop(Codec):
     """``drop`` — no arrays; ``decode`` is zeros and :meth:`token_mask` marks every row evicted."""
 
     name = "drop"
+    #: every row is evicted: kvtool.CodecCache applies the mask in its attention (kvtool.cache.can_evict)
+    evicts: ClassVar[bool] = True
 
     def encode(self, x: np.ndarray) -> Encoded:
         return Encoded({}, check_input(x).shape)
