@@ -5,8 +5,9 @@ Per model (``--models``: ``default`` = the bundled SmolLM2-135M, ``gemma3-270m``
 
 1. ``kvtool capture`` of the first ``--tokens`` tokens of GPL-3 (last 128 queries);
 2. ``kvtool analyze`` of that capture: the key-outlier figures the table's note quotes;
-3. ``kvtool plan --budget-bits B`` on that capture (attention objective, per layer, ``plan`` preset,
-   ``--prescreen 4``) for each budget of ``--budgets``;
+3. ``kvtool plan --budget-bits B`` on that capture (per layer, ``plan`` preset, ``--prescreen 4``; the
+   budget holds at a 1,024-token prompt, the default half of the capture) for each budget of ``--budgets``
+   and objective of ``--objectives`` (``kld``: sensitivities per layer and role measured on GPL-3);
 4. ``kvtool eval`` on held-out text (Apache-2.0, never captured: no plan saw it), ``--context`` tokens per
    chunk, every codec of ``SPECS`` and the plans on one shared exact pass.
 
@@ -53,10 +54,13 @@ def run_model(model: str, args: argparse.Namespace) -> None:
                                                                       indent=1))
     plans = []
     for budget in args.budgets:
-        plan = work / f"plan{budget:g}.json"
-        kvtool("plan", str(cache), "--budget-bits", f"{budget:g}", "--prescreen", "4", "--no-verify",
-               "--output", str(plan), "--force")
-        plans += ["--plan", str(plan)]
+        for objective in args.objectives:
+            plan = work / f"plan{budget:g}{'' if objective == 'attention' else '-' + objective}.json"
+            extra = [] if objective == "attention" else ["--objective", objective, "--eval-text",
+                                                         str(ROOT / "samples" / "gpl-3.0.txt"), "--model", model]
+            kvtool("plan", str(cache), "--budget-bits", f"{budget:g}", "--prescreen", "4", "--no-verify",
+                   *extra, "--output", str(plan), "--force")
+            plans += ["--plan", str(plan)]
     cmd = ["eval", "--model", model, "--text", str(ROOT / "samples" / "apache-2.0.txt"), "--max-tokens",
            str(args.context), "--context", str(args.context), "--json", str(RESULTS / f"models.{model}.eval.json")]
     for spec in SPECS:
@@ -120,6 +124,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 3.0])
+    parser.add_argument("--objectives", nargs="+", default=["attention", "kld"],
+                        help="plan objectives; kld measures per-layer, per-role sensitivities on GPL-3 (the "
+                        "capture's text), never on the held-out Apache-2.0")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvtool-models"))
     parser.add_argument("--from-json", action="store_true")
     args = parser.parse_args()

@@ -184,7 +184,7 @@ def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
     from kvtool.codecs.assignment import Assignment
     from kvtool.compress import compress
     from kvtool.evaluate import evaluate, tokenize_text
-    from kvtool.plan import make_plan, measure, reference_spec, sensitivities
+    from kvtool.plan import make_plan, measure, reference_choices, sensitivities, sensitivity_table
     from kvtool.sweep import EvalText, load_eval
 
     info_cache = work / f"{name}"
@@ -209,10 +209,10 @@ def _plan_text(name: str, cache: Path, work: Path) -> dict[str, Any]:
 
     def sens() -> dict[str, Any]:
         lm, tok = model_tokens("own")
-        return sensitivities(m, lm, tok, own, reference_spec(m, 3.0))
+        return sensitivities(m, lm, tok, own, reference_choices(m, 3.0))
 
-    s = _json(info_cache / "sensitivity_v2.json", sens)
-    weights = {int(k): v for k, v in s["sensitivity"].items()}
+    s = _json(info_cache / "sensitivity_v3.json", sens)  # v3: per layer and role
+    weights = sensitivity_table(s["sensitivity"])
     def plan_rows(mm: Any, tag: str) -> list[dict[str, Any]]:
         rows = []
         for budget in BUDGETS:

@@ -528,12 +528,14 @@ def _layer_kinds(config: Any) -> list[int | None]:
 
 
 def can_evict(codec: Codec) -> bool:
-    """Whether ``codec`` may drop token rows: a token :class:`Selector`, or a composition holding one."""
-    if isinstance(codec, Selector):
+    """Whether ``codec`` may drop token rows: a token :class:`Selector`, a codec that says so (class attribute
+    ``evicts``), or a composition or wrapper holding one (``Composed``; ``inner_codecs()``)."""
+    if isinstance(codec, Selector) or getattr(type(codec), "evicts", False):
         return True
     if isinstance(codec, Composed):
         return can_evict(codec.head) or can_evict(codec.tail)
-    return False
+    inner = getattr(codec, "inner_codecs", None)
+    return inner is not None and any(can_evict(c) for c in inner())
 
 
 class CodecCache(Cache):

@@ -12,9 +12,12 @@ discretised budget): one group per (layer, role) or per (layer, head, role), one
 
 * ``attention``: ``Σ_layers e_l²`` with ``e_l² = Σ_{h, role} ‖ô − o‖² / ‖o_l‖²`` — the squared
   relative attention-output error of each layer, modelled as the sum of its keys' and values' errors;
-* ``kld``: ``Σ_layers s_l · e_l²``, where ``s_l`` (the layer's sensitivity) is the next-token KL divergence
-  the model showed with only layer ``l`` compressed, divided by that layer's ``e_l²`` under the same
-  codec — measured by ``kvtool eval`` on a short text (:func:`kvtool.plan.sensitivities`).
+* ``kld``: ``Σ_{layer, role} s_{l,r} · e_{l,r}²``, where ``s_{l,r}`` (the sensitivity of the layer's keys
+  or values) is the next-token KL divergence the model showed with only that tensor compressed, divided by
+  its ``e_{l,r}²`` under the same codec — measured by ``kvtool eval`` on a short text
+  (:func:`kvtool.plan.sensitivities`). Keys and values get their own sensitivities because the attention
+  error does not rank them alike in every model: on Gemma 3 keys' attention-output errors cost about five
+  times more KLD per unit than values' (docs/FIDELITY.md).
 
 The plan file (:class:`Plan`, JSON, ``kvtool_plan`` = :data:`PLAN_VERSION`) carries the model identity,
 the geometry, the candidates and the choice of every layer and role as a codec spec; :meth:`Plan.assignment`
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,10 @@ class Measurements:
     full: dict[tuple[int, str, int], Option] = field(default_factory=dict)
     heads: dict[tuple[int, str, int], list[tuple[int, float]]] = field(default_factory=dict)
     separable: dict[tuple[int, str, int], bool] = field(default_factory=dict)
+    #: the prompt length the budget holds at (0: the capture's own); ``short[(layer, role, candidate)]`` =
+    #: stored bytes of the tensor's first ``min(held, budget_tokens)`` rows coded alone
+    budget_tokens: int = 0
+    short: dict[tuple[int, str, int], int] = field(default_factory=dict)
     screened: list[int] = field(default_factory=list)  # the sample layers of the prescreen
     dropped: list[str] = field(default_factory=list)  # candidates the prescreen dropped
     seconds: float = 0.0
@@ -109,6 +116,12 @@ def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionRefe
     mask = codec.token_mask(enc)
     errors = _role_errors(ref, role, x_hat, mask)
     m.full[(data.layer, role, n)] = Option(_stored(codec, enc), errors)
+    rows = _short_rows(m, data.layer)
+    if rows < x.shape[1]:  # what the tensor stores at the shorter prompt the budget holds at
+        short = parse_spec(spec).for_role(role)
+        m.short[(data.layer, role, n)] = _stored(short, encode_tensor(short, x[:, :rows], _cut(ctx, rows))[0])
+    else:
+        m.short[(data.layer, role, n)] = m.full[(data.layer, role, n)].cost
     if m.granularity != "head":
         return
     parts, costs, masks = [], [], []
@@ -130,6 +143,22 @@ def _measure_tensor(m: Measurements, data: LayerData, ref: metrics.AttentionRefe
     m.heads[(data.layer, role, n)] = list(zip(costs, head_errors, strict=True))
 
 
+def _cut(ctx: Any, rows: int) -> Any:
+    """The layer context of a tensor's first ``rows`` rows (keys, values, positions; the same queries)."""
+    def cut(a: np.ndarray | None, axis: int) -> np.ndarray | None:
+        return None if a is None else np.take(a, np.arange(rows), axis=axis)
+
+    return replace(ctx, keys=cut(ctx.keys, 1), values=cut(ctx.values, 1), keys_prerope=cut(ctx.keys_prerope, 1),
+                   key_positions=cut(ctx.key_positions, 0))
+
+
+def _short_rows(m: Measurements, layer: int) -> int:
+    """Rows the layer holds at the budget's prompt length (a sliding-window layer holds at most its window,
+    which its captured rows already are when the capture is longer)."""
+    held = _layer_tokens(m, layer)
+    return held if not m.budget_tokens else min(held, m.budget_tokens)
+
+
 def measure(
     path: Path | str,
     candidates: Sequence[str],
@@ -137,6 +166,7 @@ def measure(
     granularity: str = "layer",
     sequence: int = 0,
     prescreen: int = 0,
+    budget_tokens: int | None = None,
     progress: Progress | None = None,
 ) -> Measurements:
     """Cost and error of every candidate for every layer's keys and values (see the module docstring).
@@ -146,6 +176,12 @@ def measure(
     there (stored bytes against error, summed over those layers) are measured on the other layers.
     ``progress(done, total)`` counts (layer, candidate) pairs. Raises InputError for a cache without
     queries, CodecError for a bad candidate.
+
+    ``budget_tokens``: the prompt length the plan's budget must hold at (default: half the capture, the
+    prompt ``kvtool eval --context T`` codes in a ``T``-token chunk). A shorter cache amortises fixed costs
+    (fp16 sinks, per-channel scales, means, codebooks) over fewer tokens, so each candidate is also coded on
+    the first ``budget_tokens`` rows alone, for its bytes; in head mode each head's share of those bytes is
+    its share at full length.
     """
     started = time.perf_counter()
     if granularity not in GRANULARITIES:
@@ -167,7 +203,12 @@ def measure(
                                  "chooses one layer at a time; leave it out")
         layers = list(range(info.num_layers))
         observe = query_split(info, assignments, layers, sequence, None)["observe"]  # compress's default
-        m = Measurements(info, names, layers, granularity, info.sequences[sequence].num_tokens, observe, sequence)
+        tokens = info.sequences[sequence].num_tokens
+        short = tokens // 2 if budget_tokens is None else budget_tokens
+        if short < 1:
+            raise InputError(f"--budget-tokens must be at least 1, got {short}")
+        m = Measurements(info, names, layers, granularity, tokens, observe, sequence,
+                         budget_tokens=short if short < tokens else 0)
         sample = sample_layers(len(layers), prescreen) if len(names) > 1 else []
         order = sample + [i for i in layers if i not in sample]
         done, steps = 0, len(layers) * len(names)
@@ -221,19 +262,26 @@ def _restrict(m: Measurements, keep: list[int]) -> Measurements:
 
     return Measurements(m.info, [m.candidates[n] for n in keep], m.layers, m.granularity, m.tokens, m.observe,
                         m.sequence,
-                        energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable))
+                        energy=m.energy, full=remap(m.full), heads=remap(m.heads), separable=remap(m.separable),
+                        budget_tokens=m.budget_tokens, short=remap(m.short))
 
 
 # ------------------------------------------------------------------------------------------- solving
 
 
-def _weights(m: Measurements, sensitivity: Mapping[int, float] | None) -> dict[int, float]:
-    """Objective weight of a squared output error at each layer: ``s_l / ‖o_l‖²``."""
+Sensitivity = Mapping[Any, float]  # by (layer, role), or by layer for both roles
+
+
+def _weights(m: Measurements, sensitivity: Sensitivity | None) -> dict[tuple[int, str], float]:
+    """Objective weight of a squared output error of each layer's keys and values: ``s_{l,r} / ‖o_l‖²``
+    (``sensitivity`` keyed by ``(layer, role)``, or by layer for both roles)."""
     out = {}
     for i in m.layers:
         energy = sum(m.energy[i])
-        s = 1.0 if sensitivity is None else float(sensitivity[i])
-        out[i] = s / energy if energy > 0 else 0.0
+        for r in ROLES:
+            s = 1.0 if sensitivity is None else float(sensitivity[(i, r)] if (i, r) in sensitivity
+                                                      else sensitivity[i])
+            out[(i, r)] = s / energy if energy > 0 else 0.0
     return out
 
 
@@ -256,6 +304,23 @@ def _option(m: Measurements, group: tuple[int, str, int | None], n: int) -> tupl
 def elements(m: Measurements) -> int:
     """Elements of keys and values over the planned layers."""
     return 2 * m.info.num_kv_heads * m.info.head_dim * sum(_layer_tokens(m, i) for i in m.layers)
+
+
+def short_elements(m: Measurements) -> int:
+    """Elements of keys and values over the planned layers at the budget's prompt length."""
+    return 2 * m.info.num_kv_heads * m.info.head_dim * sum(_short_rows(m, i) for i in m.layers)
+
+
+def _budget_cost(m: Measurements, group: tuple[int, str, int | None], n: int) -> int:
+    """What an option counts against the budget: its bytes at the budget's prompt length, scaled by
+    ``elements / short_elements`` so that a budget of ``b`` bits per element over the capture's elements
+    means ``b`` bits per element at that length."""
+    cost = _option(m, group, n)[0]
+    i, r, _ = group
+    full, short = m.full[(i, r, n)].cost, m.short.get((i, r, n))
+    if not m.budget_tokens or short is None:
+        return cost
+    return math.ceil(cost * (short / full if full else 1.0) * elements(m) / short_elements(m))
 
 
 def _layer_tokens(m: Measurements, layer: int) -> int:
@@ -281,45 +346,51 @@ def _choice_specs(m: Measurements, picked: dict[tuple[int, str, int | None], int
 
 
 def _predict(m: Measurements, picked: dict[tuple[int, str, int | None], int],
-             weights: Mapping[int, float]) -> dict[str, Any]:
+             weights: Mapping[tuple[int, str], float]) -> dict[str, Any]:
     """Bytes, bits and errors the chosen options promise, per layer and in total."""
     rows, total_cost = [], 0
     for i in m.layers:
         cost = {r: 0 for r in ROLES}
-        err2 = 0.0
+        err2 = objective = 0.0
         for g, n in picked.items():
             if g[0] == i:
                 c, e = _option(m, g, n)
                 cost[g[1]] += c
                 err2 += e
+                objective += weights[(i, g[1])] * e
         energy = sum(m.energy[i])
         rel2 = err2 / energy if energy > 0 else 0.0
         total_cost += cost["keys"] + cost["values"]
         per_tensor = m.info.num_kv_heads * _layer_tokens(m, i) * m.info.head_dim
         rows.append({"layer": i, "keys_bits": 8 * cost["keys"] / per_tensor,
                      "values_bits": 8 * cost["values"] / per_tensor, "stored_bytes": cost["keys"] + cost["values"],
-                     "attention_output_rel_error": math.sqrt(rel2), "objective": weights[i] * err2})
-    return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m),
+                     "attention_output_rel_error": math.sqrt(rel2), "objective": objective})
+    short = sum(m.short.get((g[0], g[1], n), 0) for g, n in picked.items() if g[2] is None)
+    at_budget = ({"budget_tokens": m.budget_tokens, "stored_bits_at_budget_tokens": 8 * short / short_elements(m)}
+                 if m.budget_tokens and m.granularity == "layer" else {})
+    return {"stored_bytes": total_cost, "stored_bits": 8 * total_cost / elements(m), **at_budget,
             "attention_output_rel_error": float(np.mean([r["attention_output_rel_error"] for r in rows])),
             "objective": float(sum(r["objective"] for r in rows)), "layers": rows}
 
 
-def uniform_options(m: Measurements, weights: Mapping[int, float]) -> list[dict[str, Any]]:
+def uniform_options(m: Measurements, weights: Mapping[tuple[int, str], float]) -> list[dict[str, Any]]:
     """Every candidate applied to every layer and both roles (the whole tensor at once), predicted from
     the same measurements; sorted by stored bytes."""
     out = []
     for n, spec in enumerate(m.candidates):
         picked = {(i, r, None): n for i in m.layers for r in ROLES}
         flat = Measurements(m.info, m.candidates, m.layers, "layer", m.tokens, m.observe, m.sequence, energy=m.energy,
-                            full=m.full)
-        out.append({"spec": spec, **_predict(flat, picked, weights)})
+                            full=m.full, budget_tokens=m.budget_tokens, short=m.short)
+        out.append({"spec": spec, **_predict(flat, picked, weights),
+                    "budget_cost": sum(_budget_cost(flat, g, n) for g in picked)})
     return sorted(out, key=lambda u: u["stored_bytes"])
 
 
 def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attention",
-              sensitivity: Mapping[int, float] | None = None) -> tuple[Plan, dict[str, Any]]:
+              sensitivity: Sensitivity | None = None) -> tuple[Plan, dict[str, Any]]:
     """Solve the knapsack at ``budget_bits`` average stored bits; return the plan and the solver's
-    account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate)."""
+    account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate).
+    ``sensitivity`` (objective ``kld``): per ``(layer, role)``, or per layer for both roles."""
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective == "kld" and sensitivity is None:
@@ -327,8 +398,9 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
     weights = _weights(m, sensitivity if objective == "kld" else None)
     groups = _groups(m)
     opts = [[_option(m, g, n) for n in range(len(m.candidates))] for g in groups]
+    costs = [[_budget_cost(m, g, n) for n in range(len(m.candidates))] for g in groups]
     n_el = elements(m)
-    cheapest = sum(min(c for c, _ in o) for o in opts)
+    cheapest = sum(min(c) for c in costs)
     low = 8 * cheapest / n_el
     if not (0 < budget_bits <= MAX_BITS):
         raise InputError(f"--budget-bits must be in {low:.3f}..{MAX_BITS:g} (stored bits per element), "
@@ -337,8 +409,7 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
     if cheapest > budget:
         raise InputError(f"--budget-bits {budget_bits:g} is below the cheapest candidates ({low:.3f} stored "
                          f"bits per element); allowed: {low:.3f}..{MAX_BITS:g}")
-    costs = [[c for c, _ in o] for o in opts]
-    values = [[weights[g[0]] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
+    values = [[weights[(g[0], g[1])] * e for _, e in o] for g, o in zip(groups, opts, strict=True)]
     sol = knapsack.solve(costs, values, budget)
     picked = dict(zip(groups, sol.choice, strict=True))
     predicted = _predict(m, picked, weights)
@@ -349,14 +420,15 @@ def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attentio
                 budget_bits, objective, m.granularity, str(info.path), m.tokens,
                 {k: v for k, v in predicted.items() if k != "layers"}, m.observe)
     uniform = uniform_options(m, weights)
-    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
+    fitting = [u for u in uniform if u["budget_cost"] <= budget]
     best = min(fitting, key=lambda u: u["objective"]) if fitting else None
     at_uniform = None
-    if best is not None and best["stored_bytes"] >= cheapest:  # the plan held to the uniform's own bytes
-        same = knapsack.solve(costs, values, best["stored_bytes"])
+    if best is not None and best["budget_cost"] >= cheapest:  # the plan held to the uniform's own bytes
+        same = knapsack.solve(costs, values, best["budget_cost"])
         at_uniform = _predict(m, dict(zip(groups, same.choice, strict=True)), weights)
         at_uniform.pop("layers")
-    account = {"budget_bytes": budget, "elements": n_el, "solver": "exact DP over a discretised budget",
+    account = {"budget_bytes": budget, "elements": n_el, "budget_tokens": m.budget_tokens or m.tokens,
+               "solver": "exact DP over a discretised budget",
                "dp_unit_bytes": sol.unit, "dp_exact": sol.exact, "groups": len(groups), "predicted": predicted,
                "best_uniform": best, "plan_at_uniform_bits": at_uniform,
                "uniform": [{k: v for k, v in u.items() if k != "layers"} for u in uniform]}
@@ -379,10 +451,12 @@ def plan(
     force: bool = False,
     verify: bool = True,
     prescreen: int = 0,
+    budget_tokens: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
 
+    ``budget_tokens``: the prompt length the budget holds at (default: half the capture; :func:`measure`).
     ``objective="kld"`` needs ``eval_text``: the layers' sensitivities are measured in the model on it
     (:func:`sensitivities`). With ``eval_text`` and ``verify`` the plan and the best uniform spec are also
     scored in the model (``kvtool eval``), whatever the objective.
@@ -401,15 +475,15 @@ def plan(
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     m = measure(path, candidates, granularity=granularity, sequence=sequence, prescreen=prescreen,
-                progress=progress)
+                budget_tokens=budget_tokens, progress=progress)
     loaded = tokens = sens = None
     if eval_text is not None:
         loaded, tokens = load_eval(m.info, eval_text)
     if objective == "kld":
-        sens = sensitivities(m, loaded, tokens, eval_text, reference_spec(m, budget_bits),  # type: ignore[arg-type]
+        sens = sensitivities(m, loaded, tokens, eval_text, reference_choices(m, budget_bits),  # type: ignore[arg-type]
                              progress=progress)
     the_plan, account = make_plan(m, budget_bits, objective=objective,
-                                  sensitivity=None if sens is None else sens["sensitivity"])
+                                  sensitivity=None if sens is None else sensitivity_table(sens["sensitivity"]))
     if output is not None:
         save_plan(the_plan, output, force=force)
     report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
@@ -441,35 +515,55 @@ def plan(
     return json_safe(report)
 
 
-def reference_spec(m: Measurements, budget_bits: float) -> str:
-    """The codec the sensitivities are measured with: the best uniform candidate (attention objective) that
-    fits the budget, else the cheapest — errors of the size the plan will make."""
-    weights = _weights(m, None)
-    uniform = uniform_options(m, weights)
-    budget = budget_bits * elements(m) / 8
-    fitting = [u for u in uniform if u["stored_bytes"] <= budget]
-    return min(fitting, key=lambda u: u["objective"])["spec"] if fitting else uniform[0]["spec"]
+def reference_choices(m: Measurements, budget_bits: float) -> dict[int, dict[str, str]]:
+    """The codecs the sensitivities are measured with: the attention objective's plan at the same budget,
+    per layer and role — errors of the size the kld plan will make (a codec far coarser than the one chosen
+    would measure the KL divergence where it no longer grows in proportion to the error)."""
+    attention_plan, _ = make_plan(m, budget_bits)
+    return {i: {r: _whole_tensor(m, attention_plan.choices[i][r]) for r in ROLES} for i in m.layers}
 
 
-def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText, reference: str,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Per layer ``s_l = KLD_l / e_l²``: the next-token KL divergence of the model (``kvtool eval``, prefill,
-    one exact pass shared by all layers) with only layer ``l`` coded by ``reference`` (keys and values; the
-    ``none`` codec elsewhere), over that layer's squared relative attention-output error under the same
-    codec on the cache (``e_l²``, from the measurements). ``Σ_l s_l · e_l²`` is then a first-order estimate
-    of the KLD of any plan. One coded pass per layer, instead of one per (layer, role, head, candidate)."""
-    n = m.candidates.index(reference)
-    methods = [Assignment("none", "none", {i: {"keys": reference, "values": reference}}) for i in m.layers]
-    scored = evaluate(loaded, tokens, methods, context=setup.context, labels=[f"layer {i}" for i in m.layers],
-                      source=str(setup.text), progress=progress)
-    kld, e2, sens = {}, {}, {}
-    for i, row in zip(m.layers, scored["methods"], strict=True):
+def _whole_tensor(m: Measurements, spec: str) -> str:
+    """``spec`` if it is a candidate, else (a per-head ``heads[...]`` choice) the candidate most of the heads
+    took."""
+    if spec in m.candidates or not spec.startswith(OPEN):
+        return spec
+    parts = spec[len(OPEN):-len(CLOSE)].split(SEP)
+    return max(set(parts), key=parts.count)
+
+
+def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText,
+                  references: Mapping[int, Mapping[str, str]], progress: Progress | None = None) -> dict[str, Any]:
+    """Per layer and role ``s_{l,r} = KLD_{l,r} / e_{l,r}²``: the next-token KL divergence of the model
+    (``kvtool eval``, prefill, one exact pass shared by every tensor) with only the keys, or only the values,
+    of layer ``l`` coded by ``references[l][r]`` (the ``none`` codec elsewhere), over that tensor's squared
+    relative attention-output error under the same codec on the cache (``e_{l,r}²``, from the
+    measurements). ``Σ s_{l,r} · e_{l,r}²`` is then a first-order estimate of the KLD of any plan. Two coded
+    passes per layer, instead of one per (layer, role, head, candidate). A tensor whose reference codes it
+    without error (``fp16`` on an fp16 cache) gets the median sensitivity of its role."""
+    tensors = [(i, r) for i in m.layers for r in ROLES]
+    methods = [Assignment("none", "none", {i: {"keys": "none", "values": "none", r: references[i][r]}})
+               for i, r in tensors]
+    scored = evaluate(loaded, tokens, methods, context=setup.context,
+                      labels=[f"layer {i} {r}" for i, r in tensors], source=str(setup.text), progress=progress)
+    kld, e2 = {r: {} for r in ROLES}, {r: {} for r in ROLES}
+    for (i, r), row in zip(tensors, scored["methods"], strict=True):
         energy = sum(m.energy[i])
-        e2[i] = sum(sum(m.full[(i, r, n)].errors) for r in ROLES) / energy if energy > 0 else 0.0
-        kld[i] = float(row["kld_mean"])
-        sens[i] = kld[i] / e2[i] if e2[i] > 0 else 0.0
-    return {"reference": reference, "sensitivity": sens, "kld": kld, "e2": e2,
+        n = m.candidates.index(references[i][r])
+        e2[r][i] = sum(m.full[(i, r, n)].errors) / energy if energy > 0 else 0.0
+        kld[r][i] = float(row["kld_mean"])
+    sens: dict[str, dict[int, float]] = {}
+    for r in ROLES:
+        measured = [kld[r][i] / e2[r][i] for i in m.layers if e2[r][i] > 0]
+        fallback = float(np.median(measured)) if measured else 1.0
+        sens[r] = {i: kld[r][i] / e2[r][i] if e2[r][i] > 0 else fallback for i in m.layers}
+    return {"reference": {i: dict(references[i]) for i in m.layers}, "sensitivity": sens, "kld": kld, "e2": e2,
             "eval": {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored", "seconds")}}
+
+
+def sensitivity_table(sens: Mapping[str, Mapping[int, float]]) -> dict[tuple[int, str], float]:
+    """The ``(layer, role) → s`` mapping :func:`make_plan` takes, from :func:`sensitivities`' ``sensitivity``."""
+    return {(int(i), r): float(s) for r, per_layer in sens.items() for i, s in per_layer.items()}  # JSON: str keys
 
 
 def _measured(report: dict[str, Any]) -> dict[str, Any]:

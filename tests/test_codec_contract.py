@@ -58,6 +58,10 @@ TABLE: list[tuple[str, object]] = [
     ("age:bands=[0-64:fp16;64-:uniform:bits=4]", lambda d, t: (64 * 16 * d + (t - 64) * (4 * d + 32)) / (t * d)),
     ("age:bands=[0-32:fp16;32-128:turboquant:bits=4;128-:turboquant:bits=2],sink=4",
      lambda d, t: (36 * 16 * d + 96 * (4 * d + 16) + (t - 132) * (2 * d + 16)) / (t * d)),
+    ("drop", lambda d, t: 0.0),  # nothing stored, every row evicted
+    # salient: the kept quarter in fp16, the rest in 1-bit TurboQuant (+ fp16 norm), one mask bit per token
+    ("salient:select=[knorm:keep=0.25],hi=[fp16],lo=[turboquant:bits=1]",
+     lambda d, t: (_kept(0.25, t) * 16 * d + (t - _kept(0.25, t)) * (d + 16) + 8 * -(-t // 8)) / (t * d)),
     ("minicache:start=0", lambda d, t: 16.0),  # one layer alone is fp16; pairs are coded in compress
     ("age:bands=[0-64:fp16;64-:h2o:keep=0.5+turboquant:bits=3]",
      lambda d, t: (64 * 16 * d + _kept(0.5, t - 64) * (8 + 3 * d + 16)) / (t * d)),

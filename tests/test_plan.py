@@ -146,6 +146,7 @@ def test_plan_cli_prints_and_writes(cache: Path, tmp_path: Path) -> None:
             report_path)
     assert r.exit_code == 0, r.output
     assert "best uniform" in r.stdout and "within the budget" in r.stdout and "measured" in r.stdout
+    assert f"holds at a {TOKENS // 2}-token prompt" in " ".join(r.stdout.split())
     report = json.loads(report_path.read_text())
     assert report["kvtool_report"] == "plan" and report["plan"] == json.loads(out.read_text())
     assert report["best_uniform"]["spec"] == "uniform:bits=3"
@@ -189,6 +190,18 @@ def test_sensitivity_weights_move_bits_to_the_weighted_layer(measured) -> None:
         make_plan(m, 4.5, objective="kld")
 
 
+def test_role_sensitivities_move_bits_between_keys_and_values(measured) -> None:
+    m = measured["layer"]
+
+    def role_bits(weights: dict) -> tuple[float, float]:
+        rows = make_plan(m, 4.5, objective="kld", sensitivity=weights)[1]["predicted"]["layers"]
+        return sum(r["keys_bits"] for r in rows), sum(r["values_bits"] for r in rows)
+
+    keys_heavy = role_bits({(i, r): 50.0 if r == "keys" else 1.0 for i in m.layers for r in ("keys", "values")})
+    values_heavy = role_bits({(i, r): 50.0 if r == "values" else 1.0 for i in m.layers for r in ("keys", "values")})
+    assert keys_heavy[0] > values_heavy[0] and keys_heavy[1] < values_heavy[1]
+
+
 def test_sliding_window_layers_count_only_their_window(tmp_path: Path) -> None:
     from _synth_cache import header
 
@@ -215,3 +228,24 @@ def test_the_default_plans_per_layer(cache: Path) -> None:
     report = plan(cache, 3.3, CANDIDATES)
     assert report["plan"]["granularity"] == "layer"
     assert not any(c[r].startswith("heads[") for c in report["plan"]["choices"].values() for r in ROLES)
+
+
+def test_the_budget_holds_at_the_shorter_prompt(cache: Path) -> None:
+    # fp16 sinks: 8 of 64 rows at full length, 8 of 32 at half; the plan must fit the budget at half
+    sinks = ["turboquant:bits=2,sink=8", "turboquant:bits=3,sink=8", "turboquant:bits=4,sink=8"]
+    half, full = measure(cache, sinks), measure(cache, sinks, budget_tokens=TOKENS)
+    assert half.budget_tokens == TOKENS // 2 and full.budget_tokens == 0
+    cost = {s: parse_spec(s).for_role("keys") for s in sinks}
+    x = np.random.default_rng(0).standard_normal((KV_HEADS, TOKENS, HEAD_DIM)).astype(np.float32)
+    for n, s in enumerate(sinks):  # the short cost is what the first half of the rows stores alone
+        cost[s].fit(x[:, : TOKENS // 2])
+        assert half.short[(0, "keys", n)] == cost[s].encode(x[:, : TOKENS // 2]).nbytes
+        assert half.short[(0, "keys", n)] > half.full[(0, "keys", n)].cost / 2  # the sinks weigh more
+    budget = 7.0  # above the cheapest candidate's bits at half length (5.9), below the dearest's
+    acc_half, acc_full = make_plan(half, budget)[1], make_plan(full, budget)[1]
+    assert acc_half["predicted"]["stored_bits_at_budget_tokens"] <= budget
+    assert acc_full["predicted"]["stored_bits"] > acc_half["predicted"]["stored_bits"]
+    assert acc_half["budget_tokens"] == TOKENS // 2 and acc_full["budget_tokens"] == TOKENS
+    with pytest.raises(InputError, match="at least 1"):
+        measure(cache, sinks, budget_tokens=0)
+    assert_one_line_error(run("plan", cache, "-c", "uniform:bits=4", "--budget-tokens", "0"), "at least 1")

@@ -127,20 +127,21 @@ def test_sweep_eval_text_scores_every_spec_in_the_model(tiny_cache, tmp_path) ->
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plan_kld_objective_weights_layers_by_measured_sensitivity(tiny_cache, tmp_path) -> None:
+def test_plan_kld_objective_weights_layers_and_roles_by_measured_sensitivity(tiny_cache, tmp_path) -> None:
     from kvtool.plan import plan
     from kvtool.sweep import EvalText
 
     r = plan(tiny_cache, 4.0, SPECS, objective="kld", eval_text=EvalText(**EVAL), output=tmp_path / "p.json")
     sens = r["sensitivity"]
-    assert sens["reference"] in SPECS and set(sens["sensitivity"]) == {"0", "1", "2"}
-    for i, s in sens["sensitivity"].items():
-        assert s * sens["e2"][i] == pytest.approx(sens["kld"][i]) and sens["kld"][i] > 0
-    # the objective is the predicted KLD: Σ_l s_l e_l² over the plan's predicted layer errors
-    predicted = sum(sens["sensitivity"][str(row["layer"])] * row["attention_output_rel_error"] ** 2
-                    for row in r["predicted"]["layers"])
-    assert r["predicted"]["objective"] == pytest.approx(predicted)
+    # measured with the attention objective's choice of each layer's keys and values at the same budget
+    assert set(sens["reference"]) == {"0", "1", "2"}
+    assert all(sens["reference"][i][role] in SPECS for i in sens["reference"] for role in ("keys", "values"))
+    for role in ("keys", "values"):
+        assert set(sens["sensitivity"][role]) == {"0", "1", "2"}
+        for i, s in sens["sensitivity"][role].items():
+            assert s * sens["e2"][role][i] == pytest.approx(sens["kld"][role][i]) and sens["kld"][role][i] > 0
     assert r["plan"]["objective"] == "kld" and r["predicted"]["stored_bytes"] <= r["budget_bytes"]
+    assert r["predicted"]["objective"] == pytest.approx(sum(row["objective"] for row in r["predicted"]["layers"]))
     measured = r["verify"]["plan"]["eval"]["kld_mean"], r["verify"]["best_uniform"]["eval"]["kld_mean"]
     assert all(x > 0 for x in measured)
 

@@ -63,6 +63,10 @@ def plan(
     prescreen: Annotated[int, typer.Option("--prescreen", help="Measure every candidate on this many evenly "
                                            "spaced layers first and keep only those on the keys or values "
                                            "Pareto frontier there (0: measure all everywhere).")] = 4,
+    budget_tokens: Annotated[int | None, typer.Option(
+        "--budget-tokens", help="The prompt length (tokens) the budget must hold at: fixed costs (fp16 sinks, "
+        "per-channel scales) weigh more in a shorter cache. Default: half the capture, the prompt `kvtool "
+        "eval --context T` codes when T is the capture's length.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the plan file.")] = False,
 ) -> None:
     """Choose a codec for every layer's keys and values (and KV head) minimizing the error under a budget
@@ -83,7 +87,7 @@ def plan(
         with step_progress("measuring (layer × candidate)", quiet) as progress:
             report = run(path, budget_bits, items, objective=objective, granularity=granularity,
                          sequence=sequence, output=output, force=force, verify=verify, prescreen=prescreen,
-                         eval_text=setup, progress=progress)
+                         budget_tokens=budget_tokens, eval_text=setup, progress=progress)
         write_json(report, json_path)
         if not quiet:
             render_plan(report)
@@ -154,6 +158,10 @@ def render_plan(r: dict[str, Any]) -> None:
     if at is not None:
         line("plan at the uniform's bits", at, None)
     console.print(summary)
+    if "stored_bits_at_budget_tokens" in pred:
+        console.print(f"the budget holds at a {pred['budget_tokens']:,}-token prompt (--budget-tokens): the plan "
+                      f"stores {pred['stored_bits_at_budget_tokens']:.4f} bits/element there, "
+                      f"{pred['stored_bits']:.4f} at the capture's {r['plan']['tokens']:,} tokens")
     if "eval" in verify:
         e = verify["eval"]
         kld = p["objective"] == "kld"

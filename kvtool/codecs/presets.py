@@ -7,8 +7,11 @@
 * ``all`` — ``quant`` and ``default``, plus every value of every choice parameter (``axis``, ``format``,
   ``variant`` ...) with the rest at defaults;
 * ``plan`` — ``kvtool plan``'s default candidates: every ``bits`` codec in its recommended form (its
-  ``sweep_variants`` where it declares some, else its defaults) at 1–6 and 8 bits, and ``fp16``: a ladder
-  fine enough for the knapsack to trade bits between layers, heads and roles.
+  ``sweep_variants`` where it declares some, else its defaults) at 1–6 and 8 bits, plus the half steps
+  1.5–3.5 where the codec takes fractional widths (TurboQuant), and ``fp16``: a ladder fine enough for the
+  knapsack to trade bits between layers, heads and roles. The half steps matter when keys and values
+  need very different widths: on Gemma 3 keys in ``kvquant:bits=4,outliers=0`` with values near 1.5–2
+  bits fit 3.0 bits, which whole widths alone cannot reach (docs/FIDELITY.md).
 
 A codec class may name parameter sets worth sweeping beside its defaults in a class attribute
 ``sweep_variants`` (e.g. TurboQuant's ``center=true,sink=4,norm_bits=8,unbiased=true``); a new codec joins
@@ -28,7 +31,7 @@ from kvtool.errors import CodecError
 
 QUANT_BITS = tuple(range(2, 9))
 DEFAULT_BITS = (2, 3, 4)
-PLAN_BITS = (1, 2, 3, 4, 5, 6, 8)
+PLAN_BITS = (1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8)  # a codec that takes whole widths only skips the halves
 PRESETS = ("default", "quant", "all", "plan")
 
 
