@@ -78,11 +78,11 @@ def run_pairs(model: str, args: argparse.Namespace) -> None:
     loaded = load_model(model)
     text = ROOT / "samples" / f"{args.pair_text}.txt"
     tokens = tokenize_text(loaded, text, args.context)
-    pairs = [p.split("|", 1) for p in args.pairs]
-    labels = [f"K {k} | V {v}" for k, v in pairs]
+    pairs = [p.split("|", 1) if "|" in p else [p, p] for p in args.pairs]  # one spec: keys and values
+    labels = [k if k == v else f"K {k} | V {v}" for k, v in pairs]
     report = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=args.context,
                       labels=labels, source=str(text))
-    (RESULTS / f"models.{model}.eval.pairs-{args.pair_text.split('-')[0]}.json").write_text(
+    (RESULTS / f"models.{model}.eval.pairs{args.tag}-{args.pair_text.split('-')[0]}.json").write_text(
         json.dumps(report, indent=1))
 
 
@@ -144,8 +144,10 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 3.0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvtool-models"))
     parser.add_argument("--from-json", action="store_true")
-    parser.add_argument("--pairs", nargs="+", default=[], help='keys/values pairs "KEYS|VALUES" to score')
+    parser.add_argument("--pairs", nargs="+", default=[],
+                        help='keys/values pairs "KEYS|VALUES" (or one spec for both) to score')
     parser.add_argument("--pair-text", default="apache-2.0")
+    parser.add_argument("--tag", default="", help="inserted after 'pairs' in the output name")
     args = parser.parse_args()
     if args.pairs:
         for model in args.models:

