@@ -54,7 +54,7 @@ def main() -> None:
     tokens = tokenize_text(loaded, text, args.max_tokens)
     specs = [f"{s}{',' if ':' in s else ':'}keep={args.keep:g}" for s in METHODS.values()]
     ours = evaluate(loaded, tokens, [Assignment.of(s, s) for s in specs], context=args.context,
-                    labels=specs, source=str(text))
+                    labels=specs, source=str(text.relative_to(ROOT)))
     # the chunks evaluate scored (same chunking, same BOS rule), handed to kvpress's side as they are
     chunks = chunk_tokens(tokens, args.context, _bos_id(loaded.tokenizer))
     digest = hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest()

@@ -81,7 +81,7 @@ def run_pairs(model: str, args: argparse.Namespace) -> None:
     pairs = [p.split("|", 1) if "|" in p else [p, p] for p in args.pairs]  # one spec: keys and values
     labels = [k if k == v else f"K {k} | V {v}" for k, v in pairs]
     report = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=args.context,
-                      labels=labels, source=str(text))
+                      labels=labels, source=str(text.relative_to(ROOT)))
     (RESULTS / f"models.{model}.eval.pairs{args.tag}-{args.pair_text.split('-')[0]}.json").write_text(
         json.dumps(report, indent=1))
 
