@@ -538,6 +538,12 @@ def can_evict(codec: Codec) -> bool:
     return inner is not None and any(can_evict(c) for c in inner())
 
 
+def holds_compact(assignment: Assignment, num_layers: int) -> bool:
+    """Whether a ``compact=True`` :class:`CodecCache` can hold ``assignment``: every codec but a cross-layer
+    one (whose blocks decode from another layer's)."""
+    return not any(isinstance(assignment.codec(i, r), PairCodec) for i in range(num_layers) for r in ROLES)
+
+
 class CodecCache(Cache):
     """A transformers ``Cache`` that stores keys and values through kvtool codecs.
 

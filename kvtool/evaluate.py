@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from kvtool import metrics, scoring
-from kvtool.cache import MODES, CodecCache, QueryRecord
+from kvtool.cache import MODES, CodecCache, QueryRecord, holds_compact
 from kvtool.capture import TextInput, read_text, run_and_record
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, most_queries
@@ -558,7 +558,11 @@ def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first:
     the whole chunk) and its codecs' warnings (:func:`_warnings`)."""
     with codec_attention(model):
         if mode == "prefill":
-            cache = CodecCache.from_cache(model, assignment, prompt.take(), queries=records, ropes=prompt.ropes)
+            # compact: the coded prompt held as its codes, each layer decoded only while its attention runs
+            # (the model sees the same keys and values as with the decoded copy: tests/test_compact_cache.py)
+            compact = holds_compact(assignment, model_shape(model.config).num_layers)
+            cache = CodecCache.from_cache(model, assignment, prompt.take(), queries=records, ropes=prompt.ropes,
+                                          compact=compact)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
             return (forward_hidden(model, ids[:, first:-1], cache, head, pieces=True), footprint,
                     _warnings(cache))

@@ -19,7 +19,8 @@ from kvtool.runtime.memory import held_bytes
 SPECS = ["turboquant:bits=3", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true",
          "kivi:bits=2,group=4,residual=4", "uniform:bits=4,group=8", "fp8", "turboquant:bits=2.5",
          "h2o:keep=0.5+turboquant:bits=3", "knorm:keep=0.5+kivi:bits=2,group=4,residual=0",
-         Assignment("turboquant:bits=3", "kivi:bits=2,group=4,residual=4", {1: {"keys": "fp8"}})]
+         Assignment("turboquant:bits=3", "kivi:bits=2,group=4,residual=4", {1: {"keys": "fp8"}}),
+         "expected:keep=0.5+turboquant:bits=3", "salient:select=[knorm:keep=0.5],hi=[turboquant:bits=3],lo=[drop]"]
 STREAMING = ["turboquant:bits=3", "turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true",
              "kivi:bits=2,group=4,residual=4", "fp8"]
 
