@@ -286,3 +286,31 @@ def test_role_weights_fall_back_to_equal_without_model_weights(cache: Path) -> N
     with pytest.raises(InputError, match="role-weights must be one of"):
         plan(cache, 4.2, CANDIDATES, roles="keys")
     assert_one_line_error(run("plan", cache, "-c", "uniform:bits=4", "--role-weights", "x"), "must be one of")
+
+
+@pytest.mark.model
+def test_role_weights_measured_in_the_bundled_model(smollm, tmp_path: Path) -> None:
+    """The default plan loads the capture's model, scores every layer's keys, then values, coded in it, and
+    weighs the objective by KLD per unit of error: the predicted objective is then the estimated KLD."""
+    from kvtool.capture import TextInput, capture
+    from kvtool.plan import role_weights
+    from kvtool.store import CacheReader
+    from kvtool.sweep import EvalText, load_eval
+
+    text = TextInput("gpl", (Path(__file__).parents[1] / "samples" / "gpl-3.0.txt").read_text()[:3000])
+    path = capture(smollm, [text], tmp_path / "c.h5", max_tokens=256, queries="last:16").path
+    cands = ["turboquant:bits=2,center=true,sink=4", "turboquant:bits=4,center=true,sink=4"]
+    report = plan(path, 3.5, cands, verify=False, model_setup=EvalText(None, max_tokens=256, context=128))
+    roles = report["role_weights"]
+    assert roles["eval"]["text"] == "the cache's own tokens" and roles["eval"]["chunks"] == 2
+    for r in ROLES:
+        assert roles["kld"][r] > 0 and roles["weights"][r] == pytest.approx(roles["kld"][r] / roles["e2"][r])
+    m, setup = measure(path, cands), EvalText(None, max_tokens=256, context=128)
+    tokens = load_eval(m.info, setup)[1]
+    with CacheReader(path) as reader:
+        assert tokens.tolist() == reader.tokens(0)[:256].tolist()  # the capture's own tokens
+    again = role_weights(m, smollm, tokens, setup, {int(i): r for i, r in roles["reference"].items()})
+    assert again["weights"] == pytest.approx(roles["weights"])  # the same passes give the same weights
+    _, account = make_plan(m, 3.5, roles=roles["weights"])
+    assert account["predicted"]["objective"] == pytest.approx(report["predicted"]["objective"])
+    assert report["plan"]["choices"] == make_plan(m, 3.5, roles=roles["weights"])[0].to_json()["choices"]
