@@ -181,7 +181,7 @@ def render_plan(r: dict[str, Any]) -> None:
         console.print(f"[yellow]warning:[/] {escape(roles['warning'])}")
     if "eval" in verify:
         e = verify["eval"]
-        kld = p["objective"] == "kld"
+        kld = p["objective"] == "kld" or "weights" in (roles or {})  # the objective estimates the KLD
         inmodel = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                         title=f"in the model: {e['text']}, {e['chunks']} chunk(s) of {e['context']} tokens")
         for col in ("", "KLD predicted" if kld else "", "KLD measured", "Δppl %", "top-1 %"):
