@@ -7,7 +7,9 @@ Per model (``--models``: ``default`` = the bundled SmolLM2-135M, ``gemma3-270m``
 2. ``kvtool analyze`` of that capture: the key-outlier figures the table's note quotes;
 3. ``kvtool plan --budget-bits B`` on that capture (per layer, ``plan`` preset, ``--prescreen 4``; the
    budget holds at a 1,024-token prompt, the default half of the capture) for each budget of ``--budgets``
-   and objective of ``--objectives`` (``kld``: sensitivities per layer and role measured on GPL-3);
+   and objective of ``--objectives`` (``attention``: keys and values weighed by what a unit of each costs
+   in the model, measured on the capture's own tokens, ``--role-weights measure``; ``kld``: sensitivities
+   per layer and role measured on GPL-3);
 4. ``kvtool eval`` on held-out text (Apache-2.0, never captured: no plan saw it), ``--context`` tokens per
    chunk, every codec of ``SPECS`` and the plans on one shared exact pass.
 
@@ -118,8 +120,10 @@ def write_markdown(models: list[str], args: argparse.Namespace) -> None:
     writes ``models.<model>.eval.json``; further `kvtool eval --json` reports of the same model, saved as
     ``models.<model>.eval.<what>.json``, are rendered beside it)."""
     lines = ["Per model: `kvtool eval` (prefill, one 2,048-token chunk: a 1,024-token prompt coded, 1,023 tokens "
-             "scored), every row of a table on one shared exact pass; plans made by `kvtool plan` (attention "
-             "objective, per layer, `plan` preset, --prescreen 4) on a 2,048-token GPL-3 capture. Bits: stored "
+             "scored), every row of a table on one shared exact pass; plans made by `kvtool plan` (per layer, "
+             "`plan` preset, --prescreen 4) on a 2,048-token GPL-3 capture: `*-equal` the attention objective "
+             "with keys and values weighed alike (`--role-weights equal`, the default before), `*-roles` the "
+             "default (role weights measured in the model), `*-kld` `--objective kld`. Bits: stored "
              "bits per element of the coded prompt, every byte counted. ± is the standard error over scored "
              "tokens.", ""]
     for model in models:

@@ -45,7 +45,7 @@ from kvtool.codecs.planfile import GEOMETRY, Plan, save_plan
 from kvtool.codecs.presets import PRESETS, expand
 from kvtool.codecs.structure.crosslayer import PairCodec
 from kvtool.compress import compress
-from kvtool.errors import InputError
+from kvtool.errors import InputError, KvtoolError
 from kvtool.evaluate import evaluate
 from kvtool.measure import encode_tensor, layer_context, query_split, reference_for, split_queries
 from kvtool.report import json_safe, store_header
@@ -53,6 +53,8 @@ from kvtool.store import KIND_CACHE, CacheReader, LayerData, StoreInfo
 from kvtool.sweep import EVAL_KEYS, EvalText, load_eval, pareto_frontier
 
 OBJECTIVES = ("attention", "kld")
+#: how the attention objective weighs a unit of keys' error against one of values' (:func:`role_weights`)
+ROLE_WEIGHTS = ("measure", "equal")
 GRANULARITIES = ("head", "layer")
 MAX_BITS = 16.0
 #: the candidates `kvtool plan` uses when none are given (a preset name, see kvtool.codecs.presets)
@@ -387,15 +389,20 @@ def uniform_options(m: Measurements, weights: Mapping[tuple[int, str], float]) -
 
 
 def make_plan(m: Measurements, budget_bits: float, *, objective: str = "attention",
-              sensitivity: Sensitivity | None = None) -> tuple[Plan, dict[str, Any]]:
+              sensitivity: Sensitivity | None = None,
+              roles: Mapping[str, float] | None = None) -> tuple[Plan, dict[str, Any]]:
     """Solve the knapsack at ``budget_bits`` average stored bits; return the plan and the solver's
     account (budget bytes, DP unit, predicted figures of the plan and of the best uniform candidate).
-    ``sensitivity`` (objective ``kld``): per ``(layer, role)``, or per layer for both roles."""
+    ``sensitivity`` (objective ``kld``): per ``(layer, role)``, or per layer for both roles. ``roles``
+    (objective ``attention``): one weight per role for every layer (:func:`role_weights`; None: equal)."""
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective == "kld" and sensitivity is None:
         raise InputError("objective kld needs per-layer sensitivities (kvtool plan --eval-text FILE)")
-    weights = _weights(m, sensitivity if objective == "kld" else None)
+    if objective == "kld":
+        weights = _weights(m, sensitivity)
+    else:
+        weights = _weights(m, None if roles is None else {(i, r): roles[r] for i in m.layers for r in ROLES})
     groups = _groups(m)
     opts = [[_option(m, g, n) for n in range(len(m.candidates))] for g in groups]
     costs = [[_budget_cost(m, g, n) for n in range(len(m.candidates))] for g in groups]
@@ -452,9 +459,18 @@ def plan(
     verify: bool = True,
     prescreen: int = 0,
     budget_tokens: int | None = None,
+    roles: str = "measure",
+    model_setup: EvalText | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure, solve, optionally write the plan file and verify it by compressing (plan and best uniform).
+
+    ``roles`` (objective ``attention``): ``"measure"`` weighs the keys' and the values' attention-output
+    errors by what a unit of each costs in the model (:func:`role_weights`: two coded passes over
+    ``eval_text``, else over the cache's own first tokens, with the model and chunking of ``model_setup``;
+    default: the cache's model, 1,024 tokens in chunks of 512); ``"equal"`` weighs them alike and loads no
+    model. ``"measure"`` falls back to equal, with a ``role_weights.warning``, when the cache names no model
+    weights (``model_source``) and none is given, or the model cannot be loaded.
 
     ``budget_tokens``: the prompt length the budget holds at (default: half the capture; :func:`measure`).
     ``objective="kld"`` needs ``eval_text``: the layers' sensitivities are measured in the model on it
@@ -472,6 +488,8 @@ def plan(
         raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if objective == "kld" and eval_text is None:
         raise InputError("--objective kld measures each layer's sensitivity in the model: give --eval-text FILE")
+    if roles not in ROLE_WEIGHTS:
+        raise InputError(f"--role-weights must be one of {', '.join(ROLE_WEIGHTS)}, got {roles!r}")
     if output is not None and Path(output).exists() and not force:
         raise InputError(f"{output} exists; use --force to overwrite it")
     m = measure(path, candidates, granularity=granularity, sequence=sequence, prescreen=prescreen,
@@ -482,8 +500,12 @@ def plan(
     if objective == "kld":
         sens = sensitivities(m, loaded, tokens, eval_text, reference_choices(m, budget_bits),  # type: ignore[arg-type]
                              progress=progress)
+    weighed = None
+    if objective == "attention" and roles == "measure":
+        weighed = _role_weights(m, budget_bits, eval_text, model_setup, loaded, tokens, progress)
     the_plan, account = make_plan(m, budget_bits, objective=objective,
-                                  sensitivity=None if sens is None else sensitivity_table(sens["sensitivity"]))
+                                  sensitivity=None if sens is None else sensitivity_table(sens["sensitivity"]),
+                                  roles=None if weighed is None else weighed.get("weights"))
     if output is not None:
         save_plan(the_plan, output, force=force)
     report: dict[str, Any] = {**store_header("plan", m.info), "source": str(path), "sequence": sequence,
@@ -492,6 +514,8 @@ def plan(
                               "prescreen": {"layers": m.screened, "dropped": m.dropped}}
     if sens is not None:
         report["sensitivity"] = sens
+    if weighed is not None:
+        report["role_weights"] = weighed
     if verify:
         # scored on the held-out queries the prediction used
         report["verify"] = {"plan": _measured(compress(path, plan=the_plan, sequence=sequence))}
@@ -513,6 +537,63 @@ def plan(
                                                "the plan on held-out text with `kvtool eval --plan`")
     report["seconds"] = time.perf_counter() - started
     return json_safe(report)
+
+
+def _role_weights(m: Measurements, budget_bits: float, eval_text: EvalText | None, setup: EvalText | None,
+                  loaded: Any, tokens: Any, progress: Progress | None) -> dict[str, Any]:
+    """:func:`role_weights` on ``eval_text`` (already loaded) or on the cache's own tokens; a report with a
+    ``warning`` and no ``weights`` where the model is not at hand (the objective then weighs roles alike)."""
+    if eval_text is not None:
+        scored_on = eval_text
+    else:
+        scored_on = replace(setup, text=None) if setup is not None else EvalText(None)
+        if not m.info.model_source and scored_on.model is None:
+            return {"warning": "keys and values weighed alike: the cache names no model weights to measure "
+                               "them in (give --model or --eval-text, or --role-weights equal)"}
+        try:
+            loaded, tokens = load_eval(m.info, scored_on, m.sequence)
+        except KvtoolError as e:
+            return {"warning": f"keys and values weighed alike: the model could not be loaded ({e})"}
+    return role_weights(m, loaded, tokens, scored_on, reference_choices(m, budget_bits), progress=progress)
+
+
+def role_weights(m: Measurements, loaded: Any, tokens: Any, setup: EvalText,
+                 references: Mapping[int, Mapping[str, str]], progress: Progress | None = None) -> dict[str, Any]:
+    """What a unit of squared relative attention-output error costs in the model, per role:
+    ``w_r = KLD_r / Σ_l e_{l,r}²``, where ``KLD_r`` is the next-token KL divergence (``kvtool eval``,
+    prefill, one exact pass) with every layer's keys (``r`` = keys), or every layer's values, coded by
+    ``references[l][r]`` and the other role exact, and ``e_{l,r}²`` that tensor's squared relative error
+    under the same codec on the cache. Two coded passes.
+
+    Why: the attention-output error does not cost the same KL whichever tensor caused it. A key error moves
+    the attention weights, so its output error lies along differences of the very value vectors the next
+    layers read; a value codec's error is spread over every direction. On Qwen2.5-Coder-0.5B, with the
+    roles weighed alike, the plan kept values near 3 bits and keys at 2-3 and scored KLD 0.017, where 4-bit
+    keys with 1.5-bit values score 0.007 (docs/PLAN.md). One weight per role, pooled over layers, keeps the
+    per-layer balance of the attention objective (per-layer weights, ``--objective kld``, starve layers).
+    ``weights`` is absent (roles weighed alike) when a role's reference codes it without error."""
+    methods = [Assignment("none", "none", {i: {"keys": "none", "values": "none", r: references[i][r]}
+                                           for i in m.layers}) for r in ROLES]
+    source = "the cache's own tokens" if setup.text is None else str(setup.text)
+    scored = evaluate(loaded, tokens, methods, context=setup.context, labels=[f"every layer's {r}" for r in ROLES],
+                      source=source, progress=progress)
+    out: dict[str, Any] = {"reference": {i: dict(references[i]) for i in m.layers}, "kld": {}, "e2": {},
+                           "eval": {k: scored[k] for k in ("text", "context", "chunks", "tokens_scored", "seconds")}}
+    for r, row in zip(ROLES, scored["methods"], strict=True):
+        out["kld"][r] = float(row["kld_mean"])
+        out["e2"][r] = sum(_rel2(m, i, r, m.candidates.index(references[i][r])) for i in m.layers)
+    if all(out["kld"][r] > 0 and out["e2"][r] > 0 for r in ROLES):
+        out["weights"] = {r: out["kld"][r] / out["e2"][r] for r in ROLES}
+        out["keys_over_values"] = out["weights"]["keys"] / out["weights"]["values"]
+    else:
+        out["warning"] = "keys and values weighed alike: a role's reference codec made no error to weigh"
+    return out
+
+
+def _rel2(m: Measurements, layer: int, role: str, n: int) -> float:
+    """``e_{l,r}²``: the squared relative attention-output error of the tensor under candidate ``n``."""
+    energy = sum(m.energy[layer])
+    return sum(m.full[(layer, role, n)].errors) / energy if energy > 0 else 0.0
 
 
 def reference_choices(m: Measurements, budget_bits: float) -> dict[int, dict[str, str]]:
@@ -548,9 +629,7 @@ def sensitivities(m: Measurements, loaded: Any, tokens: Any, setup: EvalText,
                       labels=[f"layer {i} {r}" for i, r in tensors], source=str(setup.text), progress=progress)
     kld, e2 = {r: {} for r in ROLES}, {r: {} for r in ROLES}
     for (i, r), row in zip(tensors, scored["methods"], strict=True):
-        energy = sum(m.energy[i])
-        n = m.candidates.index(references[i][r])
-        e2[r][i] = sum(m.full[(i, r, n)].errors) / energy if energy > 0 else 0.0
+        e2[r][i] = _rel2(m, i, r, m.candidates.index(references[i][r]))
         kld[r][i] = float(row["kld_mean"])
     sens: dict[str, dict[int, float]] = {}
     for r in ROLES:

@@ -45,11 +45,12 @@ EVAL_KEYS = ("kld_mean", "kld_stderr", "delta_ppl_pct", "delta_ppl_pct_stderr", 
 @dataclass
 class EvalText:
     """What ``sweep --eval-text`` and ``plan --objective kld`` score in the model (``kvtool eval``'s
-    protocol, prefill mode): ``text`` cut to ``max_tokens`` tokens, chunks of ``context``; ``model``
-    defaults to the cache's own model spec. The other fields are :func:`kvtool.models.load_model`'s
+    protocol, prefill mode): ``text`` cut to ``max_tokens`` tokens, chunks of ``context`` (``text=None``:
+    the cache's own captured tokens, what ``plan`` weighs keys against values on without ``--eval-text``);
+    ``model`` defaults to the cache's own model spec. The other fields are :func:`kvtool.models.load_model`'s
     options (the same as ``capture``'s and ``eval``'s ``--model-dtype``, ``--device``, ...)."""
 
-    text: Path | str
+    text: Path | str | None
     model: str | None = None
     max_tokens: int | None = 1024
     context: int = 512
@@ -61,16 +62,21 @@ class EvalText:
     trust_remote_code: bool = False
 
 
-def load_eval(info: Any, setup: EvalText) -> tuple[Any, Any]:
+def load_eval(info: Any, setup: EvalText, sequence: int = 0) -> tuple[Any, Any]:
     """(loaded model, token ids) for ``setup``; refuses a model other than the one the cache was captured
-    with when both identify their weights."""
+    with when both identify their weights. ``setup.text=None``: the first ``max_tokens`` tokens the cache's
+    ``sequence`` was captured from."""
     loaded = load_model(setup.model or info.model, dtype=setup.dtype, device=setup.device,
                         device_map=setup.device_map, max_memory=setup.max_memory,
                         offload_folder=setup.offload_folder, trust_remote_code=setup.trust_remote_code)
     if info.model_source and loaded.source and info.model_source != loaded.source:
         raise InputError(f"the cache was captured with {info.model!r} ({info.model_source}), but the eval model "
                          f"{loaded.spec!r} is {loaded.source}")
-    tokens = tokenize_text(loaded, setup.text, setup.max_tokens)
+    if setup.text is None:
+        with CacheReader(info.path) as reader:
+            tokens = reader.tokens(sequence).astype("int64")[:setup.max_tokens]
+    else:
+        tokens = tokenize_text(loaded, setup.text, setup.max_tokens)
     check_context(loaded, tokens, setup.context)
     return loaded, tokens
 

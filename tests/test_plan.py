@@ -249,3 +249,68 @@ def test_the_budget_holds_at_the_shorter_prompt(cache: Path) -> None:
     with pytest.raises(InputError, match="at least 1"):
         measure(cache, sinks, budget_tokens=0)
     assert_one_line_error(run("plan", cache, "-c", "uniform:bits=4", "--budget-tokens", "0"), "at least 1")
+
+
+def test_measured_role_weights_are_kld_over_error_and_move_bits_to_keys(measured, monkeypatch) -> None:
+    """role_weights divides each role's in-model KLD by its summed squared relative attention-output error;
+    keys that cost more KL per unit of error then get more bits than with the roles weighed alike."""
+    import kvtool.plan as plan_module
+
+    m = measured["layer"]
+    refs = {i: {r: "uniform:bits=2" for r in ROLES} for i in m.layers}
+    seen = []
+
+    def fake_evaluate(loaded, tokens, methods, **kw):
+        seen.extend(methods)
+        return {"methods": [{"kld_mean": 0.05}, {"kld_mean": 0.001}], "text": "t", "context": 32, "chunks": 1,
+                "tokens_scored": 15, "seconds": 0.0}
+
+    monkeypatch.setattr(plan_module, "evaluate", fake_evaluate)
+    out = plan_module.role_weights(m, None, None, plan_module.EvalText(None), refs)
+    assert [a.spec(1, "keys") for a in seen] == ["uniform:bits=2", "none"]  # one role coded per pass
+    assert [a.spec(1, "values") for a in seen] == ["none", "uniform:bits=2"]
+    n = CANDIDATES.index("uniform:bits=2")
+    for r, kld in (("keys", 0.05), ("values", 0.001)):
+        e2 = sum(sum(m.full[(i, r, n)].errors) / sum(m.energy[i]) for i in m.layers)
+        assert out["weights"][r] == pytest.approx(kld / e2)
+    equal, weighed = make_plan(m, 4.5)[1], make_plan(m, 4.5, roles=out["weights"])[1]
+    keys_bits = [sum(r["keys_bits"] for r in a["predicted"]["layers"]) for a in (equal, weighed)]
+    assert keys_bits[1] > keys_bits[0]
+
+
+def test_role_weights_fall_back_to_equal_without_model_weights(cache: Path) -> None:
+    measured_ = plan(cache, 4.2, CANDIDATES, verify=False)  # the synthetic cache names no model weights
+    equal = plan(cache, 4.2, CANDIDATES, verify=False, roles="equal")
+    assert "no model weights" in measured_["role_weights"]["warning"] and "role_weights" not in equal
+    assert measured_["plan"]["choices"] == equal["plan"]["choices"]
+    with pytest.raises(InputError, match="role-weights must be one of"):
+        plan(cache, 4.2, CANDIDATES, roles="keys")
+    assert_one_line_error(run("plan", cache, "-c", "uniform:bits=4", "--role-weights", "x"), "must be one of")
+
+
+@pytest.mark.model
+def test_role_weights_measured_in_the_bundled_model(smollm, tmp_path: Path) -> None:
+    """The default plan loads the capture's model, scores every layer's keys, then values, coded in it, and
+    weighs the objective by KLD per unit of error: the predicted objective is then the estimated KLD."""
+    from kvtool.capture import TextInput, capture
+    from kvtool.plan import role_weights
+    from kvtool.store import CacheReader
+    from kvtool.sweep import EvalText, load_eval
+
+    text = TextInput("gpl", (Path(__file__).parents[1] / "samples" / "gpl-3.0.txt").read_text()[:3000])
+    path = capture(smollm, [text], tmp_path / "c.h5", max_tokens=256, queries="last:16").path
+    cands = ["turboquant:bits=2,center=true,sink=4", "turboquant:bits=4,center=true,sink=4"]
+    report = plan(path, 3.5, cands, verify=False, model_setup=EvalText(None, max_tokens=256, context=128))
+    roles = report["role_weights"]
+    assert roles["eval"]["text"] == "the cache's own tokens" and roles["eval"]["chunks"] == 2
+    for r in ROLES:
+        assert roles["kld"][r] > 0 and roles["weights"][r] == pytest.approx(roles["kld"][r] / roles["e2"][r])
+    m, setup = measure(path, cands), EvalText(None, max_tokens=256, context=128)
+    tokens = load_eval(m.info, setup)[1]
+    with CacheReader(path) as reader:
+        assert tokens.tolist() == reader.tokens(0)[:256].tolist()  # the capture's own tokens
+    again = role_weights(m, smollm, tokens, setup, {int(i): r for i, r in roles["reference"].items()})
+    assert again["weights"] == pytest.approx(roles["weights"])  # the same passes give the same weights
+    _, account = make_plan(m, 3.5, roles=roles["weights"])
+    assert account["predicted"]["objective"] == pytest.approx(report["predicted"]["objective"])
+    assert report["plan"]["choices"] == make_plan(m, 3.5, roles=roles["weights"])[0].to_json()["choices"]

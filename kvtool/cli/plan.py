@@ -67,6 +67,11 @@ def plan(
         "--budget-tokens", help="The prompt length (tokens) the budget must hold at: fixed costs (fp16 sinks, "
         "per-channel scales) weigh more in a shorter cache. Default: half the capture, the prompt `kvtool "
         "eval --context T` codes when T is the capture's length.", show_default=False)] = None,
+    role_weights: Annotated[str, typer.Option(
+        "--role-weights", help="How the attention objective weighs keys' errors against values': measure (what "
+        "a unit of each costs in the model: KL with every layer's keys, then every layer's values, coded; two "
+        "coded passes over --eval-text, else over the capture's own first --eval-tokens tokens, with --model or "
+        "the capture's model) or equal (no model).")] = "measure",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the plan file.")] = False,
 ) -> None:
     """Choose a codec for every layer's keys and values (and KV head) minimizing the error under a budget
@@ -76,6 +81,7 @@ def plan(
         from kvtool.errors import InputError
         from kvtool.plan import DEFAULT_CANDIDATES
         from kvtool.plan import plan as run
+        from kvtool.sweep import EvalText
 
         if prescreen < 0:
             raise InputError(f"--prescreen must be >= 0, got {prescreen}")
@@ -84,10 +90,14 @@ def plan(
         setup = eval_setup(eval_text, eval_tokens, eval_context, model, dtype=model_dtype, device=device,
                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                            trust_remote_code=trust_remote_code)
+        model_setup = EvalText(None, model, eval_tokens, eval_context, dtype=model_dtype, device=device,
+                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                               trust_remote_code=trust_remote_code)
         with step_progress("measuring (layer × candidate)", quiet) as progress:
             report = run(path, budget_bits, items, objective=objective, granularity=granularity,
                          sequence=sequence, output=output, force=force, verify=verify, prescreen=prescreen,
-                         budget_tokens=budget_tokens, eval_text=setup, progress=progress)
+                         budget_tokens=budget_tokens, eval_text=setup, roles=role_weights,
+                         model_setup=model_setup, progress=progress)
         write_json(report, json_path)
         if not quiet:
             render_plan(report)
@@ -162,9 +172,16 @@ def render_plan(r: dict[str, Any]) -> None:
         console.print(f"the budget holds at a {pred['budget_tokens']:,}-token prompt (--budget-tokens): the plan "
                       f"stores {pred['stored_bits_at_budget_tokens']:.4f} bits/element there, "
                       f"{pred['stored_bits']:.4f} at the capture's {r['plan']['tokens']:,} tokens")
+    roles = r.get("role_weights")
+    if roles and "weights" in roles:
+        console.print(f"keys' errors weigh {roles['keys_over_values']:.2f}× values' (measured in the model on "
+                      f"{escape(roles['eval']['text'])}: KLD {roles['kld']['keys']:.5f} with every layer's keys "
+                      f"coded, {roles['kld']['values']:.5f} with every layer's values; --role-weights)")
+    elif roles:
+        console.print(f"[yellow]warning:[/] {escape(roles['warning'])}")
     if "eval" in verify:
         e = verify["eval"]
-        kld = p["objective"] == "kld"
+        kld = p["objective"] == "kld" or "weights" in (roles or {})  # the objective estimates the KLD
         inmodel = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                         title=f"in the model: {e['text']}, {e['chunks']} chunk(s) of {e['context']} tokens")
         for col in ("", "KLD predicted" if kld else "", "KLD measured", "Δppl %", "top-1 %"):
