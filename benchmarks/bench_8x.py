@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--texts", nargs="+", default=["apache-2.0", "gpl-3.0"])
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048])
     parser.add_argument("--output", type=Path, default=RESULTS / "8x.md")
+    parser.add_argument("--rows", default=None, help="comma-separated indices into PAIRS (default: all)")
+    parser.add_argument("--chosen-on", default="GPL-3", help="the text the pick was chosen on (for the header)")
     parser.add_argument("--explore", action="store_true", help="only the study behind the pick, on GPL-3's "
                         "second chunk (writes 8x.explore.md)")
     args = parser.parse_args()
@@ -115,23 +117,26 @@ def main() -> None:
     if args.explore:
         explore(loaded, args.output)
         return
-    labels = [k if k == v else f"K {k} / V {v}" for k, v in PAIRS]
+    pairs = PAIRS if args.rows is None else [PAIRS[int(i)] for i in args.rows.split(",")]
+    labels = [k if k == v else f"K {k} / V {v}" for k, v in pairs]
+    chosen = "K {} / V {}".format(*PAIRS[CHOSEN])
     rows = []
     for text in args.texts:
         for context in args.contexts:
             tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt", context)
-            r = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in PAIRS], context=context,
+            r = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=context,
                          labels=labels, source=f"samples/{text}.txt")
-            write_text_atomic(args.output.with_name(f"8x.{text}.{context}.json"), json.dumps(r, indent=1))
+            write_text_atomic(args.output.with_name(f"{args.output.stem}.{text}.{context}.json"),
+                              json.dumps(r, indent=1))
             rows += [(text, context, m) for m in r["methods"]]
     lines = ["`kvtool eval`, prefill mode, one chunk of --context tokens per text (the first half coded, the "
              "second half scored), the bundled SmolLM2-135M. Bits: stored bits per element of the coded "
              "prompt (kept indices or the selection mask, codes, norms, fp16 sinks: every byte). 8× fp16 = 2.0 bits. "
-             "Chosen on GPL-3; Apache-2.0 is held out.", "",
+             f"Chosen on {args.chosen_on}; every other text is held out.", "",
              "| text | context | keys / values | bits | Δppl % | KLD | top-1 % |", "|---|---:|---|---:|---:|---:|---:|"]
     for text, context, m in rows:
         ok = " ✓" if m["bits_per_element"] <= 2.0 and m["kld_mean"] <= 0.01 else ""
-        pick = " **(pick)**" if m["label"] == labels[CHOSEN] else ""
+        pick = " **(pick)**" if m["label"] == chosen else ""
         lines.append(f"| {text} | {context} | `{m['label']}`{pick} | {m['bits_per_element']:.3f} | "
                      f"{m['delta_ppl_pct']:+.2f} ± {m['delta_ppl_pct_stderr']:.2f} | {m['kld_mean']:.4f} ± "
                      f"{m['kld_stderr']:.4f}{ok} | {100 * m['top1_agreement']:.1f} |")

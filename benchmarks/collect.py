@@ -57,6 +57,9 @@ SECTIONS = [
     ("key_logits.qwen2.5-coder-0.5b.md", "Why TurboQuant keys fail on Qwen2.5: attention-logit error per layer",
      "benchmarks/bench_key_logits.py CAPTURE --name qwen2.5-coder-0.5b (a GPL-3 capture, --queries last:128)"),
     ("8x.md", "8× fp16 at KLD ≤ 0.01: compositions on held-out text", "benchmarks/bench_8x.py"),
+    ("8x.long.md", "8× on held-out licence texts at 2k and 8k (samples/licences-long.txt)",
+     "benchmarks/bench_8x.py --texts licences-long --contexts 8192 2048 --rows 0,1,2,3,4 --output "
+     "benchmarks/results/8x.long.md"),
     ("8x.explore.md", "What limits 8×: eviction, selectors, per-layer budgets (GPL-3, second chunk)",
      "benchmarks/bench_8x.py --explore"),
     ("grid.md", "`kvtool grid`: one worker, two local processes and local Ray on a 24-cell grid",
