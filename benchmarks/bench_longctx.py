@@ -298,7 +298,7 @@ def render_long(data: dict) -> str:
                 head = ([f"{int(length):,}", _mb(e["peak_rss"]), f"{e['wall_s'] / 60:.1f} min",
                          f"{e['ppl_exact']:.3f}"] if i == 0 else ["", "", "", ""])
                 lines.append("| " + " | ".join([
-                    *head, f"`{m['label']}`", f"{m['bits_per_element']:.2f}",
+                    *head, "`" + m["label"].replace("|", "\\|") + "`", f"{m['bits_per_element']:.2f}",
                     f"{m['delta_ppl_pct']:+.2f}±{m['delta_ppl_pct_stderr']:.2f}",
                     f"{m['kld_mean']:.4f}±{m['kld_stderr']:.4f}", f"{100 * m['top1_agreement']:.1f}"]) + " |")
         lines.append("")
