@@ -256,7 +256,8 @@ def part_long_model(model: str, tmp: Path, what: list[str], lengths: list[int], 
             for m in r["methods"]:
                 if m["label"].startswith("plan "):
                     m["label"] = f"K {LONG_PAIR[0]} | V {LONG_PAIR[1]}"
-            long_store(model, "eval", length, {
+            # the pair alone (no specs) is a series of its own: the same work at every L, for memory against L
+            long_store(model, "eval" if specs else "eval-pair", length, {
                 "wall_s": row["wall_s"], "peak_rss": row["peak_rss"], "tokens_scored": r["tokens_scored"],
                 "ppl_exact": r["ppl_exact"], "scoring": r.get("scoring"),
                 "methods": [{k: m.get(k) for k in ("label", "bits_per_element", "delta_ppl_pct",
@@ -285,11 +286,18 @@ def render_long(data: dict) -> str:
             lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
                          f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
         lines.append("")
-    evals = data.get("eval", {})
-    if evals:
-        lines += ["## eval: one chunk of L tokens", "",
-                  "`kvtool eval --context L --max-tokens L` with every method on one shared exact pass, prefill mode "
-                  "(L/2 prompt tokens coded, L/2 − 1 scored). Δppl and KLD ± stderr per token.", "",
+    for kind, title, what in (
+            ("eval", "eval: one chunk of L tokens, every method",
+             "with every method on one shared exact pass"),
+            ("eval-pair", "eval: one chunk of L tokens, the K/V pair alone",
+             f"with only keys `{LONG_PAIR[0]}`, values `{LONG_PAIR[1]}` (as a uniform `--plan`), the same work "
+             "at every L: the series for memory and time against L")):
+        evals = data.get(kind, {})
+        if not evals:
+            continue
+        lines += [f"## {title}", "",
+                  f"`kvtool eval --context L --max-tokens L` {what}, prefill mode (L/2 prompt tokens coded, "
+                  "L/2 − 1 scored). Δppl and KLD ± stderr per token.", "",
                   "| L | peak RSS | wall | ppl exact | method | bits | Δppl % | KLD | top-1 % |",
                   "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for length in sorted(evals, key=int):
