@@ -12,9 +12,15 @@ table at 8k beside 2k on the bundled model.
 The text: samples/gpl-3.0.txt is 7,658 tokens for SmolLM2, under 8k, so gpl-3.0.txt followed by apache-2.0.txt
 (9,882 tokens, the first 8,192 used).
 
-Run: ``.venv/bin/python benchmarks/bench_longctx.py [--part before|after|table|render|all]``. Each part stores
-its rows in benchmarks/results/longctx.json; every part renders benchmarks/results/longctx.md from what is there.
-The CPU may be shared: timings are wall-clock, ratios are within this run's rows only.
+* **A model with a 32k context** (``--part long-model``, results in their own files
+  ``benchmarks/results/longctx.<model>.md`` + ``.json``): ``kvtool capture --queries last:128`` and ``kvtool eval``
+  with ``LONG_SPECS`` on one shared exact pass, each at L = 8,192 … 32,768 tokens of samples/licences-long.txt
+  (35,100 tokens for Gemma 3), a fresh process each: peak RSS, wall time, file size, Δppl, KLD, top-1.
+
+Run: ``.venv/bin/python benchmarks/bench_longctx.py [--part before|after|table|long-model|render|all]``.
+Each part but long-model stores its rows in benchmarks/results/longctx.json and renders
+benchmarks/results/longctx.md from what is there. The CPU may be shared: timings are wall-clock, ratios are within
+this run's rows only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvtool.codecs.planfile import Plan, save_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BEFORE = "0bb2243"  # the commit sliced scoring started from
@@ -38,6 +46,15 @@ SPECS = ("turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true", "turb
          "expected:keep=0.5", "expected:keep=0.25")
 TABLE_TOKENS = 8192
 TABLE_CONTEXTS = (8192, 2048)
+LONG_MODEL = "gemma3-270m"
+LONG_TEXT = ROOT / "samples" / "licences-long.txt"
+LONG_LENGTHS = (8192, 16384, 32768)
+LONG_SPECS = ("turboquant:bits=3,center=true,sink=4,norm_bits=8,unbiased=true", "expected:keep=0.5")
+#: keys and values with different codecs, beside LONG_SPECS in the same eval: eval's --keys/--values would apply to
+#: every --method, so the pair goes in as a uniform plan file (--plan), which eval checks against the geometry only
+LONG_PAIR = ("kvquant:bits=4,outliers=0", "turboquant:bits=1.75,center=true,sink=4,norm_bits=8,unbiased=true")
+#: (architecture, num_layers, num_q_heads, num_kv_heads, head_dim) of the models the pair's plan is written for
+LONG_GEOMETRY = {"gemma3-270m": ("Gemma3ForCausalLM", 18, 4, 1, 256)}
 
 
 def text_file(folder: Path) -> Path:
@@ -144,6 +161,36 @@ def part_table(text: Path, contexts: list[int]) -> None:
         print("table", context, row["wall_s"], flush=True)
 
 
+PLAN_BITS = 3.0
+PLAN_TOKENS = 4096  # tokens of samples/licences-long.txt captured for the plan: GPL-2, no file of the table's text
+
+
+def part_plan_row(text: Path, tmp: Path, contexts: list[int]) -> None:
+    """A plan at PLAN_BITS from a capture of another text, evaluated alone on the table's tokens at each context."""
+    capture = tmp / "plan-capture.h5"
+    run_eval(["--text", str(LONG_TEXT), "--max-tokens", str(PLAN_TOKENS), "--output", str(capture), "--force"],
+             command="capture")
+    plan = tmp / f"plan{PLAN_BITS:g}.json"
+    row = run_eval([str(capture), "--budget-bits", str(PLAN_BITS), "--prescreen", "4", "--budget-tokens", "1024",
+                    "--no-verify", "--output", str(plan), "--force"], command="plan")
+    print("plan", row["wall_s"], flush=True)
+    for context in contexts:
+        row = run_eval(["--text", str(text), "--max-tokens", str(TABLE_TOKENS), "--context", str(context),
+                        "--plan", str(plan)])
+        r = row["report"]
+        m = r["methods"][0]
+        data = load()
+        data.setdefault("table_plan", {})[str(context)] = {
+            "wall_s": row["wall_s"], "peak_rss": row["peak_rss"], "ppl_exact": r["ppl_exact"],
+            "tokens_scored": r["tokens_scored"], "plan": json.loads(plan.read_text()),
+            "method": {k: m.get(k) for k in ("label", "bits_per_element", "delta_ppl_pct", "delta_ppl_pct_stderr",
+                                             "kld_mean", "kld_stderr", "kld_stderr_chunks", "kld_p99",
+                                             "top1_agreement")}}
+        data["table_plan"][str(context)]["method"]["label"] = f"plan at {PLAN_BITS:g} bits"
+        save(data)
+        print("plan row", context, row["wall_s"], flush=True)
+
+
 def part_capture(text: Path, tmp: Path, lengths: list[int]) -> None:
     for length in lengths:
         out = tmp / f"capture{length}.h5"
@@ -155,6 +202,115 @@ def part_capture(text: Path, tmp: Path, lengths: list[int]) -> None:
         save(data)
         out.unlink()
         print("capture", length, row["wall_s"], row["peak_rss"], flush=True)
+
+
+def long_path(model: str, ext: str) -> Path:
+    return RESULTS / f"longctx.{model}.{ext}"
+
+
+def long_load(model: str) -> dict:
+    path = long_path(model, "json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def long_store(model: str, kind: str, length: int, row: dict) -> None:
+    """Merge one row into the model's results (re-read first: several parts may run one after another)."""
+    data = long_load(model)
+    data.setdefault(kind, {})[str(length)] = row
+    data["model"] = model
+    long_path(model, "json").write_text(json.dumps(data, indent=1))
+    long_path(model, "md").write_text(render_long(data))
+
+
+def pair_plan(model: str, tmp: Path) -> Path:
+    """A plan file giving every layer LONG_PAIR: keys and values with different codecs as one more method."""
+    architecture, layers, q_heads, kv_heads, head_dim = LONG_GEOMETRY[model]
+    plan = Plan(model={"model": model, "model_architecture": architecture},
+                geometry={"num_layers": layers, "num_q_heads": q_heads, "num_kv_heads": kv_heads, "head_dim": head_dim},
+                candidates=[], choices={i: {"keys": LONG_PAIR[0], "values": LONG_PAIR[1]} for i in range(layers)},
+                source="benchmarks/bench_longctx.py: the same pair in every layer")
+    return save_plan(plan, tmp / "pair.json", force=True)
+
+
+def part_long_model(model: str, tmp: Path, what: list[str], lengths: list[int], specs: list[str],
+                    pair: bool = True) -> None:
+    """Capture and/or eval ``model`` over the first L tokens of samples/licences-long.txt, a fresh process each;
+    eval with ``specs`` and, if ``pair``, LONG_PAIR."""
+    for length in lengths:
+        if "capture" in what:
+            out = tmp / f"capture{length}.h5"
+            row = run_eval(["--model", model, "--text", str(LONG_TEXT), "--max-tokens", str(length), "--queries",
+                            "last:128", "--output", str(out), "--force"], command="capture")
+            long_store(model, "capture", length, {"wall_s": row["wall_s"], "peak_rss": row["peak_rss"],
+                                                  "file_bytes": out.stat().st_size})
+            out.unlink()
+            print("capture", model, length, row["wall_s"], row["peak_rss"], flush=True)
+        if "eval" in what:
+            args = ["--model", model, "--text", str(LONG_TEXT), "--max-tokens", str(length), "--context", str(length)]
+            for spec in specs:
+                args += ["--method", spec]
+            if pair and model in LONG_GEOMETRY:
+                args += ["--plan", str(pair_plan(model, tmp))]
+            row = run_eval(args)
+            r = row["report"]
+            for m in r["methods"]:
+                if m["label"].startswith("plan "):
+                    m["label"] = f"K {LONG_PAIR[0]} | V {LONG_PAIR[1]}"
+            # the pair alone (no specs) is a series of its own: the same work at every L, for memory against L
+            long_store(model, "eval" if specs else "eval-pair", length, {
+                "wall_s": row["wall_s"], "peak_rss": row["peak_rss"], "tokens_scored": r["tokens_scored"],
+                "ppl_exact": r["ppl_exact"], "scoring": r.get("scoring"),
+                "methods": [{k: m.get(k) for k in ("label", "bits_per_element", "delta_ppl_pct",
+                                                   "delta_ppl_pct_stderr", "kld_mean", "kld_stderr",
+                                                   "top1_agreement")} for m in r["methods"]]})
+            print("eval", model, length, row["wall_s"], row["peak_rss"], flush=True)
+
+
+def render_long(data: dict) -> str:
+    model = data.get("model", LONG_MODEL)
+    lines = [f"# Long contexts on {model}: capture and eval up to 32k tokens", "",
+             f"Written by `benchmarks/bench_longctx.py --part long-model --model {model}` (float32 on CPU). Text: the "
+             "first L tokens of samples/licences-long.txt (35,100 tokens for Gemma 3's tokenizer). Each row is a "
+             "fresh process; peak RSS is its `ru_maxrss`. Wall times are on 2 CPU cores shared with other jobs: "
+             "compare them only within a table.", ""]
+    captured = data.get("capture", {})
+    if captured:
+        lines += ["## capture: peak RSS against tokens", "",
+                  "`kvtool capture --max-tokens L --queries last:128` (float16 storage).", "",
+                  "| L | peak RSS | per 1k tokens above the smallest L | wall | file |", "|---:|---:|---:|---:|---:|"]
+        first = min(captured, key=int)
+        for length in sorted(captured, key=int):
+            c = captured[length]
+            slope = ((c["peak_rss"] - captured[first]["peak_rss"]) / ((int(length) - int(first)) / 1024)
+                     if length != first else None)
+            lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
+                         f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
+        lines.append("")
+    for kind, title, what in (
+            ("eval", "eval: one chunk of L tokens, every method",
+             "with every method on one shared exact pass"),
+            ("eval-pair", "eval: one chunk of L tokens, the K/V pair alone",
+             f"with only keys `{LONG_PAIR[0]}`, values `{LONG_PAIR[1]}` (as a uniform `--plan`), the same work "
+             "at every L: the series for memory and time against L")):
+        evals = data.get(kind, {})
+        if not evals:
+            continue
+        lines += [f"## {title}", "",
+                  f"`kvtool eval --context L --max-tokens L` {what}, prefill mode (L/2 prompt tokens coded, "
+                  "L/2 − 1 scored). Δppl and KLD ± stderr per token.", "",
+                  "| L | peak RSS | wall | ppl exact | method | bits | Δppl % | KLD | top-1 % |",
+                  "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for length in sorted(evals, key=int):
+            e = evals[length]
+            for i, m in enumerate(e["methods"]):
+                head = ([f"{int(length):,}", _mb(e["peak_rss"]), f"{e['wall_s'] / 60:.1f} min",
+                         f"{e['ppl_exact']:.3f}"] if i == 0 else ["", "", "", ""])
+                lines.append("| " + " | ".join([
+                    *head, "`" + m["label"].replace("|", "\\|") + "`", f"{m['bits_per_element']:.2f}",
+                    f"{m['delta_ppl_pct']:+.2f}±{m['delta_ppl_pct_stderr']:.2f}",
+                    f"{m['kld_mean']:.4f}±{m['kld_stderr']:.4f}", f"{100 * m['top1_agreement']:.1f}"]) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def _mb(x: float) -> str:
@@ -200,7 +356,7 @@ def render(data: dict) -> str:
         lines.append("")
     tables = data.get("table", {})
     if tables:
-        lines += render_table(tables)
+        lines += render_table(tables, data.get("table_plan"))
     else:
         lines += ["## Codec table: 8k beside 2k", "",
                   "Not measured yet: on the shared CPU one 8k pass took 5-15 min, so the nine specs at 8k and at 2k "
@@ -221,27 +377,31 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_table(tables: dict) -> list[str]:
+def render_table(tables: dict, planned: dict | None = None) -> list[str]:
+    """The codec table; ``planned``: the plan row's runs by context (``part_plan_row``), ranked with the rest."""
+    planned = planned or {}
     lines = ["## Codec table: 8k beside 2k", "",
              f"The same first {TABLE_TOKENS:,} tokens, all specs in one eval (one shared exact pass), prefill mode: "
              "one chunk of 8,192 (4,096-token prompt coded, 4,095 scored) and four chunks of 2,048 (1,024 coded, "
              "1,023 scored each). Rank: by mean KLD (1 = closest to exact). KLD ± stderr per token; in "
              "brackets, the stderr from the spread of the chunk means (2k only, 4 chunks).", "",
-             "| spec | bits | Δppl % 8k | KLD 8k | top-1 % 8k | rank 8k | Δppl % 2k | KLD 2k | top-1 % 2k | "
+             "| spec | bits 8k / 2k | Δppl % 8k | KLD 8k | top-1 % 8k | rank 8k | Δppl % 2k | KLD 2k | top-1 % 2k | "
              "rank 2k |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    methods = {ctx: t["methods"] + ([planned[ctx]["method"]] if ctx in planned else []) for ctx, t in tables.items()}
     ranks = {}
-    for ctx, t in tables.items():
-        order = sorted(range(len(t["methods"])), key=lambda i: t["methods"][i]["kld_mean"])
+    for ctx, ms in methods.items():
+        order = sorted(range(len(ms)), key=lambda i: ms[i]["kld_mean"])
         ranks[ctx] = {i: r + 1 for r, i in enumerate(order)}
-    big, small = tables.get("8192"), tables.get("2048")
-    specs = (big or small)["methods"]
+    specs = max(methods.values(), key=len)
     for i, m in enumerate(specs):
-        cells = [f"`{m['label']}`", f"{m['bits_per_element']:.2f}"]
-        for ctx, t in (("8192", big), ("2048", small)):
-            if t is None:
+        bits = sorted({f"{x[i]['bits_per_element']:.2f}" for x in methods.values() if len(x) > i})
+        cells = [f"`{m['label']}`" if i < len(max(tables.values(), key=lambda t: len(t["methods"]))["methods"])
+                 else m["label"], " / ".join(bits)]
+        for ctx in ("8192", "2048"):
+            if ctx not in methods or len(methods[ctx]) <= i:
                 cells += ["—"] * 4
                 continue
-            x = t["methods"][i]
+            x = methods[ctx][i]
             kld = f"{x['kld_mean']:.4f}±{x['kld_stderr']:.4f}"
             if x.get("kld_stderr_chunks") is not None:
                 kld += f" [{x['kld_stderr_chunks']:.4f}]"
@@ -253,26 +413,64 @@ def render_table(tables: dict) -> list[str]:
         lines.append(f"- context {int(ctx):,}: {t['chunks']} chunk(s), {t['tokens_scored']:,} tokens scored, ppl "
                      f"exact {t['ppl_exact']:.3f}; {t['wall_s'] / 60:.1f} min for the whole table, peak RSS "
                      f"{_mb(t['peak_rss'])}.")
-    if big and small:
-        a = [ranks["8192"][i] for i in range(len(specs))]
-        b = [ranks["2048"][i] for i in range(len(specs))]
-        n = len(a)
+    for ctx, row in planned.items():
+        same = ctx in tables and abs(row["ppl_exact"] - tables[ctx]["ppl_exact"]) <= 1e-6 * row["ppl_exact"]
+        lines.append(f"- plan row at context {int(ctx):,}: its own eval (the plan alone), ppl exact "
+                     f"{row['ppl_exact']:.4f}" + (" — the table's, so the same tokens were scored" if same else
+                                                  " — NOT the table's") + f"; {row['wall_s'] / 60:.1f} min.")
+    if planned:
+        row = next(iter(planned.values()))
+        lines.append("- the plan: `kvtool plan CAPTURE --budget-bits "
+                     f"{PLAN_BITS:g} --prescreen 4 --budget-tokens 1024` "
+                     f"(the budget held at the 2k table's 1,024-token prompt) from a capture (`--queries last:128`) "
+                     f"of the first {PLAN_TOKENS:,} tokens of samples/licences-long.txt (GNU GPL-2: another text than "
+                     "the table's GPL-3 and Apache-2.0, though the GPLs share much wording); bits: at 8k / 2k. "
+                     "Its layers' codecs: " + plan_summary(row["plan"]) + ".")
+    if "8192" in methods and "2048" in methods:
+        n = min(len(methods["8192"]), len(methods["2048"]))
+        a = [ranks["8192"][i] for i in range(n)]
+        b = [ranks["2048"][i] for i in range(n)]
         rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
         moved = [f"`{specs[i]['label']}` {b[i]}→{a[i]}" for i in range(n) if a[i] != b[i]]
-        lines += ["", f"**Ranking 8k vs 2k:** Spearman ρ = {rho:.2f}; "
+        lines += ["", f"**Ranking 8k vs 2k** ({n} rows): Spearman ρ = {rho:.2f}; "
                   + ("identical." if not moved else "rank 2k→8k changed for " + ", ".join(moved) + ".")]
     lines.append("")
     return lines
 
 
+def plan_summary(plan: dict) -> str:
+    """'keys SPEC ×n, ...; values SPEC ×n, ...' from a plan file's JSON."""
+    parts = []
+    for role in ("keys", "values"):
+        counts: dict[str, int] = {}
+        for choice in plan["choices"].values():
+            counts[choice[role]] = counts.get(choice[role], 0) + 1
+        ranked = sorted(counts.items(), key=lambda x: -x[1])
+        parts.append(f"{role} " + ", ".join(f"`{spec}` ×{n}" for spec, n in ranked))
+    return "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("before", "after", "table", "capture", "render", "all"), default="all")
+    parser.add_argument("--part", choices=("before", "after", "table", "plan-row", "capture", "long-model",
+                                                 "render", "all"),
+                        default="all")
     parser.add_argument("--before", default=BEFORE, help="the commit whose eval is 'before'")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="contexts of before/after")
     parser.add_argument("--with-base", default="8192", help="contexts at which after is rerun with --base")
     parser.add_argument("--contexts", default=",".join(map(str, TABLE_CONTEXTS)), help="contexts of the table")
+    parser.add_argument("--model", default=LONG_MODEL, help="long-model: the model (a 32k context)")
+    parser.add_argument("--what", default="capture,eval", help="long-model: capture, eval or both")
+    parser.add_argument("--long-lengths", default=",".join(map(str, LONG_LENGTHS)), help="long-model: the L")
+    parser.add_argument("--specs", default=";".join(LONG_SPECS), help="long-model: eval's methods, ';'-separated")
+    parser.add_argument("--no-pair", action="store_true", help="long-model: eval without LONG_PAIR")
     args = parser.parse_args()
+    if args.part == "long-model":
+        with tempfile.TemporaryDirectory() as d:
+            part_long_model(args.model, Path(d), args.what.split(","),
+                            [int(x) for x in args.long_lengths.split(",")], [x for x in args.specs.split(";") if x],
+                            pair=not args.no_pair)
+        return
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -283,6 +481,8 @@ def main() -> None:
             part_after(text, tmp, lengths, [int(x) for x in args.with_base.split(",") if x])
         if args.part in ("table", "all"):
             part_table(text, [int(x) for x in args.contexts.split(",")])
+        if args.part in ("plan-row", "all"):
+            part_plan_row(text, tmp, [int(x) for x in args.contexts.split(",")])
         if args.part in ("capture", "all"):
             part_capture(text, tmp, lengths)
     (RESULTS / "longctx.md").write_text(render(load()))

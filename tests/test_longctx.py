@@ -327,3 +327,16 @@ def test_resume_keeps_each_chunks_warnings(tmp_path):
     loaded, exact = EvalState(tmp_path / "s", {"model": "m"}).load(0)
     assert exact is None
     assert loaded.warnings == result.warnings
+
+
+def test_the_long_sample_ends_with_the_shipped_licences_unchanged():
+    """samples/licences-long.txt is licence texts joined by one empty line; its last three are the shipped files
+    byte for byte (their licences allow verbatim copies only), and it is long enough for a 32k chunk."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[1] / "samples"
+    text = (samples / "licences-long.txt").read_text(encoding="utf-8")
+    tail = "\n".join((samples / name).read_text(encoding="utf-8") for name in ("gpl-3.0.txt", "apache-2.0.txt",
+                                                                                "cc0-1.0.txt"))
+    assert text.endswith("\n" + tail)
+    assert text.count("GNU GENERAL PUBLIC LICENSE") >= 3 and 150_000 < len(text.encode()) < 300_000
