@@ -40,7 +40,9 @@ SECTIONS = [
     ("plan.md", "`kvtool plan` against the best uniform spec (attention error, KLD, Δppl)",
      "benchmarks/bench_plan.py --parts plans"),
     ("longctx.md", "Long contexts: eval memory against context, exact bases, the codec table at 8k vs 2k",
-     "benchmarks/bench_longctx.py"),
+     "benchmarks/bench_longctx.py; --part plan-row"),
+    ("longctx.gemma3-270m.md", "Long contexts on Gemma 3 270M: capture and eval up to 32k (262k vocabulary)",
+     "benchmarks/bench_longctx.py --part long-model; --what eval --specs '' --long-lengths 8192,16384,32768"),
     ("tasks.md", "Retrieval tasks with the codec in the cache (passkey heatmap) beside KLD",
      "benchmarks/bench_tasks.py --samples 2"),
     ("generate.md", "Generating with a codec in the cache: held memory and decode speed (compact CodecCache, "
