@@ -340,6 +340,7 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     if uses:
         cache, records = exact_prefill(loaded, ids[:, :first], max(wants, default=0))
         prompt = PromptCache(cache, uses)
+        del cache  # the PromptCache's now: a reference here would keep the prompt's cache for the whole chunk
     if exact is None:
         exact = forward_hidden(model, ids[:, first:-1], prompt.take(), head, pieces=True)  # (scored, d)
     seconds_exact = time.perf_counter() - t0
