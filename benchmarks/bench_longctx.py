@@ -273,19 +273,8 @@ def render_long(data: dict) -> str:
              "first L tokens of samples/licences-long.txt (35,100 tokens for Gemma 3's tokenizer). Each row is a "
              "fresh process; peak RSS is its `ru_maxrss`. Wall times are on 2 CPU cores shared with other jobs: "
              "compare them only within a table.", ""]
-    captured = data.get("capture", {})
-    if captured:
-        lines += ["## capture: peak RSS against tokens", "",
-                  "`kvtool capture --max-tokens L --queries last:128` (float16 storage).", "",
-                  "| L | peak RSS | per 1k tokens above the smallest L | wall | file |", "|---:|---:|---:|---:|---:|"]
-        first = min(captured, key=int)
-        for length in sorted(captured, key=int):
-            c = captured[length]
-            slope = ((c["peak_rss"] - captured[first]["peak_rss"]) / ((int(length) - int(first)) / 1024)
-                     if length != first else None)
-            lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
-                         f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
-        lines.append("")
+    lines += capture_table(data.get("capture", {}), "`kvtool capture --max-tokens L --queries last:128` "
+                           "(float16 storage).")
     for kind, title, what in (
             ("eval", "eval: one chunk of L tokens, every method",
              "with every method on one shared exact pass"),
@@ -361,20 +350,25 @@ def render(data: dict) -> str:
         lines += ["## Codec table: 8k beside 2k", "",
                   "Not measured yet: on the shared CPU one 8k pass took 5-15 min, so the nine specs at 8k and at 2k "
                   "(about 20 passes each) did not fit. Run `benchmarks/bench_longctx.py --part table`.", ""]
-    captured = data.get("capture", {})
-    if captured:
-        lines += ["## capture: peak RSS against tokens", "",
-                  "`kvtool capture --max-tokens L --queries last:128` (float16 storage), a fresh process each.", "",
-                  "| L | peak RSS | per 1k tokens above the smallest L | wall | file |", "|---:|---:|---:|---:|---:|"]
-        first = min(captured, key=int)
-        for length in sorted(captured, key=int):
-            c = captured[length]
-            slope = ((c["peak_rss"] - captured[first]["peak_rss"]) / ((int(length) - int(first)) / 1024)
-                     if length != first else None)
-            lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
-                         f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
-        lines.append("")
+    lines += capture_table(data.get("capture", {}), "`kvtool capture --max-tokens L --queries last:128` "
+                           "(float16 storage), a fresh process each.")
     return "\n".join(lines) + "\n"
+
+
+def capture_table(captured: dict, what: str) -> list[str]:
+    """Peak RSS, its growth per 1k tokens, wall time and file size of each capture length (nothing if none)."""
+    if not captured:
+        return []
+    lines = ["## capture: peak RSS against tokens", "", what, "",
+             "| L | peak RSS | per 1k tokens above the smallest L | wall | file |", "|---:|---:|---:|---:|---:|"]
+    first = min(captured, key=int)
+    for length in sorted(captured, key=int):
+        c = captured[length]
+        slope = ((c["peak_rss"] - captured[first]["peak_rss"]) / ((int(length) - int(first)) / 1024)
+                 if length != first else None)
+        lines.append(f"| {int(length):,} | {_mb(c['peak_rss'])} | {_mb(slope) if slope is not None else '—'} | "
+                     f"{c['wall_s']:.0f} s | {_mb(c['file_bytes'])} |")
+    return lines + [""]
 
 
 def render_table(tables: dict, planned: dict | None = None) -> list[str]:
