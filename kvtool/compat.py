@@ -16,8 +16,11 @@ the current name is used where it exists and nothing warns on either side of the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
+from collections.abc import Iterator
 from typing import Any
 
 CACHE_NAME = "cache"  # transformers >= 5.24
@@ -65,3 +68,33 @@ def output_cache(output: Any) -> Any | None:
         if name in keys:
             return output[name]
     return None
+
+
+#: transformers' switch (5.25 on) that makes its sdpa attention pass grouped-query keys and values to torch
+#: as they are (``enable_gqa=True``) instead of repeating each kv head for its group (``repeat_kv``)
+FORCE_GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def grouped_sdpa(device: Any) -> Iterator[None]:
+    """Within the context, transformers' sdpa attention on ``device`` leaves grouped-query heads grouped.
+
+    By default it repeats each kv head for the query heads of its group whenever there is a mask (any
+    cached pass): a transient of ``group × cache`` per layer, 38 MiB at 8k for SmolLM2's 3 → 9 heads. On
+    the CPU torch's sdpa takes the mask with ``enable_gqa=True`` and gives the same output bit for bit
+    (``tests/test_compat.py``); on CUDA a mask with ``enable_gqa`` falls back to the math kernel, so only
+    CPU passes are switched. Releases without the switch ignore it. A value the user set is left alone.
+    """
+    if torch_device_type(device) != "cpu" or FORCE_GQA_ENV in os.environ:
+        yield
+        return
+    os.environ[FORCE_GQA_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FORCE_GQA_ENV, None)
+
+
+def torch_device_type(device: Any) -> str:
+    """``"cpu"``, ``"cuda"``, … of a device, a device string or a tensor's device."""
+    return str(getattr(device, "type", device)).split(":")[0]

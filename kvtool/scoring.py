@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kvtool import metrics
-from kvtool.compat import forward_cache_kwarg
+from kvtool.compat import forward_cache_kwarg, grouped_sdpa
 
 SLICED = "sliced"
 LOGITS = "logits"
@@ -40,8 +40,10 @@ CHECK_TOLERANCE = 1e-4
 
 #: glibc's mallopt parameter for the size above which allocations are mmapped (and unmapped when freed).
 _M_MMAP_THRESHOLD = -3
-#: The fixed threshold :func:`bounded_heap` sets: float64 slices of the head's output are 4-32 MiB each.
-MMAP_THRESHOLD = 4 << 20
+#: The fixed threshold :func:`bounded_heap` sets. The float64 slices of the head's output are 4-32 MiB each,
+#: and each layer's cache grows a piece at a time through blocks of every size on the way (SmolLM2: 384 KiB
+#: per 512 positions, 3 MiB at 4k, 6 MiB at 8k): from the heap, each freed block would stay resident.
+MMAP_THRESHOLD = 1 << 20
 _heap_bounded = False
 
 
@@ -52,7 +54,7 @@ def bounded_heap() -> None:
     that size come from the heap instead; the many same-sized temporaries of sliced scoring, interleaved
     with small long-lived arrays, then fragment the heap and the process keeps hundreds of MiB it does not
     use (measured: 1.46 GB instead of 0.62 GB for a 262,144-token vocabulary). A fixed threshold turns the
-    adjustment off: every block of 4 MiB or more is mapped when allocated and returned when freed.
+    adjustment off: every block of 1 MiB or more is mapped when allocated and returned when freed.
     """
     global _heap_bounded
     if _heap_bounded or not sys.platform.startswith("linux"):
@@ -157,7 +159,7 @@ class _Hooked:
 
 #: Positions per forward call when a pass may be split (:func:`forward_hidden` with ``pieces``): the
 #: activations of one call (MLP intermediates, the attention mask) then stop growing with the pass.
-PIECE = 1024
+PIECE = 512
 
 
 def forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead, *, pieces: bool = False
@@ -176,11 +178,12 @@ def forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead, *
 
 def _forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead) -> torch.Tensor:
     kwargs: dict[str, Any] = {forward_cache_kwarg(model): cache, "use_cache": True}
-    if head.form == LOGITS:
-        return model(input_ids=ids, **kwargs).logits[0]
-    seen: list[torch.Tensor] = []
-    with head.recording(seen):
-        model(input_ids=ids, **kwargs)
+    with grouped_sdpa(ids.device):
+        if head.form == LOGITS:
+            return model(input_ids=ids, **kwargs).logits[0]
+        seen: list[torch.Tensor] = []
+        with head.recording(seen):
+            model(input_ids=ids, **kwargs)
     if len(seen) != 1 or seen[0].shape[-2] != ids.shape[1]:
         raise RuntimeError(f"the model's head read {[tuple(s.shape) for s in seen]} for {tuple(ids.shape)} "
                            "input ids; expected one (1, t, hidden) input")

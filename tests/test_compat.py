@@ -101,3 +101,45 @@ def test_output_without_a_cache_gives_none(tiny):
         out = tiny.model(input_ids=torch.arange(10, 14).unsqueeze(0), use_cache=False)
     assert output_cache(out) is None
     assert output_cache((out.logits,)) is None  # a return_dict=False tuple holds no named cache
+
+
+def _cached_logits(model, ids, *, grouped: bool):
+    from transformers import DynamicCache
+
+    from kvtool.compat import grouped_sdpa
+
+    cache = DynamicCache()
+    out = []
+    for part in (ids[:, :20], ids[:, 20:]):  # the second call has a cache, hence a mask
+        if grouped:
+            with grouped_sdpa(part.device):
+                out.append(model(input_ids=part, **{forward_cache_kwarg(model): cache}, use_cache=True).logits)
+        else:
+            out.append(model(input_ids=part, **{forward_cache_kwarg(model): cache}, use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+def test_grouped_sdpa_gives_the_same_logits_without_repeating_kv_heads(tiny, monkeypatch):
+    import inspect
+    import os
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from kvtool.compat import FORCE_GQA_ENV
+
+    model = tiny.model
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    calls: list[int] = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: calls.append(n) or real(x, n))
+    with torch.inference_mode():
+        plain = _cached_logits(model, ids, grouped=False)
+        repeated = len([n for n in calls if n > 1])
+        calls.clear()
+        grouped = _cached_logits(model, ids, grouped=True)
+    assert torch.equal(plain, grouped)
+    assert FORCE_GQA_ENV not in os.environ  # restored
+    assert repeated > 0
+    if FORCE_GQA_ENV in inspect.getsource(sdpa):  # releases with the switch: no kv head repeated
+        assert not [n for n in calls if n > 1]
