@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtool.compat import forward_cache_kwarg, output_cache
+from kvtool.compat import forward_cache_kwarg, grouped_sdpa, output_cache
 from kvtool.errors import InputError, KvtoolError, NonFiniteError
 from kvtool.hooks import AttentionHook, ProgressFn, Recorder, recording
 from kvtool.models import LoadedModel, ModelShape, model_shape
@@ -199,7 +199,7 @@ def run_and_record(loaded: LoadedModel, input_ids: Any, *, keep_last: int = 0,
     cache = None
     try:
         with recording(model, recorder):
-            with torch.inference_mode():
+            with torch.inference_mode(), grouped_sdpa(input_ids.device):
                 for start in range(0, total, step):
                     kwargs: dict[str, Any] = {"use_cache": True}
                     if cache is not None:
