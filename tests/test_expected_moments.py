@@ -140,3 +140,18 @@ def test_eval_without_a_rope_uses_the_post_rope_moments_and_warns(tiny_model_fac
     _same_reports(streamed, evaluate(loaded, tokens, methods, context=64, queries=32))
     assert "no single RoPE" in streamed["methods"][0]["warnings"][0]  # future=512 asked for a rotation
     assert streamed["methods"][1]["warnings"] == []  # future=0: nothing to warn about
+
+
+@pytest.mark.model
+def test_bundled_model_eval_with_moments_equals_all_queries(smollm) -> None:
+    from pathlib import Path
+
+    from kvtool.evaluate import tokenize_text
+
+    text = Path(__file__).resolve().parents[1] / "samples" / "gpl-3.0.txt"
+    tokens = tokenize_text(smollm, text, max_tokens=64)
+    methods = [Assignment.of("expected:keep=0.5", "expected:keep=0.5"),
+               Assignment.of("expected:keep=0.25,sink=2,future=0", "expected:keep=0.25,sink=2,future=0")]
+    streamed = evaluate(smollm, tokens, methods, context=64)
+    _same_reports(streamed, evaluate(smollm, tokens, methods, context=64, queries=32))
+    assert streamed["methods"][0]["queries_observed"] == 32 and streamed["methods"][0]["kld_mean"] > 0
