@@ -323,9 +323,10 @@ def before_lines(evals: dict, before: dict) -> list[str]:
                      + ("the same (relative 1e-4)." if same else "NOT the same: " + "; ".join(
                          f"`{x['label']}` KLD {y['kld_mean']:.6g} → {x['kld_mean']:.6g}"
                          for x, y in zip(a["methods"], b["methods"], strict=False))))
-    for length in sorted(evals, key=int):
-        if before and length not in before:
-            lines.append(f"- L = {int(length):,}: not re-measured; its row is from the code of the 'before' above.")
+    others = [f"{int(length):,}" for length in sorted(evals, key=int) if before and length not in before]
+    if others:
+        lines.append(f"- L = {', '.join(others)}: not compared with an earlier run; as measured by the code of the "
+                     "commit that wrote the row.")
     return lines + ([""] if lines else [])
 
 
