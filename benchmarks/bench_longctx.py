@@ -213,9 +213,12 @@ def long_load(model: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def long_store(model: str, kind: str, length: int, row: dict) -> None:
-    """Merge one row into the model's results (re-read first: several parts may run one after another)."""
+def long_store(model: str, kind: str, length: int, row: dict, previous: str | None = None) -> None:
+    """Merge one row into the model's results (re-read first: several parts may run one after another).
+    ``previous``: keep the row this one replaces under ``<kind>-before``, labelled with that text (a commit)."""
     data = long_load(model)
+    if previous is not None and str(length) in data.get(kind, {}):
+        data.setdefault(f"{kind}-before", {})[str(length)] = {**data[kind][str(length)], "code": previous}
     data.setdefault(kind, {})[str(length)] = row
     data["model"] = model
     long_path(model, "json").write_text(json.dumps(data, indent=1))
@@ -233,7 +236,7 @@ def pair_plan(model: str, tmp: Path) -> Path:
 
 
 def part_long_model(model: str, tmp: Path, what: list[str], lengths: list[int], specs: list[str],
-                    pair: bool = True) -> None:
+                    pair: bool = True, previous: str | None = None) -> None:
     """Capture and/or eval ``model`` over the first L tokens of samples/licences-long.txt, a fresh process each;
     eval with ``specs`` and, if ``pair``, LONG_PAIR."""
     for length in lengths:
@@ -262,7 +265,7 @@ def part_long_model(model: str, tmp: Path, what: list[str], lengths: list[int], 
                 "ppl_exact": r["ppl_exact"], "scoring": r.get("scoring"),
                 "methods": [{k: m.get(k) for k in ("label", "bits_per_element", "delta_ppl_pct",
                                                    "delta_ppl_pct_stderr", "kld_mean", "kld_stderr",
-                                                   "top1_agreement")} for m in r["methods"]]})
+                                                   "top1_agreement")} for m in r["methods"]]}, previous)
             print("eval", model, length, row["wall_s"], row["peak_rss"], flush=True)
 
 
@@ -299,7 +302,32 @@ def render_long(data: dict) -> str:
                     f"{m['delta_ppl_pct']:+.2f}±{m['delta_ppl_pct_stderr']:.2f}",
                     f"{m['kld_mean']:.4f}±{m['kld_stderr']:.4f}", f"{100 * m['top1_agreement']:.1f}"]) + " |")
         lines.append("")
+        lines += before_lines(evals, data.get(f"{kind}-before", {}))
     return "\n".join(lines) + "\n"
+
+
+def before_lines(evals: dict, before: dict) -> list[str]:
+    """For each L rerun with ``--previous``: the replaced row's peak RSS beside the new one, and whether every
+    method's figures (Δppl, KLD, top-1) stayed the same (relative 1e-4)."""
+    lines = []
+    for length in sorted(before, key=int):
+        b, a = before[length], evals.get(length)
+        if a is None:
+            continue
+        same = len(a["methods"]) == len(b["methods"]) and all(
+            x["label"] == y["label"] and all(abs(x[k] - y[k]) <= 1e-6 + 1e-4 * abs(y[k])
+                                             for k in ("delta_ppl_pct", "kld_mean", "top1_agreement"))
+            for x, y in zip(a["methods"], b["methods"], strict=False))
+        lines.append(f"- L = {int(length):,}: peak RSS {_mb(b['peak_rss'])} before ({b['code']}), {_mb(a['peak_rss'])} "
+                     f"now ({a['peak_rss'] / b['peak_rss']:.2f}×); every method's Δppl, KLD and top-1 "
+                     + ("the same (relative 1e-4)." if same else "NOT the same: " + "; ".join(
+                         f"`{x['label']}` KLD {y['kld_mean']:.6g} → {x['kld_mean']:.6g}"
+                         for x, y in zip(a["methods"], b["methods"], strict=False))))
+    others = [f"{int(length):,}" for length in sorted(evals, key=int) if before and length not in before]
+    if others:
+        lines.append(f"- L = {', '.join(others)}: not compared with an earlier run; as measured by the code of the "
+                     "commit that wrote the row.")
+    return lines + ([""] if lines else [])
 
 
 def _mb(x: float) -> str:
@@ -458,12 +486,15 @@ def main() -> None:
     parser.add_argument("--long-lengths", default=",".join(map(str, LONG_LENGTHS)), help="long-model: the L")
     parser.add_argument("--specs", default=";".join(LONG_SPECS), help="long-model: eval's methods, ';'-separated")
     parser.add_argument("--no-pair", action="store_true", help="long-model: eval without LONG_PAIR")
+    parser.add_argument("--previous", default=None,
+                        help="long-model: keep the eval rows this run replaces, labelled with this text (the code "
+                             "they came from), and show their peak RSS and figures beside the new ones")
     args = parser.parse_args()
     if args.part == "long-model":
         with tempfile.TemporaryDirectory() as d:
             part_long_model(args.model, Path(d), args.what.split(","),
                             [int(x) for x in args.long_lengths.split(",")], [x for x in args.specs.split(";") if x],
-                            pair=not args.no_pair)
+                            pair=not args.no_pair, previous=args.previous)
         return
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as d:

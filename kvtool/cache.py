@@ -54,6 +54,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import DEFAULT_OBSERVED, ROLES, Codec, Composed, Encoded, LayerContext, Selector
+from kvtool.codecs.moments import QueryMoments
 from kvtool.codecs.planfile import Plan, load_plan
 from kvtool.codecs.structure.crosslayer import PARTNER, PairCodec, with_partner
 from kvtool.errors import InputError, KvtoolError
@@ -80,11 +81,13 @@ SMALL_BLOCK = 1 << 20
 @dataclass
 class QueryRecord:
     """Recorded queries of one layer: ``queries`` ``(batch, q_heads, n, head_dim)`` float32 (post-RoPE) at
-    absolute ``positions`` ``(n,)``, with the attention ``scaling`` the model used."""
+    absolute ``positions`` ``(n,)``, with the attention ``scaling`` the model used; ``moments``: those of all
+    the prompt's queries where they were streamed (batch 1; :mod:`kvtool.codecs.moments`)."""
 
     queries: torch.Tensor
     positions: np.ndarray
     scaling: float | None = None
+    moments: QueryMoments | None = None
 
 
 _Segment = Segment  # one coded block (kvtool.runtime.compact.Segment)
@@ -430,7 +433,8 @@ class CodecLayer(DynamicLayer):
                 layer=self.index, role=role, key_positions=positions, keys=keys, values=values, rope=self.rope,
                 queries=rec.queries[row].numpy() if rec is not None else None,
                 query_positions=rec.positions if rec is not None else None,
-                scaling=rec.scaling if rec is not None else None, sliding_window=self.window)
+                scaling=rec.scaling if rec is not None else None, sliding_window=self.window,
+                query_moments=rec.moments if rec is not None else None)
 
         return context
 

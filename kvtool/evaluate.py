@@ -51,7 +51,8 @@ from kvtool import metrics, scoring
 from kvtool.cache import MODES, CodecCache, QueryRecord, holds_compact
 from kvtool.capture import TextInput, read_text, run_and_record
 from kvtool.codecs.assignment import Assignment
-from kvtool.codecs.base import ROLES, most_queries
+from kvtool.codecs.base import ROLES, latest_sink, most_queries
+from kvtool.codecs.moments import MomentRecorder
 from kvtool.codecs.planfile import Plan
 from kvtool.compat import forward_cache_kwarg
 from kvtool.errors import InputError
@@ -59,6 +60,7 @@ from kvtool.evalstate import ChunkResult, EvalState
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel, model_shape
 from kvtool.report import header, json_safe
+from kvtool.rope import rope_candidates
 from kvtool.scoring import SLICED, LogitHead, bounded_heap, forward_hidden
 from kvtool.store import BaseReader, BaseWriter, CacheReader
 
@@ -152,8 +154,10 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     ``warnings``: what a codec reported it could not do as asked, and ``in_sample`` for a plan whose capture
     held the scored tokens) and, at top level, the fields of the first method. ``queries``: how many of the
     prompt's last query positions each method's codecs get; by default what each asks for
-    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors, the whole prompt for
-    ``expected``).
+    (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors), and for ``expected``
+    the moments of all the prompt's queries, streamed during the exact prefill
+    (:meth:`~kvtool.codecs.base.Codec.query_moments`, :mod:`kvtool.codecs.moments`); with ``queries`` given, the
+    codecs get that many queries and no moments.
 
     Memory follows the cache, not tokens × vocabulary: each pass keeps only the final hidden states of the
     scored positions, and the statistics apply the model's head to slices of them (:mod:`kvtool.scoring`).
@@ -177,6 +181,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     runs: list[Any] = [*assignments, *baselines]
     wants = [_queries_wanted(model.config, a, context // 2) if queries is None else queries for a in assignments]
     wants += [0] * len(baselines)
+    sinks = [_moments_wanted(model.config, a) if queries is None else None for a in assignments]
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     # 2. per chunk: the exact pass (or the base), then every run on the same prompt
     started = time.perf_counter()
@@ -184,7 +189,8 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     head = LogitHead.for_model(model, torch.as_tensor(chunks[0][:MIN_CONTEXT], device=loaded.device)[None])
     identity = base_identity(loaded, chunks, context, mode, head)
     with torch.inference_mode():
-        results = _score_chunks(loaded, head, runs, chunks, mode=mode, wants=wants, progress=progress,
+        results = _score_chunks(loaded, head, runs, chunks, mode=mode, wants=wants, sink=latest_sink(sinks),
+                                progress=progress,
                                 base=_open_base(base, identity) if base is not None else None,
                                 save_base=BaseWriter(save_base, identity) if save_base is not None else None,
                                 state=_open_state(resume, identity, runs, labels, wants, save_base)
@@ -194,7 +200,8 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     # 3. the report: one row per run, the first run's figures also at top level
     methods = _method_reports(runs, labels, results, model.dtype, model_shape(model.config).num_layers)
     for m, row in enumerate(methods):
-        row["queries_observed"] = wants[m]
+        # the codecs that read moments saw every query of the prompt, through them
+        row["queries_observed"] = context // 2 if m < len(sinks) and sinks[m] is not None else wants[m]
         overlap = in_sample[m] if m < len(in_sample) else None
         row["warnings"] += [overlap["warning"]] if overlap else []
         row["in_sample"] = overlap
@@ -270,7 +277,7 @@ def _open_state(folder: str | Path, identity: dict[str, Any], runs: Sequence[Any
 
 
 def _score_chunks(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunks: np.ndarray, *, mode: str,
-                  wants: Sequence[int], progress: Progress | None, base: BaseReader | None,
+                  wants: Sequence[int], sink: int | None, progress: Progress | None, base: BaseReader | None,
                   save_base: BaseWriter | None,
                   state: EvalState | None) -> list[ChunkResult]:
     """Every chunk's :class:`ChunkResult`: from ``state`` when an earlier run finished it, else scored (its
@@ -284,7 +291,7 @@ def _score_chunks(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chu
                 result, exact = done
             else:
                 given = _as_tensor(base.chunk(c)[1], loaded.device) if base is not None else None
-                result, exact = score_chunk(loaded, head, runs, chunk, mode=mode, wants=wants, exact=given,
+                result, exact = score_chunk(loaded, head, runs, chunk, mode=mode, wants=wants, sink=sink, exact=given,
                                             progress=None if progress is None else
                                             _offset(progress, c * (1 + len(runs)), total_passes))
                 if state is not None:
@@ -321,11 +328,12 @@ def _host(x: Any) -> np.ndarray | None:
 
 
 def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk: np.ndarray, *, mode: str,
-                wants: Sequence[int], exact: Any = None, progress: Progress | None = None
-                ) -> tuple[ChunkResult, Any]:
+                wants: Sequence[int], sink: int | None = None, exact: Any = None,
+                progress: Progress | None = None) -> tuple[ChunkResult, Any]:
     """One chunk ``(C,)``: the exact pass (skipped when ``exact``, what the head reads at the scored
     positions, is given) and each run's pass; returns the chunk's figures and the exact side ``(scored, d)``.
-    ``wants``: per run, how many of the prompt's last queries its codecs get.
+    ``wants``: per run, how many of the prompt's last queries its codecs get; ``sink``: stream the moments of
+    the prompt's queries from that position on for the codecs that read them (:func:`exact_prefill`).
 
     The prompt's exact pass still runs with ``exact`` in prefill mode: the codecs code its cache.
     """
@@ -338,7 +346,7 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     uses = (exact is None) + coded  # how many passes start from the prompt's exact cache
     prompt, records = PromptCache(None, 0), {}
     if uses:
-        cache, records = exact_prefill(loaded, ids[:, :first], max(wants, default=0))
+        cache, records = exact_prefill(loaded, ids[:, :first], max(wants, default=0), moments=sink)
         prompt = PromptCache(cache, uses)
         del cache  # the PromptCache's now: a reference here would keep the prompt's cache for the whole chunk
     if exact is None:
@@ -458,11 +466,16 @@ def _queries_wanted(config: Any, assignment: Assignment, prompt: int) -> int:
     return prompt if most is None else min(most, prompt)
 
 
+def _moments_wanted(config: Any, assignment: Assignment) -> int | None:
+    """From which position ``assignment``'s codecs read the moments of the prompt's queries (None: none do)."""
+    return latest_sink(assignment.codec(i, role).query_moments() for i in range(_layers(config)) for role in ROLES)
+
+
 def _last_queries(records: dict[int, QueryRecord], n: int) -> dict[int, QueryRecord]:
-    """The last ``n`` recorded queries of each layer."""
+    """The last ``n`` recorded queries of each layer (and the moments, where streamed)."""
     if not n:
         return {}
-    return {i: QueryRecord(r.queries[:, :, -n:], r.positions[-n:], r.scaling) for i, r in records.items()}
+    return {i: QueryRecord(r.queries[:, :, -n:], r.positions[-n:], r.scaling, r.moments) for i, r in records.items()}
 
 
 def _warnings(cache: CodecCache) -> dict[str, int]:
@@ -488,16 +501,22 @@ def _merged_warnings(chunks: Sequence[dict[str, int]], layers: int) -> list[str]
     return [f"{note} ({count} of {layers} layers)" for note, count in most.items()]
 
 
-def exact_prefill(loaded: LoadedModel, prompt: Any, queries: int) -> tuple[Any, dict[int, QueryRecord]]:
+def exact_prefill(loaded: LoadedModel, prompt: Any, queries: int, moments: int | None = None
+                  ) -> tuple[Any, dict[int, QueryRecord]]:
     """The prompt's exact forward pass: (its DynamicCache, the last ``queries`` queries per layer); the
-    RoPE each layer used is kept on the cache as ``kvtool_ropes`` for the codecs' context."""
+    RoPE each layer used is kept on the cache as ``kvtool_ropes`` for the codecs' context. ``moments``: also
+    stream the moments of all the prompt's queries, kept as they are below that position
+    (:class:`kvtool.codecs.moments.MomentRecorder`, under every RoPE the model holds: which one a layer uses is
+    known only after the pass), into each record's ``moments``."""
+    streamed = MomentRecorder(rope_candidates(loaded.model), moments) if moments is not None else None
     cache, rec = run_and_record(loaded, prompt, keep_last=min(queries, int(prompt.shape[1])),
-                                piece=scoring.PIECE)
+                                piece=scoring.PIECE, hook=streamed)
     n = int(prompt.shape[1])
     records = {}
     for layer, q in rec.queries.items():
         positions = np.arange(n - q.shape[1], n)
-        records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer))
+        records[layer] = QueryRecord(q[None].float(), positions, rec.scaling.get(layer),
+                                     streamed.moments.get(layer) if streamed is not None else None)
     cache.kvtool_ropes = dict(rec.rope)
     return cache, records
 

@@ -76,7 +76,8 @@ def test_bad_specs_name_the_problem(spec: str, message: str) -> None:
 def test_spec_round_trips() -> None:
     codec = parse_spec("salient:select=[expected:keep=0.4],hi=[turboquant:bits=3],lo=[turboquant:bits=1]")
     again = parse_spec(codec.spec())
-    assert again.spec() == codec.spec() and again.uses_queries() and again.observed_queries() is None
+    assert again.spec() == codec.spec() and again.uses_queries() and again.observed_queries() == 1
+    assert again.query_moments() == 4  # the selector reads the moments of the prompt's queries from its sink on
 
 
 def test_in_the_cache_mask_eviction_equals_the_selector_with_indices() -> None:

@@ -11,8 +11,9 @@ import torch
 from kvtool import metrics
 from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.base import pack_selection, selection_mask
+from kvtool.codecs.moments import rope_rotate
 from kvtool.codecs.select import selection
-from kvtool.codecs.select.expected import mean_rotation, rope_rotate
+from kvtool.codecs.select.expected import mean_rotation
 from kvtool.errors import CodecError
 
 KV, G, T, D = 3, 2, 300, 32
@@ -274,6 +275,9 @@ def test_expected_leaves_sinks_out_of_the_softmax_and_skips_sink_queries() -> No
     obs = selection.observed("expected", ctx, T)
     mu, _ = codec.statistics(obs, None)
     assert torch.allclose(mu, obs.queries[:, 4:].double().mean(dim=1))
-    assert codec.observed_queries() is None and parse_spec("snapkv:keep=0.5").observed_queries() == 128
+    # eval streams the moments of every prompt query from position `sink` on; one query gives the newest position
+    assert codec.observed_queries() == 1 and codec.query_moments() == 4
+    assert parse_spec("snapkv:keep=0.5").observed_queries() == 128 and parse_spec("snapkv").query_moments() is None
     assert parse_spec("knorm:keep=0.5").observed_queries() == 0
-    assert parse_spec("expected:keep=0.5+turboquant:bits=3").observed_queries() is None
+    assert parse_spec("expected:keep=0.5,sink=7+turboquant:bits=3").query_moments() == 7
+    assert parse_spec("salient:select=[expected:keep=0.4,sink=2],hi=[turboquant:bits=3],lo=[drop]").query_moments() == 2

@@ -59,6 +59,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from kvtool.codecs.moments import QueryMoments
 from kvtool.errors import CodecError
 from kvtool.rope import RopeParams
 
@@ -129,7 +130,9 @@ class LayerContext:
     ``(head_dim // 2,)`` are the layer's rotary inverse frequencies (rotate-half pairing ``i``, ``i + d/2``)
     when known, for codecs that move queries to other positions. ``keys_prerope`` ``(kv_heads, T, head_dim)``
     and ``rope`` (a :class:`kvtool.rope.RopeParams`: inverse frequencies and attention factor) are set where
-    the cache recorded them (``lowrank:prerope=true`` codes keys before RoPE).
+    the cache recorded them (``lowrank:prerope=true`` codes keys before RoPE). ``query_moments``: the moments of
+    all the prompt's queries (:class:`kvtool.codecs.moments.QueryMoments`) where ``kvtool eval`` streamed them for a
+    codec that asks (:meth:`Codec.query_moments`).
     """
 
     layer: int = 0
@@ -144,6 +147,7 @@ class LayerContext:
     rope_inv_freq: np.ndarray | None = None
     keys_prerope: np.ndarray | None = None
     rope: RopeParams | None = None
+    query_moments: QueryMoments | None = None
 
 
 def check_input(x: np.ndarray) -> np.ndarray:
@@ -231,8 +235,15 @@ class Codec(ABC):
     def observed_queries(self) -> int | None:
         """How many of the prompt's last query positions :meth:`fit` wants in its context where a cache
         records them (``kvtool eval``): 0 for a codec that reads no queries, ``None`` for all of them
-        (Expected Attention estimates its query statistics from the whole prompt, as kvpress does)."""
+        (without the streamed moments of :meth:`query_moments`, Expected Attention estimates its statistics
+        from the queries it is given)."""
         return DEFAULT_OBSERVED if self.uses_queries() else 0
+
+    def query_moments(self) -> int | None:
+        """Where a cache can stream them (``kvtool eval``): ``s`` when :meth:`fit` reads the moments of all
+        the prompt's queries from position ``s`` on (``context.query_moments``, the first ``s`` positions kept
+        as they are), instead of the queries themselves; None when it reads none (the default)."""
+        return None
 
     # -- streaming ----------------------------------------------------------------------------------
     def streaming_form(self) -> tuple[int, Codec]:
@@ -261,6 +272,12 @@ class Codec(ABC):
         if state:
             raise CodecError(f"codec {self.name!r} has no shared state, got arrays {sorted(state)}")
         return self
+
+
+def latest_sink(sinks: Iterable[int | None]) -> int | None:
+    """The largest of :meth:`Codec.query_moments` positions, ignoring ``None`` (None if all are)."""
+    given = [s for s in sinks if s is not None]
+    return max(given) if given else None
 
 
 def most_queries(counts: Iterable[int | None]) -> int | None:
@@ -531,6 +548,9 @@ class Composed(Codec):
 
     def observed_queries(self) -> int | None:
         return most_queries([self.head.observed_queries(), self.tail.observed_queries()])
+
+    def query_moments(self) -> int | None:
+        return latest_sink([self.head.query_moments(), self.tail.query_moments()])
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Codec:
         x = check_input(x)

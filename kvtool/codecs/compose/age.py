@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, most_queries, register, split_top
+from kvtool.codecs.base import Codec, Encoded, LayerContext, check_input, latest_sink, most_queries, register, split_top
 from kvtool.codecs.spec import parse_spec
 from kvtool.errors import CodecError
 
@@ -136,6 +136,9 @@ class Age(Codec):
 
     def observed_queries(self) -> int | None:
         return most_queries(b.codec.observed_queries() for b in self._bands)
+
+    def query_moments(self) -> int | None:
+        return latest_sink(b.codec.query_moments() for b in self._bands)
 
     # -- coding ----------------------------------------------------------------------------------------
     def _parts(self, tokens: int, sink: int) -> list[tuple[int, Band, slice]]:

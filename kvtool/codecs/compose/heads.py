@@ -19,7 +19,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from kvtool.codecs.base import SPEC_FORMS, Codec, Encoded, LayerContext, check_input, most_queries, split_top
+from kvtool.codecs.base import (
+    SPEC_FORMS,
+    Codec,
+    Encoded,
+    LayerContext,
+    check_input,
+    latest_sink,
+    most_queries,
+    split_top,
+)
 from kvtool.errors import CodecError
 
 OPEN, CLOSE, SEP = "heads[", "]", "|"
@@ -87,6 +96,9 @@ class PerHead(Codec):
 
     def observed_queries(self) -> int | None:
         return most_queries(p.observed_queries() for p in self.parts)
+
+    def query_moments(self) -> int | None:
+        return latest_sink(p.query_moments() for p in self.parts)
 
     def _check_heads(self, heads: int) -> None:
         if heads != len(self.parts):

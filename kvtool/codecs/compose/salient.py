@@ -30,6 +30,7 @@ from kvtool.codecs.base import (
     LayerContext,
     Selector,
     check_input,
+    latest_sink,
     most_queries,
     register,
 )
@@ -121,6 +122,9 @@ class Salient(Codec):
 
     def observed_queries(self) -> int | None:
         return most_queries([self._selector.observed_queries(), *(c.observed_queries() for c in self._parts.values())])
+
+    def query_moments(self) -> int | None:
+        return latest_sink([self._selector.query_moments(), *(c.query_moments() for c in self._parts.values())])
 
     # -- coding ----------------------------------------------------------------------------------------
     def _split(self, x: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,17 +10,9 @@ import numpy as np
 import torch
 
 from kvtool.codecs.base import Encoded, LayerContext, register
+from kvtool.codecs.moments import QueryMoments, unrotate
 from kvtool.codecs.select.selection import Observed, ScoredSelector, observed, per_kv_head, sink_rows
 from kvtool.errors import CodecError
-
-
-def rope_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``(..., d)`` by ``angles`` ``(..., n)`` with the rotate-half pairing (``i``, ``i + n``) that
-    transformers' Llama-family models use; channels from ``2n`` on pass through (partial rotary)."""
-    n = angles.shape[-1]
-    a, b, rest = x[..., :n], x[..., n:2 * n], x[..., 2 * n:]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
 
 
 def mean_rotation(inv_freq: torch.Tensor, positions: torch.Tensor, dim: int | None = None,
@@ -52,10 +44,13 @@ class Expected(ScoredSelector):
     ``resolved`` says ``rope=none`` then, and ``kvtool eval`` warns).
 
     As kvpress does: the statistics come from every observed query but those at the first ``sink`` positions
-    (their outliers would dominate a covariance), and ``kvtool eval`` records the whole prompt's queries for
-    it (:meth:`observed_queries`): a ``d × d`` covariance from only 128 queries inflates its top
-    eigenvalues. The first ``sink=4`` positions are kept and left out of the softmax, so a sink-heavy query
-    head weighs as much as the others in its group's average.
+    (their outliers would dominate a covariance), and ``kvtool eval`` gives it the whole prompt's: not the
+    queries themselves but their moments, streamed during the exact prefill (:meth:`query_moments`,
+    :mod:`kvtool.codecs.moments`: the same statistics to float64 rounding, in ``O(d²)`` per layer instead of
+    ``O(n·d)``); a ``d × d`` covariance from only 128 queries inflates its top eigenvalues. Where a context
+    holds no moments (``kvtool compress`` on a capture, ``eval --queries N``) the statistics come from the
+    queries it holds. The first ``sink=4`` positions are kept and left out of the softmax, so a sink-heavy
+    query head weighs as much as the others in its group's average.
     """
 
     name = "expected"
@@ -71,7 +66,10 @@ class Expected(ScoredSelector):
             raise CodecError(f"future must be at least 0, got {self.future}")
 
     def observed_queries(self) -> int | None:
-        return None  # all of the prompt's queries
+        return 1  # the newest query's position (keys after it are kept); the statistics come from the moments
+
+    def query_moments(self) -> int | None:
+        return self.sink
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Expected:
         self._rotated = bool(self.future and _rope(context) is not None)
@@ -92,27 +90,36 @@ class Expected(ScoredSelector):
         return {"rope": "none", "warning": "expected: no single RoPE found for the layer, so its query "
                 "statistics were not rotated to the future positions (as future=0)"}
 
-    def statistics(self, obs: Observed, rope: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(q_heads, d)`` and covariance ``(q_heads, d, d)`` of the future queries."""
+    def statistics(self, obs: Observed, rope: tuple[torch.Tensor, float] | None,
+                   moments: QueryMoments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``(q_heads, d)`` and covariance ``(q_heads, d, d)`` of the future queries: from ``moments``
+        where given (all the prompt's queries), else from the observed queries."""
+        if moments is not None:
+            mu, sigma = moments.statistics(self.sink, rope)
+        else:
+            mu, sigma = self._observed_statistics(obs, rope)
+        if rope is not None:
+            inv, factor = rope
+            start = int(obs.key_positions.max()) + 1
+            r = mean_rotation(inv, torch.arange(start, start + self.future), mu.shape[-1], factor)
+            mu, sigma = mu @ r.T, r @ sigma @ r.T
+        return mu, sigma
+
+    def _observed_statistics(self, obs: Observed, rope: tuple[torch.Tensor, float] | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         q, qpos = obs.queries.double(), obs.query_positions  # (q_heads, n, d), (n,)
         if (qpos >= self.sink).any():
             q, qpos = q[:, qpos >= self.sink], qpos[qpos >= self.sink]
         if rope is not None:
-            inv, factor = rope
-            pos = torch.from_numpy(qpos).double()
-            q = rope_rotate(q, -pos[:, None] * inv[None, :]) / factor  # back to pre-RoPE
+            q = unrotate(q, torch.from_numpy(qpos), *rope)  # back to pre-RoPE
         mu = q.mean(dim=1)  # (q_heads, d)
         centred = q - mu[:, None]
-        sigma = centred.transpose(1, 2) @ centred / q.shape[1]  # (q_heads, d, d)
-        if rope is not None:
-            start = int(obs.key_positions.max()) + 1
-            r = mean_rotation(inv, torch.arange(start, start + self.future), q.shape[-1], factor)
-            mu, sigma = mu @ r.T, r @ sigma @ r.T
-        return mu, sigma
+        return mu, centred.transpose(1, 2) @ centred / q.shape[1]  # (q_heads, d), (q_heads, d, d)
 
     def scores(self, keys: np.ndarray, context: LayerContext | None) -> np.ndarray:
         obs = observed(self.name, context, keys.shape[1])
-        mu, sigma = self.statistics(obs, _rope(context) if self.future else None)
+        mu, sigma = self.statistics(obs, _rope(context) if self.future else None,
+                                    context.query_moments if context is not None else None)
         kv_heads, tokens, _ = keys.shape
         group = mu.shape[0] // kv_heads
         k = torch.from_numpy(keys).double().repeat_interleave(group, dim=0)  # (q_heads, T, d)
