@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--piece", type=int, default=2048)
     parser.add_argument("--compose", action="store_true", help="the 8x pick (salient, keys 3.25 / values 2.5 "
                         "bits) selected by expected and by the reconstruction scores, instead of eviction alone")
+    parser.add_argument("--select", default=None, help="with --compose: only this selection (a spec), not "
+                        "expected and spikekvzip per_head=true")
     args = parser.parse_args()
     loaded = load_model("default")
     tokens = tokenize_text(loaded, ROOT / "samples" / f"{args.text}.txt")[args.offset:args.offset + args.context]
@@ -144,13 +146,14 @@ def main() -> None:
              f"spikekvzip:keep={k:g},variant=full,per_head=true"]
     pairs = [(s, s) for s in specs]
     if args.compose:
-        pairs = [(salient(sel, 3.25), salient(sel, 2.5)) for sel in
-                 (f"expected:keep={k:g}", f"spikekvzip:keep={k:g},variant=full,per_head=true")]
+        sels = [args.select] if args.select else [f"expected:keep={k:g}",
+                                                  f"spikekvzip:keep={k:g},variant=full,per_head=true"]
+        pairs = [(salient(sel, 3.25), salient(sel, 2.5)) for sel in sels]
     r = evaluate(loaded, tokens, [Assignment.of(a, b) for a, b in pairs], context=args.context,
                  source=f"samples/{args.text}.txt tokens {args.offset}-{args.offset + args.context - 1}")
     r["seconds_reconstruction"] = seconds_scores
     name = f"spike_kvzip.{args.text}.{args.context}" + (f".{args.offset}" if args.offset else "") + \
-        (".compose" if args.compose else "")
+        (".compose" if args.compose else "") + (".uniform" if args.select else "")
     write_text_atomic(RESULTS / f"{name}.json", json.dumps(r, indent=1))
     print(f"{args.text} {args.context} offset {args.offset}: reconstruction scoring {seconds_scores:.1f} s, "
           f"eval {r['seconds']:.1f} s (exact {r['seconds_exact']:.1f} s)")
