@@ -167,7 +167,11 @@ def report() -> str:
              "`variant=kvzip`: KVzip's softmax (sinks + the piece's keys + the pass's own keys); `variant=full`: "
              "the model's real attention over the whole prompt and the pass's keys (the same with one piece). "
              "Time: the reconstruction scoring (unoptimised, a Python loop over layers and heads) against the "
-             "eval's exact pass.", "",
+             "eval's exact pass (both variants are scored in one run, so it overstates one pass). With `--compose`: "
+             "bench_8x's pick (salient, keys 3.25 / values 2.5 bits) with each selection; `per_head=true` inside "
+             "`salient` makes heads keep different numbers of rows, which salient codes as one sequence (one "
+             "centre and 4 fp16 sinks per layer instead of per head: hence 1.92 bits, not 1.97), so those rows "
+             "are handicapped by that layout, not only judged on the selection.", "",
              "| text | tokens | keys / values | bits | Δppl % | KLD | top-1 % |", "|---|---|---|---:|---:|---:|---:|"]
     for path in sorted(RESULTS.glob("spike_kvzip.*.json")):
         r = json.loads(path.read_text())
