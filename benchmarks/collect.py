@@ -64,6 +64,8 @@ SECTIONS = [
      "benchmarks/results/8x.long.md"),
     ("8x.explore.md", "What limits 8×: eviction, selectors, per-layer budgets (GPL-3, second chunk)",
      "benchmarks/bench_8x.py --explore"),
+    ("spike_kvzip.md", "KVzip-style reconstruction scores vs Expected Attention (spike, not a codec yet)",
+     "benchmarks/spike_kvzip.py"),
     ("grid.md", "`kvtool grid`: one worker, two local processes and local Ray on a 24-cell grid",
      "benchmarks/bench_grid.py --context 256 --rounds 2 --screenshot docs/report.png"),
 ]
