@@ -85,7 +85,7 @@ def grouped_sdpa(device: Any) -> Iterator[None]:
     (``tests/test_compat.py``); on CUDA a mask with ``enable_gqa`` falls back to the math kernel, so only
     CPU passes are switched. Releases without the switch ignore it. A value the user set is left alone.
     """
-    if torch_device_type(device) != "cpu" or FORCE_GQA_ENV in os.environ:
+    if _device_type(device) != "cpu" or FORCE_GQA_ENV in os.environ:
         yield
         return
     os.environ[FORCE_GQA_ENV] = "1"
@@ -95,6 +95,6 @@ def grouped_sdpa(device: Any) -> Iterator[None]:
         os.environ.pop(FORCE_GQA_ENV, None)
 
 
-def torch_device_type(device: Any) -> str:
+def _device_type(device: Any) -> str:
     """``"cpu"``, ``"cuda"``, … of a device, a device string or a tensor's device."""
     return str(getattr(device, "type", device)).split(":")[0]

@@ -54,7 +54,7 @@ from kvtool.codecs.assignment import Assignment
 from kvtool.codecs.base import ROLES, latest_sink, most_queries
 from kvtool.codecs.moments import MomentRecorder
 from kvtool.codecs.planfile import Plan
-from kvtool.compat import forward_cache_kwarg
+from kvtool.compat import forward_cache_kwarg, grouped_sdpa
 from kvtool.errors import InputError
 from kvtool.evalstate import ChunkResult, EvalState
 from kvtool.hooks import codec_attention
@@ -188,7 +188,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     bounded_heap()  # memory that follows the cache needs a heap that gives large blocks back
     head = LogitHead.for_model(model, torch.as_tensor(chunks[0][:MIN_CONTEXT], device=loaded.device)[None])
     identity = base_identity(loaded, chunks, context, mode, head)
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_sdpa(loaded.device):  # every pass: exact, methods, baselines
         results = _score_chunks(loaded, head, runs, chunks, mode=mode, wants=wants, sink=latest_sink(sinks),
                                 progress=progress,
                                 base=_open_base(base, identity) if base is not None else None,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kvtool import metrics
-from kvtool.compat import forward_cache_kwarg, grouped_sdpa
+from kvtool.compat import forward_cache_kwarg
 
 SLICED = "sliced"
 LOGITS = "logits"
@@ -178,12 +178,11 @@ def forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead, *
 
 def _forward_hidden(model: Any, ids: torch.Tensor, cache: Any, head: LogitHead) -> torch.Tensor:
     kwargs: dict[str, Any] = {forward_cache_kwarg(model): cache, "use_cache": True}
-    with grouped_sdpa(ids.device):
-        if head.form == LOGITS:
-            return model(input_ids=ids, **kwargs).logits[0]
-        seen: list[torch.Tensor] = []
-        with head.recording(seen):
-            model(input_ids=ids, **kwargs)
+    if head.form == LOGITS:
+        return model(input_ids=ids, **kwargs).logits[0]
+    seen: list[torch.Tensor] = []
+    with head.recording(seen):
+        model(input_ids=ids, **kwargs)
     if len(seen) != 1 or seen[0].shape[-2] != ids.shape[1]:
         raise RuntimeError(f"the model's head read {[tuple(s.shape) for s in seen]} for {tuple(ids.shape)} "
                            "input ids; expected one (1, t, hidden) input")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtool.codecs.assignment import Assignment
 from kvtool.compat import (
     CACHE_NAME,
     LEGACY_CACHE_NAME,
@@ -143,3 +144,25 @@ def test_grouped_sdpa_gives_the_same_logits_without_repeating_kv_heads(tiny, mon
     assert repeated > 0
     if FORCE_GQA_ENV in inspect.getsource(sdpa):  # releases with the switch: no kv head repeated
         assert not [n for n in calls if n > 1]
+
+
+def test_eval_passes_leave_grouped_heads_grouped_on_cpu(tiny, monkeypatch):
+    """Every pass of an eval (exact prefill and continuation, the method) runs inside grouped_sdpa."""
+    import inspect
+
+    import numpy as np
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from kvtool.compat import FORCE_GQA_ENV
+    from kvtool.evaluate import evaluate
+
+    if FORCE_GQA_ENV not in inspect.getsource(sdpa):
+        pytest.skip("this transformers release has no grouped-sdpa switch")
+    tiny.model.set_attn_implementation("sdpa")
+    calls: list[int] = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: calls.append(n) or real(x, n))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 64)
+    report = evaluate(tiny, tokens, [Assignment.of("turboquant:bits=4", "turboquant:bits=4")], context=64)
+    assert report["tokens_scored"] > 0
+    assert not [n for n in calls if n > 1]
