@@ -55,3 +55,25 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention for a process ended by a signal
+
+
+# A signal's exception can be raised where Python only prints it and goes on: inside a ``__del__``, a weakref
+# callback or a garbage-collection pass. The handler therefore also notes the signal here, and the places
+# that must not go on after one (publishing an output file, a command's end) check the note.
+_PENDING: list[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Record that ``signum`` arrived (called by the CLI's signal handler before it raises)."""
+    _PENDING.append(signum)
+
+
+def forget_signals() -> None:
+    _PENDING.clear()
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again when a signal arrived but its exception was swallowed on the way."""
+    if _PENDING:
+        raise Interrupted(_PENDING[0])
+

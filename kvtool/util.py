@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from kvtool.errors import InputError
+from kvtool.errors import InputError, raise_if_interrupted
 
 
 def _index(text: str, spec: str, num_layers: int) -> int:
@@ -101,6 +101,7 @@ def publish(tmp: Path, path: Path, *, replace: bool = True) -> None:
     process writing the same output) raises FileExistsError instead of being clobbered. ``tmp`` is gone
     afterwards whatever happens.
     """
+    raise_if_interrupted()  # a signal whose exception was swallowed must not let the file be published
     umask = os.umask(0)  # mkstemp creates 0600; give the file the permissions a plain open() would
     os.umask(umask)
     try:

@@ -113,3 +113,39 @@ def test_a_signal_ignored_by_the_parent_stays_ignored() -> None:
         assert run_guarded(work) == 7
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+class _SignalledWhileCollected:
+    """An object whose finaliser receives SIGTERM: the handler's exception is raised inside ``__del__``,
+    where Python only reports it and goes on (what a weakref callback in h5py did to a real compress)."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes, in here
+            time.sleep(0.001)
+
+
+def test_a_signal_swallowed_in_a_finaliser_still_stops_the_command(tmp_path: Path, capsys) -> None:
+    """The exception is lost, yet no output is published, the exit is 143 and stderr has the one line."""
+    cache = tmp_path / "c.h5"
+
+    def work() -> None:
+        obj = _SignalledWhileCollected()
+        del obj  # the signal arrives and its exception is swallowed here; the command goes on
+        with CacheWriter(cache, HEADER) as w:
+            w.add_sequence(np.arange(3), source="x")
+        raise AssertionError("the writer published after a SIGTERM")
+
+    assert _guarded(work) == 143
+    assert list(tmp_path.iterdir()) == []
+    assert _stderr_lines(capsys.readouterr().err) == ["interrupted: stopped by SIGTERM; no output file was written"]
+
+
+def test_a_swallowed_signal_after_the_last_write_still_exits_143(capsys) -> None:
+    def work() -> int:
+        obj = _SignalledWhileCollected()
+        del obj
+        return 0
+
+    assert _guarded(work) == 143
+    assert _stderr_lines(capsys.readouterr().err) == ["interrupted: stopped by SIGTERM; no output file was written"]

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvtool.errors import Interrupted, KvtoolError
+from kvtool.errors import Interrupted, KvtoolError, forget_signals, note_signal, raise_if_interrupted
 
 app = typer.Typer(
     name="kvtool",
@@ -100,8 +100,15 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
         for sig in previous:  # a second signal must not interrupt the cleanup of the first
             signal.signal(sig, signal.SIG_IGN)
+        note_signal(signum)
         raise Interrupted(signum)
 
+    def unraisable(info: Any) -> None:  # the signal's exception, swallowed in a __del__ or weakref callback:
+        if not isinstance(info.exc_value, Interrupted):  # noted, and raised again where it counts, so quiet
+            previous_hook(info)
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
     for name in TERMINATION_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is None or signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGHUP under nohup stays ignored
@@ -112,6 +119,7 @@ def _signals_raise() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        sys.unraisablehook = previous_hook
 
 
 def _on_disk() -> str:
@@ -129,9 +137,12 @@ def run_guarded(fn: Callable[[], T]) -> T:
     from kvtool.util import forget_outputs, written_outputs
 
     forget_outputs()
+    forget_signals()
     try:
         with _signals_raise():
-            return fn()
+            result = fn()
+            raise_if_interrupted()  # the signal's exception was swallowed (a __del__, a weakref callback)
+            return result
     except KvtoolError as exc:
         done = written_outputs()
         suffix = f" (already written: {', '.join(str(p) for p in done)})" if done else ""

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kvtool.errors import InputError
+from kvtool.errors import InputError, raise_if_interrupted
 from kvtool.grid.cells import EVAL_METHOD_FIELDS, EVAL_REPORT_FIELDS, TASK_METHOD_FIELDS
 from kvtool.util import note_output, os_error_reason
 
@@ -116,6 +116,7 @@ class ResultsStore:
         tmp = self.path / f".{target.name}.{os.getpid()}.tmp"
         try:
             pq.write_table(table, tmp)
+            raise_if_interrupted()
             os.replace(tmp, target)
             note_output(self.path)  # an interrupted command names the folder: its finished rows are kept
         except OSError as exc:
@@ -147,6 +148,7 @@ class ResultsStore:
         tmp = self.path / f".{target.name}.{os.getpid()}.tmp"
         try:
             tmp.write_bytes(data)
+            raise_if_interrupted()
             os.replace(tmp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
