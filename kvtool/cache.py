@@ -313,6 +313,7 @@ class CodecLayer(DynamicLayer):
                 track.codec = track.codec.streaming_form()[1]
         self.max_queries = queries
         self.query_record: QueryRecord | None = None
+        self.reconstruction: np.ndarray | None = None  # (kv_heads, prompt): kvzip's scores, where eval gives them
         self.returned_keep: torch.Tensor | None = None  # (B, Hkv, Tk) for the keys last returned
         self.mask_applied = True
 
@@ -434,7 +435,7 @@ class CodecLayer(DynamicLayer):
                 queries=rec.queries[row].numpy() if rec is not None else None,
                 query_positions=rec.positions if rec is not None else None,
                 scaling=rec.scaling if rec is not None else None, sliding_window=self.window,
-                query_moments=rec.moments if rec is not None else None)
+                query_moments=rec.moments if rec is not None else None, reconstruction=self.reconstruction)
 
         return context
 
@@ -611,13 +612,16 @@ class CodecCache(Cache):
     @classmethod
     def from_cache(cls, model: Any, assignment: Assignment | Codec | str, source: Cache, *,
                    queries: Mapping[int, QueryRecord] | None = None,
-                   ropes: Mapping[int, RopeParams] | None = None, compact: bool = False) -> CodecCache:
+                   ropes: Mapping[int, RopeParams] | None = None, compact: bool = False,
+                   reconstruction: Mapping[int, np.ndarray] | None = None) -> CodecCache:
         """A prefill-mode CodecCache holding what ``source`` holds, coded as if it had been its prompt.
 
         ``source``: an ordinary transformers cache after a prefill (e.g. a ``DynamicCache``), left as it is;
         ``queries``: per layer, the prompt's recorded queries for the codecs' context; ``ropes``: per layer,
         the RoPE the prefill really used (``kvtool.capture.run_and_record`` records it), which replaces the
-        model-wide one where a model has several (Gemma 3's local and global bases).
+        model-wide one where a model has several (Gemma 3's local and global bases); ``reconstruction``: per
+        layer, the prompt's reconstruction scores ``(kv_heads, prompt)`` (:mod:`kvtool.reconstruct`) for the
+        codecs that read them (``kvzip``).
         """
         cache = cls(model, assignment, mode="prefill", queries=0, compact=compact)
         for i, rope in (ropes or {}).items():
@@ -634,6 +638,8 @@ class CodecCache(Cache):
                 track.append(x)
             if queries is not None and i in queries:
                 layer.query_record = queries[i]
+            if reconstruction is not None and i in reconstruction:
+                layer.reconstruction = reconstruction[i]
         cache.compress()
         return cache
 

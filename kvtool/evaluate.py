@@ -59,6 +59,7 @@ from kvtool.errors import InputError
 from kvtool.evalstate import ChunkResult, EvalState
 from kvtool.hooks import codec_attention
 from kvtool.models import LoadedModel, model_shape
+from kvtool.reconstruct import passes, reconstruction_scores
 from kvtool.report import header, json_safe
 from kvtool.rope import rope_candidates
 from kvtool.scoring import SLICED, LogitHead, bounded_heap, forward_hidden
@@ -182,6 +183,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     wants = [_queries_wanted(model.config, a, context // 2) if queries is None else queries for a in assignments]
     wants += [0] * len(baselines)
     sinks = [_moments_wanted(model.config, a) if queries is None else None for a in assignments]
+    rebuilds = [_reconstruction_wanted(model.config, a) for a in assignments] + [False] * len(baselines)
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     # 2. per chunk: the exact pass (or the base), then every run on the same prompt
     started = time.perf_counter()
@@ -190,7 +192,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     identity = base_identity(loaded, chunks, context, mode, head)
     with torch.inference_mode(), grouped_sdpa(loaded.device):  # every pass: exact, methods, baselines
         results = _score_chunks(loaded, head, runs, chunks, mode=mode, wants=wants, sink=latest_sink(sinks),
-                                progress=progress,
+                                rebuilds=rebuilds, progress=progress,
                                 base=_open_base(base, identity) if base is not None else None,
                                 save_base=BaseWriter(save_base, identity) if save_base is not None else None,
                                 state=_open_state(resume, identity, runs, labels, wants, save_base)
@@ -277,7 +279,8 @@ def _open_state(folder: str | Path, identity: dict[str, Any], runs: Sequence[Any
 
 
 def _score_chunks(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunks: np.ndarray, *, mode: str,
-                  wants: Sequence[int], sink: int | None, progress: Progress | None, base: BaseReader | None,
+                  wants: Sequence[int], sink: int | None, rebuilds: Sequence[bool], progress: Progress | None,
+                  base: BaseReader | None,
                   save_base: BaseWriter | None,
                   state: EvalState | None) -> list[ChunkResult]:
     """Every chunk's :class:`ChunkResult`: from ``state`` when an earlier run finished it, else scored (its
@@ -292,6 +295,7 @@ def _score_chunks(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chu
             else:
                 given = _as_tensor(base.chunk(c)[1], loaded.device) if base is not None else None
                 result, exact = score_chunk(loaded, head, runs, chunk, mode=mode, wants=wants, sink=sink, exact=given,
+                                            rebuilds=rebuilds,
                                             progress=None if progress is None else
                                             _offset(progress, c * (1 + len(runs)), total_passes))
                 if state is not None:
@@ -329,11 +333,13 @@ def _host(x: Any) -> np.ndarray | None:
 
 def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk: np.ndarray, *, mode: str,
                 wants: Sequence[int], sink: int | None = None, exact: Any = None,
-                progress: Progress | None = None) -> tuple[ChunkResult, Any]:
+                rebuilds: Sequence[bool] | None = None, progress: Progress | None = None) -> tuple[ChunkResult, Any]:
     """One chunk ``(C,)``: the exact pass (skipped when ``exact``, what the head reads at the scored
     positions, is given) and each run's pass; returns the chunk's figures and the exact side ``(scored, d)``.
     ``wants``: per run, how many of the prompt's last queries its codecs get; ``sink``: stream the moments of
-    the prompt's queries from that position on for the codecs that read them (:func:`exact_prefill`).
+    the prompt's queries from that position on for the codecs that read them (:func:`exact_prefill`); ``rebuilds``:
+    per run, whether its codecs read the scores of the prompt's reconstruction pass (:mod:`kvtool.reconstruct`,
+    run once for all of them; its time is counted in each such run's seconds).
 
     The prompt's exact pass still runs with ``exact`` in prefill mode: the codecs code its cache.
     """
@@ -343,12 +349,21 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     targets = chunk[first + 1:]
     t0 = time.perf_counter()
     coded = sum(isinstance(r, Assignment) for r in runs) if mode == "prefill" else 0
-    uses = (exact is None) + coded  # how many passes start from the prompt's exact cache
+    rebuild = mode == "prefill" and any(rebuilds or ())
+    bos = _bos_id(loaded.tokenizer)
+    n_rebuild = passes(loaded.tokenizer, chunk[:first], bos) if rebuild else 0
+    uses = (exact is None) + coded + n_rebuild  # how many passes start from the prompt's exact cache
     prompt, records = PromptCache(None, 0), {}
     if uses:
         cache, records = exact_prefill(loaded, ids[:, :first], max(wants, default=0), moments=sink)
         prompt = PromptCache(cache, uses)
         del cache  # the PromptCache's now: a reference here would keep the prompt's cache for the whole chunk
+    rebuilt, seconds_rebuild = None, 0.0
+    if rebuild:
+        t1 = time.perf_counter()
+        rebuilt = reconstruction_scores(model, loaded.tokenizer, prompt.take, chunk[:first], bos,
+                                        _layers(model.config), loaded.device)
+        seconds_rebuild = time.perf_counter() - t1
     if exact is None:
         exact = forward_hidden(model, ids[:, first:-1], prompt.take(), head, pieces=True)  # (scored, d)
     seconds_exact = time.perf_counter() - t0
@@ -363,10 +378,10 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
             result.warnings.append({})
         else:
             hidden, fp, notes = _method_pass(model, run, mode, ids, first, prompt,
-                                             _last_queries(records, wants[m]), wants[m], head)
+                                             _last_queries(records, wants[m]), wants[m], head, rebuilt)
             result.warnings.append(notes)
         result.stats.append(metrics.sliced_next_token_stats(exact, hidden, targets, head, head.rows))
-        result.seconds[m] = time.perf_counter() - t0
+        result.seconds[m] = time.perf_counter() - t0 + (seconds_rebuild if rebuilds and rebuilds[m] else 0.0)
         for r, role in enumerate(("keys", "values")):
             result.sizes[m, r] = (fp[role]["stored_bytes"], fp[role]["elements"])
         result.exact_bytes[m] = _exact_bytes(fp, model.dtype)
@@ -471,6 +486,11 @@ def _moments_wanted(config: Any, assignment: Assignment) -> int | None:
     return latest_sink(assignment.codec(i, role).query_moments() for i in range(_layers(config)) for role in ROLES)
 
 
+def _reconstruction_wanted(config: Any, assignment: Assignment) -> bool:
+    """Whether ``assignment``'s codecs read the scores of the prompt's reconstruction pass."""
+    return any(assignment.codec(i, role).reads_reconstruction() for i in range(_layers(config)) for role in ROLES)
+
+
 def _last_queries(records: dict[int, QueryRecord], n: int) -> dict[int, QueryRecord]:
     """The last ``n`` recorded queries of each layer (and the moments, where streamed)."""
     if not n:
@@ -571,18 +591,20 @@ def forward_logits(model: Any, ids: Any, cache: Any, *, logits: bool = True) -> 
 
 
 def _method_pass(model: Any, assignment: Assignment, mode: str, ids: Any, first: int, prompt: PromptCache,
-                 records: dict[int, QueryRecord], queries: int, head: LogitHead
+                 records: dict[int, QueryRecord], queries: int, head: LogitHead,
+                 rebuilt: dict[int, np.ndarray] | None = None
                  ) -> tuple[Any, dict[str, dict[str, int]], dict[str, int]]:
     """What the head reads at the continuation's positions ``(context − 1 − first, d)`` with the method's
     cache, the cache's :meth:`~kvtool.cache.CodecCache.footprint` (prefill: the coded prompt; streaming:
-    the whole chunk) and its codecs' warnings (:func:`_warnings`)."""
+    the whole chunk) and its codecs' warnings (:func:`_warnings`). ``rebuilt``: per layer, the reconstruction
+    scores for the codecs that read them."""
     with codec_attention(model):
         if mode == "prefill":
             # compact: the coded prompt held as its codes, each layer decoded only while its attention runs
             # (the model sees the same keys and values as with the decoded copy: tests/test_compact_cache.py)
             compact = holds_compact(assignment, model_shape(model.config).num_layers)
             cache = CodecCache.from_cache(model, assignment, prompt.take(), queries=records, ropes=prompt.ropes,
-                                          compact=compact)
+                                          compact=compact, reconstruction=rebuilt)
             footprint = cache.footprint()  # the coded prompt, before the continuation is appended precise
             return (forward_hidden(model, ids[:, first:-1], cache, head, pieces=True), footprint,
                     _warnings(cache))

@@ -54,6 +54,7 @@ TABLE: list[tuple[str, object]] = [
     ("snapkv:keep=0.25,window=8", lambda d, t: _kept(0.25, t) * (16 * d + 8) / (t * d)),
     ("tova:keep=0.75,sink=1", lambda d, t: _kept(0.75, t) * (16 * d + 8) / (t * d)),
     ("expected:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
+    ("kvzip:keep=0.5", lambda d, t: _kept(0.5, t) * (16 * d + 8) / (t * d)),
     # age bands: the newest 64 tokens in fp16, the rest at 4 bits (+ fp16 scale and zero per token)
     ("age:bands=[0-64:fp16;64-:uniform:bits=4]", lambda d, t: (64 * 16 * d + (t - 64) * (4 * d + 32)) / (t * d)),
     ("age:bands=[0-32:fp16;32-128:turboquant:bits=4;128-:turboquant:bits=2],sink=4",
@@ -132,9 +133,11 @@ def context_for(x: np.ndarray, seed: int = 0) -> LayerContext:
     n = min(16, tokens)
     rng = np.random.default_rng(seed)
     queries = rng.standard_normal((2 * heads, n, dim)).astype(np.float32)
+    values = rng.standard_normal(x.shape)
     return LayerContext(layer=0, role="keys", queries=queries, query_positions=np.arange(tokens - n, tokens),
-                        key_positions=np.arange(tokens), keys=x, values=rng.standard_normal(x.shape),
-                        rope_inv_freq=10000.0 ** (-np.arange(dim // 2) * 2.0 / dim))
+                        key_positions=np.arange(tokens), keys=x, values=values,
+                        rope_inv_freq=10000.0 ** (-np.arange(dim // 2) * 2.0 / dim),
+                        reconstruction=rng.random((heads, tokens)))  # kvzip's scores, as kvtool eval gives them
 
 
 def roundtrip(spec: str, x: np.ndarray) -> tuple[Encoded, np.ndarray]:

@@ -58,7 +58,7 @@ _MODULES = ["compose.heads",
             "quant.none", "quant.fp16", "quant.fp8", "quant.uniform", "quant.kivi", "quant.turboquant", "quant.qjl",
             "quant.polarquant",
             "select.streaming", "select.h2o", "select.snapkv", "select.tova", "select.knorm", "select.expected",
-            "select.drop",
+            "select.kvzip", "select.drop",
             "compose.age", "compose.salient",
             "structure.minicache", "structure.lowrank", "structure.pq", "structure.vq",
             "quant.kvquant", "quant.outliers", "quant.smooth"]

@@ -132,7 +132,9 @@ class LayerContext:
     and ``rope`` (a :class:`kvtool.rope.RopeParams`: inverse frequencies and attention factor) are set where
     the cache recorded them (``lowrank:prerope=true`` codes keys before RoPE). ``query_moments``: the moments of
     all the prompt's queries (:class:`kvtool.codecs.moments.QueryMoments`) where ``kvtool eval`` streamed them for a
-    codec that asks (:meth:`Codec.query_moments`).
+    codec that asks (:meth:`Codec.query_moments`). ``reconstruction`` ``(kv_heads, P)``: per prompt position, the
+    most attention the layer's kv head received in ``kvtool eval``'s reconstruction pass (:mod:`kvtool.reconstruct`),
+    where a codec asks for it (:meth:`Codec.reads_reconstruction`); index it by ``key_positions``.
     """
 
     layer: int = 0
@@ -148,6 +150,7 @@ class LayerContext:
     keys_prerope: np.ndarray | None = None
     rope: RopeParams | None = None
     query_moments: QueryMoments | None = None
+    reconstruction: np.ndarray | None = None
 
 
 def check_input(x: np.ndarray) -> np.ndarray:
@@ -244,6 +247,11 @@ class Codec(ABC):
         the prompt's queries from position ``s`` on (``context.query_moments``, the first ``s`` positions kept
         as they are), instead of the queries themselves; None when it reads none (the default)."""
         return None
+
+    def reads_reconstruction(self) -> bool:
+        """True when :meth:`fit` reads ``context.reconstruction``: the scores of a pass in which the model
+        repeats its prompt (``kvzip``). Only ``kvtool eval`` runs the model, so only it can give them."""
+        return False
 
     # -- streaming ----------------------------------------------------------------------------------
     def streaming_form(self) -> tuple[int, Codec]:
@@ -551,6 +559,9 @@ class Composed(Codec):
 
     def query_moments(self) -> int | None:
         return latest_sink([self.head.query_moments(), self.tail.query_moments()])
+
+    def reads_reconstruction(self) -> bool:
+        return self.head.reads_reconstruction() or self.tail.reads_reconstruction()
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Codec:
         x = check_input(x)

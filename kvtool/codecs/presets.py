@@ -81,8 +81,11 @@ def _recommended_specs(widths: Iterable[int]) -> Iterator[str | None]:
 
 def _default_specs() -> Iterator[str | None]:
     for name in sorted(REGISTRY):
-        if not issubclass(REGISTRY[name], PairCodec):  # shares across layers only in compress, not per layer
-            yield _canonical(name)
+        if issubclass(REGISTRY[name], PairCodec):  # shares across layers only in compress, not per layer
+            continue
+        if parse_spec(name).reads_reconstruction():  # runs the model (kvzip): kvtool eval only, not a capture
+            continue
+        yield _canonical(name)
 
 
 def _choice_specs() -> Iterator[str | None]:

@@ -140,6 +140,9 @@ class Age(Codec):
     def query_moments(self) -> int | None:
         return latest_sink(b.codec.query_moments() for b in self._bands)
 
+    def reads_reconstruction(self) -> bool:
+        return any(b.codec.reads_reconstruction() for b in self._bands)
+
     # -- coding ----------------------------------------------------------------------------------------
     def _parts(self, tokens: int, sink: int) -> list[tuple[int, Band, slice]]:
         """The bands that hold tokens in a tensor of ``tokens`` tokens whose first ``sink`` rows are sinks,

@@ -100,6 +100,9 @@ class PerHead(Codec):
     def query_moments(self) -> int | None:
         return latest_sink(p.query_moments() for p in self.parts)
 
+    def reads_reconstruction(self) -> bool:
+        return any(p.reads_reconstruction() for p in self.parts)
+
     def _check_heads(self, heads: int) -> None:
         if heads != len(self.parts):
             raise CodecError(f"heads[...] holds {len(self.parts)} codec(s) but the tensor has {heads} KV "

@@ -126,6 +126,9 @@ class Salient(Codec):
     def query_moments(self) -> int | None:
         return latest_sink([self._selector.query_moments(), *(c.query_moments() for c in self._parts.values())])
 
+    def reads_reconstruction(self) -> bool:
+        return any(c.reads_reconstruction() for c in self.inner_codecs())
+
     # -- coding ----------------------------------------------------------------------------------------
     def _split(self, x: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """The rows of each part, ``(heads, n, d)`` or ``(1, Σ n_h, d)``, head-major in position order."""
