@@ -40,9 +40,9 @@ def tq(bits: float) -> str:
     return f"turboquant:bits={bits:g},{FORM}"
 
 
-def salient(keep: float, bits: float, select: str = "") -> str:
-    """The kept rows in the TurboQuant form at ``bits``, the selection as one bit per token and head."""
-    return f"salient:select=[expected:keep={keep:g}{select}],hi=[{tq(bits)}],lo=[drop]"
+def salient(keep: float, bits: float, select: str = "", by: str = "expected") -> str:
+    """The kept rows in the TurboQuant form at ``bits``, the selection (by ``by``) as one bit per token and head."""
+    return f"salient:select=[{by}:keep={keep:g}{select}],hi=[{tq(bits)}],lo=[drop]"
 
 
 PAIRS = [  # (keys, values)
@@ -57,6 +57,9 @@ PAIRS = [  # (keys, values)
     # MiKV: the 60 % the selector would evict kept at 1 bit instead of dropped
     (f"salient:select=[expected:keep=0.4],hi=[{tq(3)}],lo=[turboquant:bits=1,center=true,norm_bits=8,"
      "unbiased=true]",) * 2,
+    # KVzip's selection (kvtool.reconstruct: the model repeats its prompt) with the pick's widths
+    (salient(0.6, 3.25, by="kvzip"), salient(0.6, 2.5, by="kvzip")),
+    (salient(0.6, 3.25, ",per_head=true", by="kvzip"), salient(0.6, 2.5, ",per_head=true", by="kvzip")),
 ]
 CHOSEN = 3  # the row picked on GPL-3 (KLD 0.0052 at 1.972 bits there); Apache-2.0 scores it held-out
 
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048])
     parser.add_argument("--output", type=Path, default=RESULTS / "8x.md")
     parser.add_argument("--rows", default=None, help="comma-separated indices into PAIRS (default: all)")
+    parser.add_argument("--offset", type=int, default=0, help="first token of the text to score from (a later "
+                        "chunk of a long text, held out from what the rows were chosen on)")
     parser.add_argument("--chosen-on", default="GPL-3", help="the text the pick was chosen on (for the header)")
     parser.add_argument("--explore", action="store_true", help="only the study behind the pick, on GPL-3's "
                         "second chunk (writes 8x.explore.md)")
@@ -123,12 +128,15 @@ def main() -> None:
     rows = []
     for text in args.texts:
         for context in args.contexts:
-            tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt", context)
+            tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt", args.offset + context)[args.offset:]
+            where = f" tokens {args.offset}-{args.offset + len(tokens) - 1}" if args.offset else ""
             r = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=context,
-                         labels=labels, source=f"samples/{text}.txt")
-            write_text_atomic(args.output.with_name(f"{args.output.stem}.{text}.{context}.json"),
+                         labels=labels, source=f"samples/{text}.txt{where}")
+            at = f".{args.offset}" if args.offset else ""
+            write_text_atomic(args.output.with_name(f"{args.output.stem}.{text}.{context}{at}.json"),
                               json.dumps(r, indent=1))
-            rows += [(text, context, m) for m in r["methods"]]
+            rows += [(text + (f" from token {args.offset:,}" if args.offset else ""), context, m)
+                     for m in r["methods"]]
     lines = ["`kvtool eval`, prefill mode, one chunk of --context tokens per text (the first half coded, the "
              "second half scored), the bundled SmolLM2-135M. Bits: stored bits per element of the coded "
              "prompt (kept indices or the selection mask, codes, norms, fp16 sinks: every byte). 8× fp16 = 2.0 bits. "

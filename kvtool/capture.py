@@ -89,7 +89,11 @@ class CaptureResult:
 def read_text(path: Path | str) -> TextInput:
     """Read a UTF-8 text file, with one-line errors for every way it can be unusable."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise InputError(f"{str(p)[:80]}: not a readable path ({exc.strerror or exc})") from None
+    if not exists:
         raise InputError(f"{p}: no such text file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a text file")

@@ -183,7 +183,7 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     wants = [_queries_wanted(model.config, a, context // 2) if queries is None else queries for a in assignments]
     wants += [0] * len(baselines)
     sinks = [_moments_wanted(model.config, a) if queries is None else None for a in assignments]
-    rebuilds = [_reconstruction_wanted(model.config, a) for a in assignments] + [False] * len(baselines)
+    rebuilds = [reconstruction_wanted(model.config, a) for a in assignments] + [False] * len(baselines)
     chunks = chunk_tokens(tokens, context, _bos_id(loaded.tokenizer))
     # 2. per chunk: the exact pass (or the base), then every run on the same prompt
     started = time.perf_counter()
@@ -350,8 +350,7 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     t0 = time.perf_counter()
     coded = sum(isinstance(r, Assignment) for r in runs) if mode == "prefill" else 0
     rebuild = mode == "prefill" and any(rebuilds or ())
-    bos = _bos_id(loaded.tokenizer)
-    n_rebuild = passes(loaded.tokenizer, chunk[:first], bos) if rebuild else 0
+    n_rebuild = passes(loaded.tokenizer, chunk[:first]) if rebuild else 0
     uses = (exact is None) + coded + n_rebuild  # how many passes start from the prompt's exact cache
     prompt, records = PromptCache(None, 0), {}
     if uses:
@@ -361,8 +360,8 @@ def score_chunk(loaded: LoadedModel, head: LogitHead, runs: Sequence[Any], chunk
     rebuilt, seconds_rebuild = None, 0.0
     if rebuild:
         t1 = time.perf_counter()
-        rebuilt = reconstruction_scores(model, loaded.tokenizer, prompt.take, chunk[:first], bos,
-                                        _layers(model.config), loaded.device)
+        rebuilt = reconstruction_scores(model, loaded.tokenizer, prompt.take, chunk[:first], _layers(model.config),
+                                        loaded.device)
         seconds_rebuild = time.perf_counter() - t1
     if exact is None:
         exact = forward_hidden(model, ids[:, first:-1], prompt.take(), head, pieces=True)  # (scored, d)
@@ -486,7 +485,7 @@ def _moments_wanted(config: Any, assignment: Assignment) -> int | None:
     return latest_sink(assignment.codec(i, role).query_moments() for i in range(_layers(config)) for role in ROLES)
 
 
-def _reconstruction_wanted(config: Any, assignment: Assignment) -> bool:
+def reconstruction_wanted(config: Any, assignment: Assignment) -> bool:
     """Whether ``assignment``'s codecs read the scores of the prompt's reconstruction pass."""
     return any(assignment.codec(i, role).reads_reconstruction() for i in range(_layers(config)) for role in ROLES)
 

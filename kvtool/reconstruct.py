@@ -37,11 +37,11 @@ LATER = "\n\nRepeat the part of the previous context exactly, starting with"
 ROWS = 256
 
 
-def reconstruction_inputs(tokenizer: Any, prompt: np.ndarray, bos: int | None, piece: int | None = None
-                          ) -> list[np.ndarray]:
+def reconstruction_inputs(tokenizer: Any, prompt: np.ndarray, piece: int | None = None) -> list[np.ndarray]:
     """The token ids ``(r,)`` fed after the prompt in each pass: the instruction, then a piece of the prompt
     (its leading BOS left out) of ``piece`` tokens (default :data:`PIECE`)."""
     piece = piece or PIECE
+    bos = getattr(tokenizer, "bos_token_id", None)
     body = prompt[1:] if bos is not None and len(prompt) and prompt[0] == bos else prompt
     out = []
     for a in range(0, len(body), piece):
@@ -87,7 +87,7 @@ class MaxAttention:
 
 
 def reconstruction_scores(model: Any, tokenizer: Any, take_cache: Callable[[], Any], prompt: np.ndarray,
-                          bos: int | None, num_layers: int, device: Any, piece: int | None = None
+                          num_layers: int, device: Any, piece: int | None = None
                           ) -> dict[int, np.ndarray]:
     """Per layer, ``(kv_heads, len(prompt))`` float32: each prompt position's reconstruction score.
 
@@ -95,7 +95,7 @@ def reconstruction_scores(model: Any, tokenizer: Any, take_cache: Callable[[], A
     (:func:`reconstruction_inputs`; ``kvtool.evaluate.PromptCache.take``); the passes extend and drop it.
     """
     scorer = MaxAttention(len(prompt))
-    for ids in reconstruction_inputs(tokenizer, prompt, bos, piece):
+    for ids in reconstruction_inputs(tokenizer, prompt, piece):
         rec = Recorder(num_layers, 0, hook=scorer)
         scorer.recorder = rec
         with recording(model, rec), torch.inference_mode():
@@ -104,6 +104,6 @@ def reconstruction_scores(model: Any, tokenizer: Any, take_cache: Callable[[], A
     return {layer: s.numpy() for layer, s in scorer.best.items()}
 
 
-def passes(tokenizer: Any, prompt: np.ndarray, bos: int | None, piece: int | None = None) -> int:
+def passes(tokenizer: Any, prompt: np.ndarray, piece: int | None = None) -> int:
     """How many passes (caches taken) :func:`reconstruction_scores` makes for ``prompt``."""
-    return len(reconstruction_inputs(tokenizer, prompt, bos, piece))
+    return len(reconstruction_inputs(tokenizer, prompt, piece))

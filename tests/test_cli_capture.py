@@ -70,6 +70,11 @@ def test_missing_text(tiny_llama, tmp_path):
     r = run("capture", "--model", str(tiny_llama), "--text", str(tmp_path / "nope.txt"),
             "-o", str(tmp_path / "c.h5"))
     assert_one_line_error(r, "no such text file")
+
+
+def test_a_text_path_too_long_for_the_file_system(tiny_llama, tmp_path):
+    r = run("capture", "--model", str(tiny_llama), "--text", "x" * 5000, "-o", str(tmp_path / "c.h5"))
+    assert_one_line_error(r, "not a readable path (File name too long)")
     assert not (tmp_path / "c.h5").exists()
 
 

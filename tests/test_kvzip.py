@@ -14,7 +14,7 @@ from kvtool import reconstruct
 from kvtool.codecs import LayerContext, parse_spec
 from kvtool.codecs.assignment import Assignment
 from kvtool.errors import CodecError
-from kvtool.evaluate import _bos_id, evaluate
+from kvtool.evaluate import evaluate
 from kvtool.models import load_model
 
 QH, KV, D = 4, 2, 16
@@ -38,11 +38,10 @@ def _reference(loaded, prompt: np.ndarray, piece: int) -> dict[int, np.ndarray]:
     """The same scores from eager attention weights of one uncached pass over prompt + each piece's input."""
     model = loaded.model
     best: dict[int, np.ndarray] = {}
-    bos = _bos_id(loaded.tokenizer)
     old = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:
-        for ids in reconstruct.reconstruction_inputs(loaded.tokenizer, prompt, bos, piece):
+        for ids in reconstruct.reconstruction_inputs(loaded.tokenizer, prompt, piece):
             full = torch.as_tensor(np.concatenate([prompt, ids]))[None]
             with torch.inference_mode():
                 att = model(input_ids=full, output_attentions=True).attentions  # per layer (1, QH, L, L)
@@ -68,9 +67,9 @@ def test_scores_are_the_largest_attention_of_the_repetition(tiny, piece) -> None
         took.append(1)
         return copy.deepcopy(cache)
 
-    got = reconstruct.reconstruction_scores(model, tok, take, prompt, _bos_id(tok), 2, tiny.device, piece)
+    got = reconstruct.reconstruction_scores(model, tok, take, prompt, 2, tiny.device, piece)
     want = _reference(tiny, prompt, piece or reconstruct.PIECE)
-    assert len(took) == reconstruct.passes(tok, prompt, _bos_id(tok), piece) == (1 if piece is None else 4)
+    assert len(took) == reconstruct.passes(tok, prompt, piece) == (1 if piece is None else 4)
     for layer in range(2):
         assert got[layer].shape == (KV, 24)
         np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-6)
@@ -80,13 +79,14 @@ def test_scores_are_the_largest_attention_of_the_repetition(tiny, piece) -> None
 def test_later_pieces_are_introduced_by_the_tokens_before_them(tiny) -> None:
     tok = tiny.tokenizer
     prompt = _prompt(20)
-    first, second, third = reconstruct.reconstruction_inputs(tok, prompt, None, 8)
+    first, second, third = reconstruct.reconstruction_inputs(tok, prompt, 8)
     intro = tok(reconstruct.LATER, add_special_tokens=False)["input_ids"]
     assert first[-8:].tolist() == prompt[:8].tolist()
     assert second.tolist() == [*intro, *prompt[:8], *prompt[8:16]]
     assert third[-4:].tolist() == prompt[16:].tolist()
-    bos = int(prompt[0])  # a leading BOS is not repeated
-    assert reconstruct.reconstruction_inputs(tok, prompt, bos, 100)[0][-19:].tolist() == prompt[1:].tolist()
+    with_bos = np.concatenate([[tok.bos_token_id], prompt])  # a leading BOS is not repeated
+    assert reconstruct.reconstruction_inputs(tok, with_bos, 100)[0][-20:].tolist() == prompt.tolist()
+    assert reconstruct.reconstruction_inputs(tok, with_bos, 100)[0][-21] != tok.bos_token_id
 
 
 def test_selector_keeps_the_best_reconstruction_scores() -> None:
@@ -159,9 +159,27 @@ def test_sliding_window_layers_score_the_positions_they_hold(tiny_model_factory,
     with torch.inference_mode():
         cache = loaded.model(input_ids=torch.as_tensor(prompt)[None], use_cache=True).past_key_values
     got = reconstruct.reconstruction_scores(loaded.model, loaded.tokenizer, lambda: copy.deepcopy(cache), prompt,
-                                            None, 2, loaded.device)
+                                            2, loaded.device)
     held = int(cache.layers[0].keys.shape[2])
     assert held < 30 and (got[0][:, :30 - held] == 0).all() and (got[0][:, 30 - held:] > 0).all()
     assert (got[1] > 0).all()  # the full-attention layer scores every position
     r = evaluate(loaded, _prompt(64, 6), [Assignment.of("kvzip:keep=0.5", "kvzip:keep=0.5")], context=64)
     assert np.isfinite(r["kld_mean"]) and r["kld_mean"] > 0
+
+
+def test_tasks_run_the_pass_per_prompt(tiny, monkeypatch) -> None:
+    from kvtool.tasks.run import run_tasks
+
+    calls = []
+    real = reconstruct.reconstruction_scores
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("kvtool.tasks.run.reconstruction_scores", counted)
+    hay = SAMPLE.parent / "apache-2.0.txt"
+    r = run_tasks(tiny, "passkey", hay, ["kvzip:keep=0.5,per_head=true", "knorm:keep=0.5,per_head=true"], lengths=[160],
+                  depths=[0.5], samples=2, seed=0, max_new_tokens=4)
+    assert len(calls) == 2 and all(150 < n < 161 for n in calls)  # one pass per prompt, over the prompt
+    assert r["methods"][0]["bits_per_element"] == pytest.approx(r["methods"][1]["bits_per_element"])
