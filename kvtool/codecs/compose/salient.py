@@ -268,11 +268,19 @@ class Salient(Codec):
     # -- shared state ----------------------------------------------------------------------------------
     def shared_state(self) -> dict[str, np.ndarray]:
         """Each part's state under ``hi.`` / ``lo.``; in the per-head layout (the fitted mask is ragged, or
-        per-head state was loaded) each head copy's under ``hi.<h>.`` / ``lo.<h>.``."""
-        per_head = _ragged(self._mask) if self._mask is not None else any(self._heads.values())
+        per-head state was loaded) each head copy's under ``hi.<h>.`` / ``lo.<h>.`` — with a fitted mask, only
+        of the heads that have rows in the part (a state loaded for another head codes nothing here)."""
+        mask = self._mask
+        per_head = _ragged(mask) if mask is not None else any(self._heads.values())
         if not per_head:
             return {_prefix(p) + k: v for p in PARTS for k, v in self._parts[p].shared_state().items()}
-        return {_prefix(p, h) + k: v for p in PARTS for h, c in sorted(self._heads[p].items())
+
+        def coded(part: str, head: int) -> bool:
+            if mask is None:
+                return True
+            return head < len(mask) and bool((mask[head] if part == "hi" else ~mask[head]).any())
+
+        return {_prefix(p, h) + k: v for p in PARTS for h, c in sorted(self._heads[p].items()) if coded(p, h)
                 for k, v in c.shared_state().items()}
 
     def load_shared_state(self, state: dict[str, np.ndarray]) -> Codec:
