@@ -177,6 +177,7 @@ class Salient(Codec):
         return self._parts[part] if head is None else self._heads[part].get(head, self._parts[part])
 
     def _head_copy(self, part: str, head: int) -> Codec:
+        """A fresh copy of ``part`` for head ``head``, with that head's loaded shared state if any."""
         codec = copy.deepcopy(self._parts[part])
         state = self._loaded[part].get(head)
         return codec if state is None else codec.load_shared_state(state)
