@@ -10,15 +10,25 @@ token still draws roughly its share of the softmax, where an evicted one draws n
 Syntax (docs/FIDELITY.md): ``salient:select=[expected:keep=0.4],hi=[turboquant:bits=3],lo=[turboquant:bits=1]``.
 ``select`` is any token selector (its ``keep`` / ``tokens`` is the share coded by ``hi``; ``sink`` and
 ``recent`` go to ``hi`` too); ``hi`` codes the selected rows, ``lo`` the rest. Both see a head's rows in
-position order, gathered into ``(heads, n, head_dim)`` (``(1, Σ n_h, head_dim)`` when heads keep different
-numbers, ``per_head=true``), without the layer's context (the rows of different heads sit at different
-positions); a codec that needs the context (pre-RoPE keys) cannot be a part. Stored: the selection as a
-bit mask ``mask`` ``(heads, ⌈tokens / 8⌉)`` uint8 — one bit per token and head, cheaper than indices as soon
-as more than one token in 16 is kept — and each part's arrays under ``hi.`` / ``lo.``.
+position order, without the layer's context (the rows of different heads sit at different positions); a
+codec that needs the context (pre-RoPE keys) cannot be a part. When every head keeps the same number ``n``
+of rows, a part codes them as one ``(heads, n, head_dim)`` tensor. When heads keep different numbers
+(``per_head=true``, AdaKV's budgets) the layout is *per head*: each head's rows of a part are coded as their
+own ``(1, n_h, head_dim)`` tensor by their own copy of the part, fitted on those rows only, so each head
+keeps its own statistics (TurboQuant's ``mean``, ``sink_rows``, outlier channels) as in the equal-count
+layout; ``meta["layout"] = "per_head"`` marks it. Stored: the selection as a bit mask ``mask``
+``(heads, ⌈tokens / 8⌉)`` uint8 — one bit per token and head, cheaper than indices as soon as more than
+one token in 16 is kept — and each part's arrays under ``hi.`` / ``lo.`` (per head: ``hi.0.``, ``hi.1.``,
+...; nothing for a head with no rows in the part). Shared state follows the same prefixes.
+
+Encodings written before the per-head layout (a ragged mask without ``layout``) gathered a part's rows of
+all heads into one sequence ``(1, Σ n_h, head_dim)``; they still decode that way.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -39,6 +49,10 @@ from kvtool.errors import CodecError
 
 MASK = "mask"
 PARTS = ("hi", "lo")
+#: meta key and value of the per-head layout (a ragged mask coded head by head)
+LAYOUT, PER_HEAD = "layout", "per_head"
+#: a per-head shared-state key: part, head, the part's own key
+_HEAD_KEY = re.compile(rf"^({'|'.join(PARTS)})\.(\d+)\.(.+)$")
 EXAMPLE = "salient:select=[expected:keep=0.4],hi=[turboquant:bits=3],lo=[turboquant:bits=1]"
 
 
@@ -47,17 +61,42 @@ def _unwrap(text: str) -> str:
     return body[1:-1] if body.startswith("[") and body.endswith("]") else body
 
 
-def _prefix(part: str) -> str:
-    return f"{part}."
+def _prefix(part: str, head: int | None = None) -> str:
+    return f"{part}." if head is None else f"{part}.{head}."
+
+
+def _ragged(mask: np.ndarray) -> bool:
+    """Whether the heads of ``mask`` ``(heads, tokens)`` keep different numbers of rows."""
+    counts = mask.sum(axis=1)
+    return bool(mask.shape[0]) and not (counts == counts[0]).all()
 
 
 def _rows_shape(mask: np.ndarray, head_dim: int) -> tuple[int, int, int]:
     """Shape of the rows ``mask`` ``(heads, tokens)`` picks: ``(heads, n, d)`` if every head picks ``n``,
-    else one sequence ``(1, Σ n_h, d)``."""
-    counts = mask.sum(axis=1)
-    if mask.shape[0] == 0 or (counts == counts[0]).all():
-        return mask.shape[0], int(counts[0]) if mask.shape[0] else 0, head_dim
-    return 1, int(counts.sum()), head_dim
+    else one sequence ``(1, Σ n_h, d)`` (the layout before the per-head one)."""
+    if not _ragged(mask):
+        return mask.shape[0], int(mask[0].sum()) if mask.shape[0] else 0, head_dim
+    return 1, int(mask.sum()), head_dim
+
+
+def _pieces(mask: np.ndarray, per_head: bool) -> list[tuple[str, int | None, np.ndarray]]:
+    """``(part, head, rows)``: what each coded tensor holds, ``rows`` a ``(heads, tokens)`` bool selection.
+    ``head`` is None for a part coded as one tensor, else the one head whose rows it holds."""
+    out: list[tuple[str, int | None, np.ndarray]] = []
+    for part, sel in (("hi", mask), ("lo", ~mask)):
+        if not per_head:
+            out.append((part, None, sel))
+            continue
+        for h in range(mask.shape[0]):
+            one = np.zeros_like(sel)
+            one[h] = sel[h]
+            out.append((part, h, one))
+    return out
+
+
+def _shape(rows: np.ndarray, head: int | None, head_dim: int) -> tuple[int, int, int]:
+    """The shape the selection ``rows`` ``(heads, tokens)`` is coded at (see :func:`_pieces`)."""
+    return _rows_shape(rows, head_dim) if head is None else (1, int(rows[head].sum()), head_dim)
 
 
 @register
@@ -66,7 +105,8 @@ class Salient(Codec):
     """``salient:select=[SELECTOR],hi=[SPEC],lo=[SPEC]`` — selected tokens coded by ``hi``, the rest by ``lo``.
 
     Stored arrays: ``mask`` (the selection, one bit per token and head) and each part's arrays prefixed
-    ``hi.`` / ``lo.``; shared state likewise. Every row is restored (``lo`` may itself evict: its mask then
+    ``hi.`` / ``lo.`` — ``hi.<h>.`` / ``lo.<h>.`` per head when heads keep different numbers of rows (see the
+    module docstring); shared state likewise. Every row is restored (``lo`` may itself evict: its mask then
     marks the rows it dropped).
     """
 
@@ -85,6 +125,10 @@ class Salient(Codec):
         self._parts = {"hi": self._parse("hi", self.hi), "lo": self._parse("lo", self.lo)}
         self._canonical()
         self._mask: np.ndarray | None = None
+        # per-head layout: each head's own copy of a part, fitted or loaded; and per-head shared state
+        # loaded before fit (kept by the copies fit makes, as the base part keeps its own)
+        self._heads: dict[str, dict[int, Codec]] = {p: {} for p in PARTS}
+        self._loaded: dict[str, dict[int, dict[str, np.ndarray]]] = {p: {} for p in PARTS}
         super().__post_init__()
 
     @staticmethod
@@ -130,10 +174,16 @@ class Salient(Codec):
         return any(c.reads_reconstruction() for c in self.inner_codecs())
 
     # -- coding ----------------------------------------------------------------------------------------
-    def _split(self, x: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows of each part, ``(heads, n, d)`` or ``(1, Σ n_h, d)``, head-major in position order."""
-        return {"hi": x[mask].reshape(_rows_shape(mask, x.shape[2])),
-                "lo": x[~mask].reshape(_rows_shape(~mask, x.shape[2]))}
+    def _codec(self, part: str, head: int | None) -> Codec:
+        """The codec of one piece: the part itself, or head ``head``'s copy (the part itself when none was
+        fitted or loaded: a part without shared state decodes alike)."""
+        return self._parts[part] if head is None else self._heads[part].get(head, self._parts[part])
+
+    def _head_copy(self, part: str, head: int) -> Codec:
+        """A fresh copy of ``part`` for head ``head``, with that head's loaded shared state if any."""
+        codec = copy.deepcopy(self._parts[part])
+        state = self._loaded[part].get(head)
+        return codec if state is None else codec.load_shared_state(state)
 
     def fit(self, x: np.ndarray, context: LayerContext | None = None) -> Salient:
         x = check_input(x)
@@ -141,9 +191,17 @@ class Salient(Codec):
         self._selector.fit(x, context)
         self._mask = self._selector.keep_mask(x)  # (heads, T) bool
         part_context = None if context is None else LayerContext(layer=context.layer, role=context.role)
-        for part, rows in self._split(x, self._mask).items():
-            if rows.shape[1]:
+        per_head = _ragged(self._mask)
+        self._heads = {p: {} for p in PARTS}
+        for part, head, sel in _pieces(self._mask, per_head):
+            rows = x[sel].reshape(_shape(sel, head, x.shape[2]))  # (heads, n, d) or (1, n_h, d)
+            if not rows.shape[1]:
+                continue
+            if head is None:
                 self._parts[part].fit(rows, part_context)
+            else:
+                self._heads[part][head] = self._head_copy(part, head)
+                self._heads[part][head].fit(rows, part_context)
         return self
 
     def encode(self, x: np.ndarray) -> Encoded:
@@ -153,68 +211,102 @@ class Salient(Codec):
             self.fit(x)
             mask = self._mask
         arrays: dict[str, np.ndarray] = {MASK: np.packbits(mask, axis=1)}  # type: ignore[arg-type]
-        meta: dict[str, int | float | str] = {}
-        for part, rows in self._split(x, mask).items():  # type: ignore[arg-type]
+        per_head = _ragged(mask)  # type: ignore[arg-type]
+        meta: dict[str, int | float | str] = {LAYOUT: PER_HEAD} if per_head else {}
+        for part, head, sel in _pieces(mask, per_head):  # type: ignore[arg-type]
+            rows = x[sel].reshape(_shape(sel, head, x.shape[2]))
             if not rows.shape[1]:
                 continue
-            enc = self._parts[part].encode(rows)
-            arrays.update({_prefix(part) + k: v for k, v in enc.arrays.items()})
-            meta.update({_prefix(part) + k: v for k, v in enc.meta.items()})
+            enc = self._codec(part, head).encode(rows)
+            p = _prefix(part, head)
+            arrays.update({p + k: v for k, v in enc.arrays.items()})
+            meta.update({p + k: v for k, v in enc.meta.items()})
         return Encoded(arrays, x.shape, meta)
 
     def _mask_of(self, enc: Encoded) -> np.ndarray:
         return np.unpackbits(enc.arrays[MASK], axis=1, count=enc.shape[1]).astype(bool)
 
-    def _part_encoded(self, enc: Encoded, part: str, mask: np.ndarray) -> Encoded | None:
-        sel = mask if part == "hi" else ~mask
-        shape = _rows_shape(sel, enc.shape[2])
-        if not shape[1]:
-            return None
-        p = _prefix(part)
-        return Encoded({k[len(p):]: v for k, v in enc.arrays.items() if k.startswith(p)}, shape,
-                       {k[len(p):]: v for k, v in enc.meta.items() if k.startswith(p)})
+    def _stored(self, enc: Encoded) -> list[tuple[str, int | None, np.ndarray, Encoded]]:
+        """``(part, head, rows, encoded)`` of every piece ``enc`` stores (see :func:`_pieces`)."""
+        mask = self._mask_of(enc)
+        per_head = enc.meta.get(LAYOUT) == PER_HEAD
+        out = []
+        for part, head, sel in _pieces(mask, per_head):
+            shape = _shape(sel, head, enc.shape[2])
+            if not shape[1]:
+                continue
+            p = _prefix(part, head)
+            out.append((part, head, sel, Encoded({k[len(p):]: v for k, v in enc.arrays.items() if k.startswith(p)},
+                                                 shape, {k[len(p):]: v for k, v in enc.meta.items()
+                                                         if k.startswith(p)})))
+        return out
 
     def decode(self, enc: Encoded) -> np.ndarray:
-        mask = self._mask_of(enc)
         out = np.zeros(enc.shape, dtype=np.float32)
-        for part, sel in (("hi", mask), ("lo", ~mask)):
-            penc = self._part_encoded(enc, part, mask)
-            if penc is not None:
-                out[sel] = self._parts[part].decode(penc).reshape(-1, enc.shape[2])
+        for part, head, sel, penc in self._stored(enc):
+            out[sel] = self._codec(part, head).decode(penc).reshape(-1, enc.shape[2])
         return out
 
     def token_mask(self, enc: Encoded) -> np.ndarray | None:
-        mask = self._mask_of(enc)
         out = np.ones(enc.shape[:2], dtype=bool)
         restored_all = True
-        for part, sel in (("hi", mask), ("lo", ~mask)):
-            penc = self._part_encoded(enc, part, mask)
-            inner = None if penc is None else self._parts[part].token_mask(penc)
+        for part, head, sel, penc in self._stored(enc):
+            inner = self._codec(part, head).token_mask(penc)
             if inner is not None:
                 out[sel] = np.asarray(inner, dtype=bool).reshape(-1)
                 restored_all = False
         return None if restored_all else out
 
     def report(self, enc: Encoded) -> dict[str, object]:
-        """Tokens and stored bits per element of each part."""
-        mask = self._mask_of(enc)
+        """Tokens and stored bits per element of each part (all heads' pieces together)."""
         elements = max(1, int(np.prod(enc.shape)))
         out: dict[str, object] = {"mask_bits_per_element": 8 * enc.arrays[MASK].nbytes / elements}
         for part in PARTS:
-            penc = self._part_encoded(enc, part, mask)
-            out[f"{part}_tokens"] = 0 if penc is None else int(penc.shape[0] * penc.shape[1])
-            out[f"{part}_bits_per_element"] = 0.0 if penc is None else penc.bits_per_element()
+            pieces = [penc for p, _, _, penc in self._stored(enc) if p == part]
+            tokens = sum(penc.shape[0] * penc.shape[1] for penc in pieces)
+            out[f"{part}_tokens"] = int(tokens)
+            out[f"{part}_bits_per_element"] = (8.0 * sum(penc.nbytes for penc in pieces) / (tokens * enc.shape[2])
+                                               if tokens else 0.0)
         return out
 
     # -- shared state ----------------------------------------------------------------------------------
     def shared_state(self) -> dict[str, np.ndarray]:
-        return {_prefix(p) + k: v for p in PARTS for k, v in self._parts[p].shared_state().items()}
+        """Each part's state under ``hi.`` / ``lo.``; in the per-head layout (the fitted mask is ragged, or
+        per-head state was loaded) each head copy's under ``hi.<h>.`` / ``lo.<h>.`` — with a fitted mask, only
+        of the heads that have rows in the part (a state loaded for another head codes nothing here)."""
+        mask = self._mask
+        per_head = _ragged(mask) if mask is not None else any(self._heads.values())
+        if not per_head:
+            return {_prefix(p) + k: v for p in PARTS for k, v in self._parts[p].shared_state().items()}
+
+        def coded(part: str, head: int) -> bool:
+            if mask is None:
+                return True
+            return head < len(mask) and bool((mask[head] if part == "hi" else ~mask[head]).any())
+
+        return {_prefix(p, h) + k: v for p in PARTS for h, c in sorted(self._heads[p].items()) if coded(p, h)
+                for k, v in c.shared_state().items()}
 
     def load_shared_state(self, state: dict[str, np.ndarray]) -> Codec:
-        for part in PARTS:
-            p = _prefix(part)
-            self._parts[part].load_shared_state({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
-        unknown = [k for k in state if not k.startswith(tuple(_prefix(p) for p in PARTS))]
+        base: dict[str, dict[str, np.ndarray]] = {p: {} for p in PARTS}
+        heads: dict[str, dict[int, dict[str, np.ndarray]]] = {p: {} for p in PARTS}
+        unknown = []
+        for key, value in state.items():
+            if (m := _HEAD_KEY.match(key)) is not None:
+                heads[m[1]].setdefault(int(m[2]), {})[m[3]] = value
+            elif (split := key.partition("."))[0] in PARTS and split[1]:
+                base[split[0]][split[2]] = value
+            else:
+                unknown.append(key)
         if unknown:
             raise CodecError(f"codec 'salient' has no shared state {sorted(unknown)}")
+        for part in PARTS:
+            self._parts[part].load_shared_state(base[part])
+        self._loaded = heads
+        for part in PARTS:  # into the copies fit made (they keep what fit bound), else into new copies
+            for head, part_state in heads[part].items():
+                if head in self._heads[part]:
+                    self._heads[part][head].load_shared_state(part_state)
+                else:
+                    self._heads[part][head] = self._head_copy(part, head)
         return self
