@@ -139,6 +139,9 @@ def test_a_signal_swallowed_in_a_finaliser_still_stops_the_command(tmp_path: Pat
     assert _guarded(work) == 143
     assert list(tmp_path.iterdir()) == []
     assert _stderr_lines(capsys.readouterr().err) == ["interrupted: stopped by SIGTERM; no output file was written"]
+    with CacheWriter(cache, HEADER) as w:  # the command is over: a library write afterwards publishes as ever
+        w.add_sequence(np.arange(3), source="x")
+    assert cache.is_file()
 
 
 def test_a_swallowed_signal_after_the_last_write_still_exits_143(capsys) -> None:

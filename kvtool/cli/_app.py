@@ -120,6 +120,7 @@ def _signals_raise() -> Iterator[None]:
         for sig, old in previous.items():
             signal.signal(sig, old)
         sys.unraisablehook = previous_hook
+        forget_signals()  # the note belongs to this command: library calls after it must publish as ever
 
 
 def _on_disk() -> str:
