@@ -144,6 +144,9 @@ def test_cli_eval_on_the_bundled_model(tmp_path):
     assert r["delta_ppl_pct"] == none["delta_ppl_pct"]  # top level = the first method
     assert "KLD" in cli_run("eval", "--text", "samples/apache-2.0.txt", "--context", "64", "--max-tokens",
                             "64", "--keys", "none", "--values", "kivi:bits=2").output
+    spec = "salient:select=[knorm:keep=0.5],hi=[fp16],lo=[drop]"  # brackets are not rich markup: printed whole
+    assert f"1: {spec} — ppl" in cli_run("eval", "--text", "samples/apache-2.0.txt", "--context", "64",
+                                         "--max-tokens", "64", "--method", spec).output.replace("\n", "")
 
 
 @pytest.mark.model

@@ -205,7 +205,7 @@ def _render(r: dict[str, Any]) -> None:
             f"{100 * m['rms_dp']:.3f}")
     print_table(table)
     for i, m in enumerate(r["methods"], 1):
-        console.print(f"{i}: {m['label']} — ppl {m['ppl_compressed']:.4f}, ln ratio "
+        console.print(f"{i}: {escape(m['label'])} — ppl {m['ppl_compressed']:.4f}, ln ratio "
                       f"{m['ln_ppl_ratio']:+.5f}±{m['ln_ppl_ratio_stderr']:.5f}, cache "
                       f"{human_bytes(m['cache_bytes_exact'])} → {human_bytes(m['cache_bytes_compressed'])} "
                       f"per chunk", highlight=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvtool.cli._app import app, console, human_bytes, run_guarded, write_json
@@ -49,7 +50,7 @@ def _render_inspect(d: dict[str, Any]) -> None:
     console.print(f"{d['num_layers']} layers, {d['num_q_heads']} query heads, {d['num_kv_heads']} kv heads, "
                   f"head_dim {d['head_dim']}; created {d['created']} by kvtool {d['kvtool_version']}")
     if d.get("codec_keys"):
-        console.print(f"codecs: keys {d['codec_keys']}, values {d['codec_values']}")
+        console.print(f"codecs: keys {escape(str(d['codec_keys']))}, values {escape(str(d['codec_values']))}")
     seqs = Table(title="sequences")
     for col in ("#", "source", "tokens", "text sha256"):
         seqs.add_column(col)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvtool.cli._app import app, console, print_table, run_guarded, write_json
@@ -89,5 +90,5 @@ def _render(r: dict[str, Any]) -> None:
             table.add_row(task, name, f"{value:.4f}", f"{se:.4f}" if isinstance(se, (int, float)) else "-")
     print_table(table)
     spec = r.get("method") or "none"
-    console.print(f"model {r['model']}, method {spec} (codec inside the cache, context coded before scoring)",
+    console.print(f"model {r['model']}, method {escape(spec)} (codec inside the cache, context coded before scoring)",
                   highlight=False)
