@@ -60,6 +60,15 @@ PAIRS = [  # (keys, values)
     # KVzip's selection (kvtool.reconstruct: the model repeats its prompt) with the pick's widths
     (salient(0.6, 3.25, by="kvzip"), salient(0.6, 2.5, by="kvzip")),
     (salient(0.6, 3.25, ",per_head=true", by="kvzip"), salient(0.6, 2.5, ",per_head=true", by="kvzip")),
+    # other splits of the same budget with KVzip's head-adaptive selection (explored on GPL-3's second chunk)
+    (salient(0.5, 4, ",per_head=true", by="kvzip"), salient(0.5, 3, ",per_head=true", by="kvzip")),
+    (salient(0.55, 3.5, ",per_head=true", by="kvzip"), salient(0.55, 3, ",per_head=true", by="kvzip")),
+    (salient(0.64, 3.5, ",per_head=true", by="kvzip"), salient(0.64, 2, ",per_head=true", by="kvzip")),
+    (salient(0.5, 3.5, ",per_head=true", by="kvzip"),) * 2,
+    ("kvzip:keep=0.6,per_head=true",) * 2,  # the selection alone (16-bit rows, indices): its share of the error
+    (salient(0.6, 3.5, ",per_head=true", by="kvzip"), salient(0.6, 2.25, ",per_head=true", by="kvzip")),
+    (salient(0.6, 3, ",per_head=true", by="kvzip"), salient(0.6, 2.75, ",per_head=true", by="kvzip")),
+    (salient(0.58, 3.5, ",per_head=true", by="kvzip"), salient(0.58, 2.5, ",per_head=true", by="kvzip")),
 ]
 CHOSEN = 3  # the row picked on GPL-3 (KLD 0.0052 at 1.972 bits there); Apache-2.0 scores it held-out
 

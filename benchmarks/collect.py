@@ -64,8 +64,25 @@ SECTIONS = [
      "benchmarks/results/8x.long.md"),
     ("8x.explore.md", "What limits 8×: eviction, selectors, per-layer budgets (GPL-3, second chunk)",
      "benchmarks/bench_8x.py --explore"),
-    ("spike_kvzip.md", "KVzip-style reconstruction scores vs Expected Attention (spike, not a codec yet)",
+    ("spike_kvzip.md", "KVzip-style reconstruction scores vs Expected Attention (the spike before the `kvzip` codec)",
      "benchmarks/spike_kvzip.py"),
+    ("salient_heads.md", "salient with head-adaptive budgets: each head coded on its own",
+     "benchmarks/bench_salient_heads.py"),
+    ("8x.kvzip.long8k.md", "8× with KVzip's selection, held out: licences-long at 8k from token 8,192",
+     "benchmarks/bench_8x.py --texts licences-long --contexts 8192 --offset 8192 --rows 3,9,10 --output "
+     "benchmarks/results/8x.kvzip.long8k.md"),
+    ("8x.kvzip.2k.md", "8× with KVzip's selection at 2k: Apache-2.0 and GPL-3",
+     "benchmarks/bench_8x.py --texts apache-2.0 gpl-3.0 --contexts 2048 --rows 3,9,10 --output "
+     "benchmarks/results/8x.kvzip.2k.md"),
+    ("8x.kvzip.explore.md", "8× with KVzip's selection: splits of the budget on GPL-3's second chunk",
+     "benchmarks/bench_8x.py --texts gpl-3.0 --contexts 2048 --offset 2048 --rows 10,11,12,13,14,15 --output "
+     "benchmarks/results/8x.kvzip.explore.md"),
+    ("8x.kvzip.explore2.md", "8× with KVzip's selection: other key/value splits at keep 0.6 (GPL-3's second chunk)",
+     "benchmarks/bench_8x.py --texts gpl-3.0 --contexts 2048 --offset 2048 --rows 16,17,18 --output "
+     "benchmarks/results/8x.kvzip.explore2.md"),
+    ("8x.kvzip.long2k.md", "8× with KVzip's selection, held out: licences-long at 2k from token 16,384",
+     "benchmarks/bench_8x.py --texts licences-long --contexts 2048 --offset 16384 --rows 3,9,10 --output "
+     "benchmarks/results/8x.kvzip.long2k.md"),
     ("grid.md", "`kvtool grid`: one worker, two local processes and local Ray on a 24-cell grid",
      "benchmarks/bench_grid.py --context 256 --rounds 2 --screenshot docs/report.png"),
 ]
