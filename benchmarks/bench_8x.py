@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048])
     parser.add_argument("--output", type=Path, default=RESULTS / "8x.md")
     parser.add_argument("--rows", default=None, help="comma-separated indices into PAIRS (default: all)")
+    parser.add_argument("--chunks", type=int, default=1, help="chunks of --context tokens scored per text "
+                        "(the figures are over all of them)")
     parser.add_argument("--offset", type=int, default=0, help="first token of the text to score from (a later "
                         "chunk of a long text, held out from what the rows were chosen on)")
     parser.add_argument("--chosen-on", default="GPL-3", help="the text the pick was chosen on (for the header)")
@@ -137,7 +139,8 @@ def main() -> None:
     rows = []
     for text in args.texts:
         for context in args.contexts:
-            tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt", args.offset + context)[args.offset:]
+            tokens = tokenize_text(loaded, ROOT / "samples" / f"{text}.txt",
+                                   args.offset + args.chunks * context)[args.offset:]
             where = f" tokens {args.offset}-{args.offset + len(tokens) - 1}" if args.offset else ""
             r = evaluate(loaded, tokens, [Assignment.of(k, v) for k, v in pairs], context=context,
                          labels=labels, source=f"samples/{text}.txt{where}")
@@ -146,7 +149,7 @@ def main() -> None:
                               json.dumps(r, indent=1))
             rows += [(text + (f" from token {args.offset:,}" if args.offset else ""), context, m)
                      for m in r["methods"]]
-    lines = ["`kvtool eval`, prefill mode, one chunk of --context tokens per text (the first half coded, the "
+    lines = [f"`kvtool eval`, prefill mode, {args.chunks} chunk(s) of --context tokens per text (the first half coded, the "
              "second half scored), the bundled SmolLM2-135M. Bits: stored bits per element of the coded "
              "prompt (kept indices or the selection mask, codes, norms, fp16 sinks: every byte). 8× fp16 = 2.0 bits. "
              f"Chosen on {args.chosen_on}; every other text is held out.", "",

@@ -74,6 +74,9 @@ SECTIONS = [
     ("8x.kvzip.2k.md", "8× with KVzip's selection at 2k: Apache-2.0 and GPL-3",
      "benchmarks/bench_8x.py --texts apache-2.0 gpl-3.0 --contexts 2048 --rows 3,9,10 --output "
      "benchmarks/results/8x.kvzip.2k.md"),
+    ("8x.kvzip.long2k7.md", "8× with KVzip's selection, held out: licences-long, seven 2k chunks from token 8,192",
+     "benchmarks/bench_8x.py --texts licences-long --contexts 2048 --offset 8192 --chunks 7 --rows 3,10 --output "
+     "benchmarks/results/8x.kvzip.long2k7.md"),
     ("8x.kvzip.explore.md", "8× with KVzip's selection: splits of the budget on GPL-3's second chunk",
      "benchmarks/bench_8x.py --texts gpl-3.0 --contexts 2048 --offset 2048 --rows 10,11,12,13,14,15 --output "
      "benchmarks/results/8x.kvzip.explore.md"),
