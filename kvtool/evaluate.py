@@ -158,7 +158,9 @@ def evaluate(loaded: LoadedModel, tokens: np.ndarray, assignments: Sequence[Assi
     (:meth:`kvtool.codecs.base.Codec.observed_queries`: 128 for most query-based selectors), and for ``expected``
     the moments of all the prompt's queries, streamed during the exact prefill
     (:meth:`~kvtool.codecs.base.Codec.query_moments`, :mod:`kvtool.codecs.moments`); with ``queries`` given, the
-    codecs get that many queries and no moments.
+    codecs get that many queries and no moments. Codecs that read the scores of a reconstruction pass
+    (``kvzip``, :meth:`~kvtool.codecs.base.Codec.reads_reconstruction`) get them from one such pass per chunk
+    (:mod:`kvtool.reconstruct`), run from copies of the prompt's exact cache.
 
     Memory follows the cache, not tokens × vocabulary: each pass keeps only the final hidden states of the
     scored positions, and the statistics apply the model's head to slices of them (:mod:`kvtool.scoring`).
