@@ -59,23 +59,24 @@ class MaxAttention:
     def __init__(self, prompt: int) -> None:
         self.prompt = prompt
         self.best: dict[int, torch.Tensor] = {}
-        self.recorder: Recorder | None = None
+        #: per layer, the scaling the model passed to its attention (a Recorder's ``scaling``, filled before the hook)
+        self.scaling: dict[int, float] = {}
 
     def __call__(self, layer: int, query: Any, key: Any, _value: Any, _out: Any) -> None:
         q = query[0].float()  # (q_heads, r, d), post-RoPE
         k = key[0].float()  # (kv_heads, held + r, d): the held prompt, then the pass's own keys
         kv, r = int(k.shape[0]), int(q.shape[1])
         held = int(k.shape[1]) - r
-        scale = self.recorder.scaling[layer] if self.recorder is not None else q.shape[-1] ** -0.5
+        scale = self.scaling.get(layer, q.shape[-1] ** -0.5)
         qg = q.reshape(kv, q.shape[0] // kv, r, q.shape[-1])  # (kv, group, r, d)
         k_prompt, k_own = k[:, :held], k[:, held:]
         best = torch.zeros(kv, held, device=q.device)
-        own_pos = torch.arange(r)
+        own_pos = torch.arange(r, device=q.device)
         for a in range(0, r, ROWS):
             b = min(a + ROWS, r)
             lp = scale * qg[:, :, a:b] @ k_prompt.transpose(-1, -2)[:, None]  # (kv, g, rows, held)
             lo = scale * qg[:, :, a:b] @ k_own.transpose(-1, -2)[:, None]  # (kv, g, rows, r)
-            lo = lo.masked_fill(own_pos[None, :] > torch.arange(a, b)[:, None], -torch.inf)  # causal
+            lo = lo.masked_fill(own_pos[None, :] > own_pos[a:b, None], -torch.inf)  # causal
             z = torch.logaddexp(torch.logsumexp(lp, dim=-1), torch.logsumexp(lo, dim=-1))  # (kv, g, rows)
             w = torch.exp(lp - z[..., None]).amax(dim=(1, 2))  # (kv, held)
             torch.maximum(best, w, out=best)
@@ -97,7 +98,7 @@ def reconstruction_scores(model: Any, tokenizer: Any, take_cache: Callable[[], A
     scorer = MaxAttention(len(prompt))
     for ids in reconstruction_inputs(tokenizer, prompt, piece):
         rec = Recorder(num_layers, 0, hook=scorer)
-        scorer.recorder = rec
+        scorer.scaling = rec.scaling
         with recording(model, rec), torch.inference_mode():
             model(input_ids=torch.as_tensor(ids, device=device)[None], logits_to_keep=1, use_cache=True,
                   **{forward_cache_kwarg(model): take_cache()})

@@ -46,8 +46,9 @@ def _reference(loaded, prompt: np.ndarray, piece: int) -> dict[int, np.ndarray]:
             with torch.inference_mode():
                 att = model(input_ids=full, output_attentions=True).attentions  # per layer (1, QH, L, L)
             p = len(prompt)
+            kv = model.config.num_key_value_heads
             for layer, a in enumerate(att):
-                w = a[0, :, p:, :p].reshape(KV, QH // KV, -1, p).amax(dim=(1, 2)).float().numpy()
+                w = a[0, :, p:, :p].reshape(kv, a.shape[1] // kv, -1, p).amax(dim=(1, 2)).float().numpy()
                 best[layer] = w if layer not in best else np.maximum(best[layer], w)
     finally:
         model.config._attn_implementation = old
@@ -74,6 +75,25 @@ def test_scores_are_the_largest_attention_of_the_repetition(tiny, piece) -> None
         assert got[layer].shape == (KV, 24)
         np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-6)
     assert not np.allclose(got[0][0], got[0][1])  # heads differ: a score per kv head, not one per layer
+
+
+def test_scores_use_the_scaling_the_model_passes(tiny_model_factory, smollm) -> None:
+    """Gemma 3 scales by query_pre_attn_scalar, not head_dim: the scores follow the model's own softmax."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128,
+                              max_position_embeddings=512, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=4, sliding_window=512,
+                              layer_types=["full_attention", "full_attention"])
+    loaded = load_model(str(tiny_model_factory(config, "gemma3-kvzip-scaling")))
+    prompt = _prompt(20, 9)
+    with torch.inference_mode():
+        cache = loaded.model(input_ids=torch.as_tensor(prompt)[None], use_cache=True).past_key_values
+    got = reconstruct.reconstruction_scores(loaded.model, loaded.tokenizer, lambda: copy.deepcopy(cache), prompt,
+                                            2, loaded.device)
+    want = _reference(loaded, prompt, reconstruct.PIECE)
+    for layer in range(2):
+        np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-6)
 
 
 def test_later_pieces_are_introduced_by_the_tokens_before_them(tiny) -> None:
