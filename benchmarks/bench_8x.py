@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[2048])
     parser.add_argument("--output", type=Path, default=RESULTS / "8x.md")
     parser.add_argument("--rows", default=None, help="comma-separated indices into PAIRS (default: all)")
+    parser.add_argument("--model", default="default", help="the model (kvtool's --model names); the header says "
+                        "which")
     parser.add_argument("--chunks", type=int, default=1, help="chunks of --context tokens scored per text "
                         "(the figures are over all of them)")
     parser.add_argument("--offset", type=int, default=0, help="first token of the text to score from (a later "
@@ -129,7 +131,7 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="only the study behind the pick, on GPL-3's "
                         "second chunk (writes 8x.explore.md)")
     args = parser.parse_args()
-    loaded = load_model("default")
+    loaded = load_model(args.model)
     if args.explore:
         explore(loaded, args.output)
         return
@@ -149,8 +151,9 @@ def main() -> None:
                               json.dumps(r, indent=1))
             rows += [(text + (f" from token {args.offset:,}" if args.offset else ""), context, m)
                      for m in r["methods"]]
-    lines = [f"`kvtool eval`, prefill mode, {args.chunks} chunk(s) of --context tokens per text (the first half coded, the "
-             "second half scored), the bundled SmolLM2-135M. Bits: stored bits per element of the coded "
+    model = "the bundled SmolLM2-135M" if args.model == "default" else f"`--model {args.model}`"
+    lines = [f"`kvtool eval`, prefill mode, {args.chunks} chunk(s) of --context tokens per text (the first half "
+             f"coded, the second half scored), {model}. Bits: stored bits per element of the coded "
              "prompt (kept indices or the selection mask, codes, norms, fp16 sinks: every byte). 8× fp16 = 2.0 bits. "
              f"Chosen on {args.chosen_on}; every other text is held out.", "",
              "| text | context | keys / values | bits | Δppl % | KLD | top-1 % |", "|---|---:|---|---:|---:|---:|---:|"]
