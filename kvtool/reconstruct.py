@@ -78,8 +78,8 @@ class MaxAttention:
             lo = scale * qg[:, :, a:b] @ k_own.transpose(-1, -2)[:, None]  # (kv, g, rows, r)
             lo = lo.masked_fill(own_pos[None, :] > own_pos[a:b, None], -torch.inf)  # causal
             z = torch.logaddexp(torch.logsumexp(lp, dim=-1), torch.logsumexp(lo, dim=-1))  # (kv, g, rows)
-            w = torch.exp(lp - z[..., None]).amax(dim=(1, 2))  # (kv, held)
-            torch.maximum(best, w, out=best)
+            top = (lp - z[..., None]).amax(dim=(1, 2))  # (kv, held): the largest log-weight; exp is monotone
+            torch.maximum(best, top.exp(), out=best)
         full = torch.zeros(kv, self.prompt)
         start = self.prompt - held  # a sliding-window layer holds only its last positions
         full[:, max(start, 0):] = best[:, max(-start, 0):].cpu()
