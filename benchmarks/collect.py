@@ -80,6 +80,8 @@ SECTIONS = [
     ("8x.kvzip.gemma3-270m.md", "The 8× composite on Gemma 3 270M (tuned on SmolLM2): does it carry over?",
      "benchmarks/bench_8x.py --model gemma3-270m --texts apache-2.0 --contexts 2048 --rows 3,9 --chosen-on "
      "\"GPL-3 on SmolLM2 (not on this model)\" --output benchmarks/results/8x.kvzip.gemma3-270m.md"),
+    ("reconstruct.md", "KVzip's reconstruction pass against the exact prefill of the same prompt",
+     "benchmarks/bench_reconstruct.py"),
     ("tasks_kvzip.md", "Passkey retrieval with KVzip's selection and the 8× composite, beside expected and snapkv",
      "benchmarks/bench_tasks_kvzip.py"),
     ("8x.kvzip.explore.md", "8× with KVzip's selection: splits of the budget on GPL-3's second chunk",
