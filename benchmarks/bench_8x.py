@@ -69,6 +69,11 @@ PAIRS = [  # (keys, values)
     (salient(0.6, 3.5, ",per_head=true", by="kvzip"), salient(0.6, 2.25, ",per_head=true", by="kvzip")),
     (salient(0.6, 3, ",per_head=true", by="kvzip"), salient(0.6, 2.75, ",per_head=true", by="kvzip")),
     (salient(0.58, 3.5, ",per_head=true", by="kvzip"), salient(0.58, 2.5, ",per_head=true", by="kvzip")),
+    # the pick with the newest tokens protected, or fewer kept and wider keys
+    (salient(0.6, 3.25, ",per_head=true,recent=32", by="kvzip"),
+     salient(0.6, 2.5, ",per_head=true,recent=32", by="kvzip")),
+    (salient(0.56, 3.75, ",per_head=true", by="kvzip"), salient(0.56, 2.5, ",per_head=true", by="kvzip")),
+    (salient(0.62, 3.25, ",per_head=true", by="kvzip"), salient(0.62, 2.25, ",per_head=true", by="kvzip")),
 ]
 CHOSEN = 3  # the row picked on GPL-3 (KLD 0.0052 at 1.972 bits there); Apache-2.0 scores it held-out
 

@@ -90,6 +90,9 @@ SECTIONS = [
     ("8x.kvzip.explore2.md", "8× with KVzip's selection: other key/value splits at keep 0.6 (GPL-3's second chunk)",
      "benchmarks/bench_8x.py --texts gpl-3.0 --contexts 2048 --offset 2048 --rows 16,17,18 --output "
      "benchmarks/results/8x.kvzip.explore2.md"),
+    ("8x.kvzip.explore3.md", "8× with KVzip's selection: newest tokens protected, other keeps (GPL-3's second chunk)",
+     "benchmarks/bench_8x.py --texts gpl-3.0 --contexts 2048 --offset 2048 --rows 10,19,20,21 --output "
+     "benchmarks/results/8x.kvzip.explore3.md"),
     ("8x.kvzip.long2k.md", "8× with KVzip's selection, held out: licences-long at 2k from token 16,384",
      "benchmarks/bench_8x.py --texts licences-long --contexts 2048 --offset 16384 --rows 3,9,10 --output "
      "benchmarks/results/8x.kvzip.long2k.md"),
