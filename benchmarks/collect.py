@@ -71,6 +71,9 @@ SECTIONS = [
     ("8x.kvzip.long8k.md", "8× with KVzip's selection, held out: licences-long at 8k from token 8,192",
      "benchmarks/bench_8x.py --texts licences-long --contexts 8192 --offset 8192 --rows 3,9,10 --output "
      "benchmarks/results/8x.kvzip.long8k.md"),
+    ("8x.kvzip.long8k2.md", "8× with KVzip's selection: licences-long at 8k from token 16,384",
+     "benchmarks/bench_8x.py --texts licences-long --contexts 8192 --offset 16384 --rows 3,10 --output "
+     "benchmarks/results/8x.kvzip.long8k2.md"),
     ("8x.kvzip.2k.md", "8× with KVzip's selection at 2k: Apache-2.0 and GPL-3",
      "benchmarks/bench_8x.py --texts apache-2.0 gpl-3.0 --contexts 2048 --rows 3,9,10 --output "
      "benchmarks/results/8x.kvzip.2k.md"),
