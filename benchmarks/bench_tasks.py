@@ -129,6 +129,16 @@ def disagreements(report: dict, gap: float = 0.2) -> list[str]:
     return out
 
 
+def per_length(m: dict, lengths: list[int]) -> list[str]:
+    """A method's accuracy % at each prompt length (from its cells), "-" where it has none."""
+    out = []
+    for n in lengths:
+        cells = [c for c in m["cells"] if c["length"] == n]
+        k, t = sum(c["correct"] for c in cells), sum(c["n"] for c in cells)
+        out.append(f"{100 * k / t:.0f}" if t else "-")
+    return out
+
+
 def pct(p: float | None, low: float, high: float) -> str:
     return "-" if p is None else f"{100 * p:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
 
@@ -154,14 +164,10 @@ def write_markdown(report: dict) -> None:
         "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|",
     ]
     for m in [report["exact"], *report["methods"]]:
-        per_length = []
-        for n in lengths:
-            cells = [c for c in m["cells"] if c["length"] == n]
-            k, t = sum(c["correct"] for c in cells), sum(c["n"] for c in cells)
-            per_length.append(f"{100 * k / t:.0f}" if t else "-")
         bits = m.get("bits_per_element")
         agree = pct(m["agreement"], m["agreement_low"], m["agreement_high"]) if "agreement" in m else "-"
-        lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | " + " | ".join(per_length)
+        lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | "
+                     + " | ".join(per_length(m, lengths))
                      + f" | {pct(m['accuracy'], m['accuracy_low'], m['accuracy_high'])} | {agree} | "
                      + ("-" if m["label"] == "exact" else kld_of(m["label"])) + " |")
     lines += ["", VERDICT]

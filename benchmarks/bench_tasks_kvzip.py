@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_tasks import DEPTHS, pct
+from bench_tasks import DEPTHS, pct, per_length
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,14 +60,10 @@ def main() -> None:
              "| method | bits | " + " | ".join(f"{n} acc %" for n in lengths) + " | accuracy % [95 % CI] | "
              "agreement % [95 % CI] | seconds |", "|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|"]
     for m in [r["exact"], *r["methods"]]:
-        per = []
-        for n in lengths:
-            cells = [c for c in m["cells"] if c["length"] == n]
-            k, t = sum(c["correct"] for c in cells), sum(c["n"] for c in cells)
-            per.append(f"{100 * k / t:.0f}" if t else "-")
         bits = m.get("bits_per_element")
         agree = pct(m["agreement"], m["agreement_low"], m["agreement_high"]) if "agreement" in m else "-"
-        lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | " + " | ".join(per)
+        lines.append(f"| `{m['label']}` | {'-' if bits is None else f'{bits:.3f}'} | "
+                     + " | ".join(per_length(m, lengths))
                      + f" | {pct(m['accuracy'], m['accuracy_low'], m['accuracy_high'])} | {agree} | "
                      f"{m['seconds']:.0f} |")
     lines += ["", f"Wall time {r['seconds'] / 60:.0f} min on 2 cores. The seconds of a `kvzip` method include "

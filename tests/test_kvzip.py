@@ -35,6 +35,24 @@ def _prompt(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(100, 5000, n)
 
 
+def _gemma3(tiny_model_factory, smollm, name: str, **config):
+    """A tiny random Gemma 3 with the bundled tokenizer: two layers, four query heads, head_dim 32."""
+    from transformers import Gemma3TextConfig
+
+    return load_model(str(tiny_model_factory(Gemma3TextConfig(
+        vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+        num_hidden_layers=2, num_attention_heads=4, head_dim=32, **config), name)))
+
+
+def _prefill_and_score(loaded, prompt: np.ndarray):
+    """The prompt's cache after an exact prefill, and the reconstruction scores from copies of it."""
+    with torch.inference_mode():
+        cache = loaded.model(input_ids=torch.as_tensor(prompt)[None], use_cache=True).past_key_values
+    layers = loaded.model.config.num_hidden_layers
+    return cache, reconstruct.reconstruction_scores(loaded.model, loaded.tokenizer, lambda: copy.deepcopy(cache),
+                                                    prompt, layers, loaded.device)
+
+
 def _reference(loaded, prompt: np.ndarray, piece: int) -> dict[int, np.ndarray]:
     """The same scores from eager attention weights of one uncached pass over prompt + each piece's input."""
     model = loaded.model
@@ -80,18 +98,10 @@ def test_scores_are_the_largest_attention_of_the_repetition(tiny, piece) -> None
 
 def test_scores_use_the_scaling_the_model_passes(tiny_model_factory, smollm) -> None:
     """Gemma 3 scales by query_pre_attn_scalar, not head_dim: the scores follow the model's own softmax."""
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128,
-                              max_position_embeddings=512, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=4, sliding_window=512,
-                              layer_types=["full_attention", "full_attention"])
-    loaded = load_model(str(tiny_model_factory(config, "gemma3-kvzip-scaling")))
+    loaded = _gemma3(tiny_model_factory, smollm, "gemma3-kvzip-scaling", num_key_value_heads=2,
+                     query_pre_attn_scalar=4, sliding_window=512, layer_types=["full_attention", "full_attention"])
     prompt = _prompt(20, 9)
-    with torch.inference_mode():
-        cache = loaded.model(input_ids=torch.as_tensor(prompt)[None], use_cache=True).past_key_values
-    got = reconstruct.reconstruction_scores(loaded.model, loaded.tokenizer, lambda: copy.deepcopy(cache), prompt,
-                                            2, loaded.device)
+    _, got = _prefill_and_score(loaded, prompt)
     want = _reference(loaded, prompt, reconstruct.PIECE)
     for layer in range(2):
         np.testing.assert_allclose(got[layer], want[layer], rtol=1e-4, atol=1e-6)
@@ -171,18 +181,9 @@ def test_streaming_mode_refuses_it(tiny) -> None:
 
 
 def test_sliding_window_layers_score_the_positions_they_hold(tiny_model_factory, smollm) -> None:
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128,
-                              max_position_embeddings=512, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=1, head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
-                              layer_types=["sliding_attention", "full_attention"])
-    loaded = load_model(str(tiny_model_factory(config, "gemma3-kvzip")))
-    prompt = _prompt(30, 5)
-    with torch.inference_mode():
-        cache = loaded.model(input_ids=torch.as_tensor(prompt)[None], use_cache=True).past_key_values
-    got = reconstruct.reconstruction_scores(loaded.model, loaded.tokenizer, lambda: copy.deepcopy(cache), prompt,
-                                            2, loaded.device)
+    loaded = _gemma3(tiny_model_factory, smollm, "gemma3-kvzip", num_key_value_heads=1, sliding_window=8,
+                     query_pre_attn_scalar=32, layer_types=["sliding_attention", "full_attention"])
+    cache, got = _prefill_and_score(loaded, _prompt(30, 5))
     held = int(cache.layers[0].keys.shape[2])
     assert held < 30 and (got[0][:, :30 - held] == 0).all() and (got[0][:, 30 - held:] > 0).all()
     assert (got[1] > 0).all()  # the full-attention layer scores every position

@@ -225,7 +225,8 @@ def _inputs(keys: np.ndarray, context: LayerContext | None) -> tuple:
     if context is None:
         return (keys,)
     return (keys, context.queries, context.values, context.query_positions, context.key_positions,
-            context.rope_inv_freq, context.rope, context.scaling, context.sliding_window, context.query_moments)
+            context.rope_inv_freq, context.rope, context.scaling, context.sliding_window, context.query_moments,
+            context.reconstruction)
 
 
 def _same(a: object, b: object) -> bool:
